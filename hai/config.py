@@ -1,0 +1,362 @@
+"""Typed configuration schema for HAI.
+
+Every component owns its config dataclass; Hydra YAML under ``configs/`` only fills this schema. Each dataclass
+validates itself in ``__post_init__`` (OmegaConf calls it when a structured config is converted to an object), so a
+bad value fails with a ``ValueError`` that names the key, the value and the fix.
+
+Cross-component checks (world size against the parallel layout, experts against ep, ...) live in
+``hai.parallel.topology`` because they need several of these trees at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "DataConfig",
+    "ClusterConfig",
+    "ParallelConfig",
+    "WandbConfig",
+    "LauncherConfig",
+    "Config",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and the fix."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, f"{key}={value!r} is not one of {list(choices)}: set {key} to one of them")
+
+
+def _positive(key: str, value: Any) -> None:
+    _require(value is not None and value > 0, f"{key}={value!r} must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 architecture hyper-parameters (names follow DeepSeek's released configs)."""
+
+    name: str = "tiny"
+    vocab_size: int = 320
+    hidden_size: int = 64
+    num_layers: int = 4
+    first_k_dense_replace: int = 1  # the first k layers use a dense SwiGLU MLP
+    intermediate_size: int = 128  # dense MLP width
+    rms_norm_eps: float = 1e-6
+    # --- MLA ---
+    num_heads: int = 4
+    q_lora_rank: Optional[int] = 32  # null: no query compression (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    # --- DeepSeekMoE ---
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2  # top-k
+    moe_intermediate_size: int = 32
+    score_func: str = "sigmoid"  # sigmoid (V3) | softmax (V2)
+    norm_topk_prob: bool = True  # normalize the chosen k gates (V3: yes)
+    route_scale: float = 1.0
+    n_group: int = 1  # expert groups (= nodes of an EP group for node-limited routing)
+    topk_group: int = 1  # groups kept per token (= node limit M)
+    bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing (0 disables)
+    seq_aux_alpha: float = 0.0001  # sequence-wise balance loss weight
+    # --- MTP ---
+    mtp_depth: int = 1
+    mtp_lambda: float = 0.3
+    # --- numerics / init ---
+    init_std: float = 0.006
+    precision: str = "fp32"  # fp32 | bf16 | fp8
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len"):
+            _positive(f"model.{key}", getattr(self, key))
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0,
+                 f"model.q_lora_rank={self.q_lora_rank} must be null (no query compression) or > 0")
+        _require(self.qk_rope_head_dim % 2 == 0,
+                 f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        _require(0 <= self.first_k_dense_replace <= self.num_layers,
+                 f"model.first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_layers="
+                 f"{self.num_layers}]")
+        _choice("model.score_func", self.score_func, ("sigmoid", "softmax"))
+        _choice("model.precision", self.precision, ("fp32", "bf16", "fp8"))
+        _require(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
+                 "model.n_routed_experts and model.n_shared_experts must be >= 0")
+        if self.n_routed_experts > 0:
+            _positive("model.moe_intermediate_size", self.moe_intermediate_size)
+            _require(1 <= self.n_activated_experts <= self.n_routed_experts,
+                     f"model.n_activated_experts={self.n_activated_experts} must lie in [1, n_routed_experts="
+                     f"{self.n_routed_experts}]")
+            _require(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                     f"model.n_group={self.n_group} must divide model.n_routed_experts={self.n_routed_experts}: "
+                     f"choose n_group among the divisors of the expert count")
+            _require(1 <= self.topk_group <= self.n_group,
+                     f"model.topk_group={self.topk_group} must lie in [1, n_group={self.n_group}]")
+            _require(self.n_activated_experts % self.topk_group == 0,
+                     f"model.n_activated_experts={self.n_activated_experts} must be divisible by "
+                     f"model.topk_group={self.topk_group} (each kept group contributes k/topk_group experts to its "
+                     f"score)")
+            per_group = self.n_routed_experts // self.n_group
+            _require(self.n_activated_experts // self.topk_group <= per_group,
+                     f"model.n_activated_experts/topk_group={self.n_activated_experts // self.topk_group} exceeds "
+                     f"the {per_group} experts per group (n_routed_experts={self.n_routed_experts} / n_group="
+                     f"{self.n_group}): raise topk_group or lower n_group")
+            _require(self.topk_group * per_group >= self.n_activated_experts,
+                     f"model.topk_group={self.topk_group} groups of {per_group} experts cannot hold "
+                     f"n_activated_experts={self.n_activated_experts}: raise topk_group")
+        _require(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0")
+        _require(self.bias_update_speed >= 0, f"model.bias_update_speed={self.bias_update_speed} must be >= 0")
+        _require(self.seq_aux_alpha >= 0, f"model.seq_aux_alpha={self.seq_aux_alpha} must be >= 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. ``path: null`` builds (once, cached) a token file from the Python stdlib's sources."""
+
+    path: Optional[str] = None
+    source: Optional[str] = None  # for `hai prepare`: a file or directory of text files (default: Python's stdlib)
+    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    max_bytes: int = 4_000_000  # cap on text read by `hai prepare` from the default source
+    cache_dir: Optional[str] = None  # default: ~/.cache/hai
+
+    def __post_init__(self) -> None:
+        _positive("data.max_bytes", self.max_bytes)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "demo"
+    steps: int = 200
+    seed: int = 1234
+    seq_len: int = 64
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    bf16_moments: bool = False  # keep AdamW moments in bf16 (as V3 did)
+    save_every: int = 0  # 0: no periodic checkpoints
+    keep_last: int = 2
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "lr"):
+            _positive(f"train.{key}", getattr(self, key))
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size="
+                 f"{self.micro_batch_size}: pick a micro batch that divides the global batch")
+        _require(0 <= self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must lie in [0, train.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        _require(self.save_every >= 0, f"train.save_every={self.save_every} must be >= 0 (0 disables)")
+        _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster of identical nodes. ``local_cpu`` simulates nodes of ``gpus_per_node`` CPU processes."""
+
+    name: str = "local_cpu"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    device: str = "cpu"  # cpu | cuda
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl | fake
+    gpu_name: str = "cpu"
+    peak_tflops_bf16: float = 0.1  # per device, dense; used for MFU
+    peak_tflops_fp8: float = 0.1
+    memory_gb: float = 24.0  # per device
+    nvlink_gbps: float = 10.0  # intra-node, per device, GB/s (unidirectional)
+    ib_gbps: float = 10.0  # inter-node, per device, GB/s
+
+    def __post_init__(self) -> None:
+        _positive("cluster.nodes", self.nodes)
+        _positive("cluster.gpus_per_node", self.gpus_per_node)
+        _choice("cluster.device", self.device, ("cpu", "cuda"))
+        _choice("cluster.backend", self.backend, ("auto", "gloo", "nccl", "fake"))
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    schedule: str = "1f1b"  # 1f1b | zb1p | dualpipe | dualpipev
+    micro_batches: int = 0  # pipeline micro-batches per step; 0: global_batch / (dp * micro_batch_size)
+    node_limit: int = 0  # M: a token's routed experts lie on <= M nodes; 0: unlimited
+    dispatch: str = "flat"  # flat | hierarchical
+    fp8_dispatch: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("pp", "dp", "ep"):
+            _positive(f"parallel.{key}", getattr(self, key))
+        _choice("parallel.schedule", self.schedule, ("1f1b", "zb1p", "dualpipe", "dualpipev"))
+        _choice("parallel.dispatch", self.dispatch, ("flat", "hierarchical"))
+        _require(self.micro_batches >= 0, f"parallel.micro_batches={self.micro_batches} must be >= 0")
+        _require(self.node_limit >= 0, f"parallel.node_limit={self.node_limit} must be >= 0 (0: unlimited)")
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "hai"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class LauncherConfig:
+    """How `hai launch` starts a job: always torchrun running `hai train` in the end."""
+
+    kind: str = "local"  # local | torchrun | slurm
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"
+    max_restarts: int = 0
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "01:00:00"
+    job_name: str = "hai"
+
+    def __post_init__(self) -> None:
+        _choice("launcher.kind", self.kind, ("local", "torchrun", "slurm"))
+        _require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts} must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    out_dir: str = "runs/${train.name}"
+    resume: str = "none"  # none | auto | PATH to a checkpoint directory
+    output: str = "text"  # text | json (for `account` and `plan`)
+    nproc: int = 0  # processes per node for `hai launch`/`hai train`; 0: from the cluster config
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("output", self.output, ("text", "json"))
+        _require(self.nproc >= 0, f"nproc={self.nproc} must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Composition (Hydra)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def config_dir() -> str:
+    """Absolute path of the packaged Hydra config tree (``configs/`` in the source checkout)."""
+    import os
+
+    import hai.configs  # noqa: F401
+
+    return os.path.dirname(os.path.abspath(hai.configs.__file__))
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose ``configs/config.yaml`` with Hydra overrides and return the validated, typed :class:`Config`.
+
+    Raises :class:`ConfigError` naming the bad override, key or value.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    for ov in overrides:
+        if ov.startswith("+") or ov.startswith("~"):
+            raise ConfigError(f"override {ov!r} adds or deletes a key, which bypasses HAI's schema: use plain "
+                              f"key=value with a key that exists (see `configs/` and hai/config.py)")
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not key=value or group=option (e.g. model=tiny train.steps=50)")
+    _register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, Exception) as e:  # Hydra raises several exception types for bad overrides
+        if isinstance(e, ConfigError):
+            raise
+        cause = e
+        while isinstance(cause.__cause__, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from None
+        msg = str(e).strip().splitlines()
+        m = re.search(r"Could not override '([^']+)'", str(e))
+        if m:
+            raise ConfigError(f"unknown key {m.group(1)!r} in overrides {overrides}: it is not in HAI's config schema "
+                              f"(hai/config.py); check the spelling against configs/") from None
+        raise ConfigError(f"bad configuration {overrides}: {' '.join(m.strip() for m in msg if m.strip())}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    assert isinstance(obj, Config)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
