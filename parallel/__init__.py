@@ -1,0 +1,6 @@
+"""The parallel layer: topology and meshes, ZeRO-1, expert-parallel dispatch."""
+
+from hai.parallel.topology import AXES, Topology, stage_layer_split
+from hai.parallel.zero import StepResult, ZeroAdamW, is_expert_param
+
+__all__ = ["AXES", "Topology", "stage_layer_split", "ZeroAdamW", "StepResult", "is_expert_param"]

@@ -1,0 +1,8 @@
+"""The DeepSeek-V3 model (single device, pure PyTorch, no collectives)."""
+
+from hai.model.attention import MLA, KVCache
+from hai.model.moe import Dispatcher, GroupedExperts, LocalDispatcher, MoE, Route, Router
+from hai.model.transformer import Block, LossOutput, MTPModule, Transformer, build_model, init_weights
+
+__all__ = ["MLA", "KVCache", "Dispatcher", "GroupedExperts", "LocalDispatcher", "MoE", "Route", "Router", "Block",
+           "LossOutput", "MTPModule", "Transformer", "build_model", "init_weights"]

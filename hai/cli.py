@@ -1,0 +1,91 @@
+"""The `hai` command: `hai train|launch|plan|account|prepare [key=value | group=option ...]`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from hai.config import ConfigError, compose
+
+__all__ = ["main"]
+
+USAGE = """usage: hai COMMAND [overrides...]
+
+commands:
+  train     train a model (starts torchrun itself when the layout has several ranks)
+  launch    start a job through torchrun (local, multi-node) or Slurm
+  plan      validate a parallel layout and predict memory, communication and step time
+  account   parameters, activated parameters, KV cache and FLOPs of a model (JSON)
+  prepare   tokenize text files into a HAI token file (data.source=..., data.path=...)
+
+overrides are Hydra's: group=option (model=deepseek_v3_671b cluster=h800_2048 parallel=v3_2048 train=demo)
+and key=value (train.steps=50 parallel.dp=2 out_dir=runs/x wandb.mode=disabled output=json)."""
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+
+
+def cmd_train(cfg, overrides: list[str]) -> int:
+    from hai.parallel.topology import Topology
+
+    topo = Topology.from_config(cfg)  # validate before starting any process
+    if topo.world_size > 1 and not _under_torchrun():
+        from hai.launch.torchrun import run_local
+
+        if cfg.cluster.device == "cuda" and cfg.cluster.nodes > 1:
+            raise ConfigError(f"cluster {cfg.cluster.name!r} has {cfg.cluster.nodes} nodes: start it with "
+                              f"`hai launch launcher.kind=torchrun ...` on each node or `launcher.kind=slurm`")
+        return run_local(overrides, topo.world_size)
+    from hai.trainer import train
+
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out_dir": cfg.out_dir, **summary}))
+    return 0
+
+
+def cmd_account(cfg, overrides: list[str]) -> int:
+    from hai.accounting import account
+
+    report = account(cfg.model, cfg.train.seq_len)
+    if cfg.output == "json":
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:34s} {v:,}" if isinstance(v, (int, float)) else f"{k:34s} {v}")
+    return 0
+
+
+def cmd_prepare(cfg, overrides: list[str]) -> int:
+    from hai.data import TokenFile, prepare
+
+    path = prepare(cfg.data)
+    tf = TokenFile.open(path)
+    print(json.dumps({"path": path, "num_tokens": len(tf), "vocab_size": tf.vocab_size, "tokenizer": tf.tokenizer}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "account": cmd_account, "prepare": cmd_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, overrides = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"hai: unknown command {cmd!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose(overrides)
+        return COMMANDS[cmd](cfg, overrides)
+    except ValueError as e:  # ConfigError, DataError and the like: the message names the value and the fix
+        print(f"hai {cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

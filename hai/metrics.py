@@ -1,0 +1,64 @@
+"""Rank-0 observability: metrics.jsonl, a wandb run (offline by default) and a tqdm progress bar.
+
+Only rank 0 constructs a :class:`MetricsSink`; metrics arriving here are already global (reduced by the trainer).
+The wandb API key is never written anywhere by HAI: online mode reads it from the environment / wandb's own login.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+__all__ = ["MetricsSink", "read_metrics"]
+
+
+class MetricsSink:
+    def __init__(self, out_dir: str, config: dict, wandb_cfg, total_steps: int, start_step: int = 0,
+                 progress: bool = True):
+        self.out_dir = out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1)
+        self._wandb = self._init_wandb(config, wandb_cfg)
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _init_wandb(self, config: dict, wcfg):
+        if wcfg.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(project=wcfg.project, entity=wcfg.entity, name=wcfg.name, tags=list(wcfg.tags),
+                          config=config, dir=self.out_dir, mode=wcfg.mode, resume="allow",
+                          settings=wandb.Settings(x_disable_stats=True, console="off", silent=True))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(metrics) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """A non-step record (skipped step, checkpoint, restart) in metrics.jsonl."""
+        self._jsonl.write(json.dumps({"event": kind, **fields}) + "\n")
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            for k, v in (summary or {}).items():
+                self._wandb.summary[k] = v
+            self._wandb.finish()
+        self._jsonl.close()
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    """Per-step records of a run (events excluded)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if "event" not in r]

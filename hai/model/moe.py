@@ -1,0 +1,222 @@
+"""DeepSeekMoE: shared + fine-grained routed experts, sigmoid gates, group-limited top-k, aux-loss-free balancing.
+
+The forward pass is split at the seams the parallel layer needs:
+
+    route (router)  ->  dispatch (Dispatcher)  ->  experts (grouped GEMM)  ->  combine (Dispatcher)
+
+``LocalDispatcher`` keeps everything on one device; ``hai.parallel`` provides the expert-parallel all-to-all one with
+the same interface, and the pipeline interleaves these seams of one micro-batch with another's backward.
+
+Legend: T tokens, D hidden, E routed experts (local: E_l), K experts per token, G groups, R dispatched rows (T*K
+locally), F expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hai.config import ModelConfig
+from hai.model.layers import SwiGLU
+
+__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "route_reference"]
+
+
+@dataclass
+class Route:
+    topk_idx: torch.Tensor  # (T, K) int64 global expert ids
+    topk_weight: torch.Tensor  # (T, K) fp32 gates (normalized, scaled)
+    scores: torch.Tensor  # (T, E) fp32 unbiased affinities (carry grad to the router)
+
+
+def group_limited_mask(biased_TE: torch.Tensor, n_group: int, topk_group: int, k: int) -> torch.Tensor:
+    """Boolean (T, E) mask of experts *outside* the topk_group best groups; group score = sum of its top k/topk_group."""
+    T, E = biased_TE.shape
+    g = biased_TE.view(T, n_group, E // n_group)
+    group_score_TG = g.topk(k // topk_group, dim=-1).values.sum(-1)
+    keep_TG = group_score_TG.topk(topk_group, dim=-1).indices
+    drop_TG = torch.ones(T, n_group, dtype=torch.bool, device=biased_TE.device).scatter_(1, keep_TG, False)
+    return drop_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+
+
+class Router(nn.Module):
+    """Affinities s = sigmoid(x Wᵀ) (or softmax); top-k on s + bias; gates from unbiased s, normalized over the k."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        # Aux-loss-free balancing bias: not trained by the optimizer, updated by update_bias().
+        self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
+        # Tokens routed to each expert since the last bias update (this rank's micro-batches only).
+        self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor) -> Route:
+        cfg = self.cfg
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid() if cfg.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        with torch.no_grad():
+            biased = scores_TE.detach() + self.bias
+            if cfg.n_group > 1:
+                drop = group_limited_mask(biased, cfg.n_group, cfg.topk_group, cfg.n_activated_experts)
+                biased = biased.masked_fill(drop, float("-inf"))
+            topk_idx_TK = biased.topk(cfg.n_activated_experts, dim=-1).indices
+            if self.training:
+                self.load += torch.bincount(topk_idx_TK.flatten(), minlength=cfg.n_routed_experts).float()
+        w_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.norm_topk_prob:
+            w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
+        return Route(topk_idx_TK, w_TK * cfg.route_scale, scores_TE)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, gamma: float) -> None:
+        """b_i += gamma * sign(mean_load - load_i): push load toward the mean (Wang et al. 2024; DeepSeek-V3)."""
+        self.bias += gamma * torch.sign(load_E.mean() - load_E)
+
+
+def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight per-token loop of the routing rule, for tests: returns (topk_idx sorted, weights in that order)."""
+    E, k = cfg.n_routed_experts, cfg.n_activated_experts
+    per_group = E // cfg.n_group
+    idx_out, w_out = [], []
+    for x in x_TD.double():
+        logits = weight_ED.double() @ x
+        s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
+        b = s + bias_E.double()
+        groups = sorted(range(cfg.n_group), key=lambda g: -sum(sorted(b[g * per_group:(g + 1) * per_group].tolist(),
+                                                                     reverse=True)[:k // cfg.topk_group]))
+        allowed = [e for g in groups[:cfg.topk_group] for e in range(g * per_group, (g + 1) * per_group)]
+        chosen = sorted(sorted(allowed, key=lambda e: -b[e].item())[:k])
+        w = s[chosen]
+        if cfg.norm_topk_prob:
+            w = w / w.sum()
+        idx_out.append(chosen)
+        w_out.append((w * cfg.route_scale).tolist())
+    return torch.tensor(idx_out), torch.tensor(w_out, dtype=torch.float64)
+
+
+class Dispatcher(Protocol):
+    """The MoE communication seams. ``dispatch`` returns rows grouped by (local) expert; ``combine`` inverts it and
+    applies the gates: y_t = sum_k w_tk * expert_out[row(t, k)]."""
+
+    num_local_experts: int
+
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                 topk_weight_TK: torch.Tensor) -> tuple[torch.Tensor, list[int], Any]: ...
+
+    def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class _LocalHandle:
+    token_of_row: torch.Tensor  # (R,) source token of each dispatched row
+    weight_of_row: torch.Tensor  # (R,) gate of each row
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Single-device dispatcher: a stable sort of (token, k) slots by expert id."""
+
+    def __init__(self, num_experts: int):
+        self.num_local_experts = num_experts
+
+    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+        K = topk_idx_TK.shape[1]
+        flat = topk_idx_TK.flatten()
+        order = torch.argsort(flat, stable=True)
+        token_of_row = order // K
+        counts = torch.bincount(flat, minlength=self.num_local_experts).tolist()
+        handle = _LocalHandle(token_of_row, topk_weight_TK.flatten()[order], x_TD.shape[0])
+        return x_TD[token_of_row], counts, handle
+
+    def combine(self, y_RD, handle: _LocalHandle):
+        weighted = y_RD * handle.weight_of_row.unsqueeze(-1).to(y_RD.dtype)
+        out = y_RD.new_zeros(handle.num_tokens, y_RD.shape[-1])
+        return out.index_add(0, handle.token_of_row, weighted)
+
+
+class GroupedExperts(nn.Module):
+    """E_l SwiGLU experts with stacked weights (nn.Linear convention: out x in) over rows grouped by expert."""
+
+    def __init__(self, num_experts: int, dim: int, inter: int, fp8: bool = False):
+        super().__init__()
+        self.num_experts, self.fp8 = num_experts, fp8
+        self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        if self.fp8:
+            from hai.kernels import fp8_grouped_linear as gl
+
+            h = F.silu(gl(x_RD, self.w1, tokens_per_expert)) * gl(x_RD, self.w3, tokens_per_expert)
+            return gl(h, self.w2, tokens_per_expert)
+        outs = []
+        for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
+            h = F.silu(F.linear(x, self.w1[e].to(x.dtype))) * F.linear(x, self.w3[e].to(x.dtype))
+            outs.append(F.linear(h, self.w2[e].to(x.dtype)))
+        return torch.cat(outs) if outs else x_RD.new_zeros(0, self.w2.shape[1])
+
+
+class _InjectAuxLoss(torch.autograd.Function):
+    """Identity on x whose backward also back-propagates ``scale * d(aux)/d(aux) = scale`` into aux.
+
+    This puts the sequence-wise balance loss into the gradient without threading it through every pipeline stage.
+    """
+
+    @staticmethod
+    def forward(ctx, x, aux, scale: float):
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full(ctx.aux_shape, ctx.scale, device=grad.device), None
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        fp8 = cfg.precision == "fp8"
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, fp8)
+        self.shared = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, fp8)
+                       if cfg.n_shared_experts > 0 else None)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
+        self.aux_grad_scale = 1.0  # set by the trainer to the micro-batch loss scale (1 / micro-batches)
+        self.last_aux_loss = 0.0
+
+    def seq_aux_loss(self, route: Route, batch: int) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
+        cfg = self.cfg
+        E, K = cfg.n_routed_experts, cfg.n_activated_experts
+        s_BSE = route.scores.view(batch, -1, E)
+        S = s_BSE.shape[1]
+        s_norm = s_BSE / s_BSE.sum(-1, keepdim=True)
+        P_BE = s_norm.mean(1)
+        hits = torch.zeros(batch, E, device=s_BSE.device).scatter_add_(
+            1, route.topk_idx.view(batch, -1), torch.ones(batch, S * K, device=s_BSE.device))
+        f_BE = hits * (E / (K * S))
+        return cfg.seq_aux_alpha * (f_BE * P_BE).sum(-1).mean()
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        route = self.router(x_TD)
+        recv_RD, counts, handle = self.dispatcher.dispatch(x_TD, route.topk_idx, route.topk_weight)
+        y_RD = self.experts(recv_RD, counts)
+        out_TD = self.dispatcher.combine(y_RD, handle)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        if self.training and self.cfg.seq_aux_alpha > 0 and torch.is_grad_enabled():
+            aux = self.seq_aux_loss(route, B)
+            self.last_aux_loss = float(aux.detach())
+            out_TD = _InjectAuxLoss.apply(out_TD, aux, self.aux_grad_scale)
+        return out_TD.view(B, S, D)

@@ -1,0 +1,149 @@
+"""The DeepSeek-V3 transformer: embedding -> L blocks (first k dense, rest MoE) -> norm -> head, plus MTP modules.
+
+Single-device code with no collectives. The pieces are exposed separately (``embed``, ``layers``, ``head_loss``) so
+the pipeline can cut the model into stages and keep the embedding, the output head and MTP on one rank (V3's
+placement, so MTP shares them physically).
+
+Batches are token tensors of shape (B, S + 1): inputs are tokens[:, :S], main targets tokens[:, 1:].
+MTP depth k (1..D) combines the previous depth's hidden state at position i with the embedding of token i+k and
+predicts token i+k+1 (DeepSeek-V3 sec. 2.2), so depth k sees S-k positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hai.config import ModelConfig
+from hai.model.attention import MLA, KVCache
+from hai.model.layers import Linear, RMSNorm, SwiGLU
+from hai.model.moe import MoE, Router
+
+__all__ = ["Block", "MTPModule", "Transformer", "LossOutput", "build_model"]
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # what backward() runs on: main + lambda * mean MTP loss (+ aux losses via injection)
+    main_loss: torch.Tensor
+    mtp_loss: torch.Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.precision == "fp8")
+
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache, self.layer_id)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class MTPModule(nn.Module):
+    """One MTP depth: h' = Block(W [RMSNorm(h_prev); RMSNorm(emb(next token))]); shares embedding and head."""
+
+    def __init__(self, cfg: ModelConfig, depth: int):
+        super().__init__()
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.precision == "fp8")
+        self.block = Block(cfg, cfg.num_layers + depth - 1, moe=cfg.is_moe)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> torch.Tensor:
+        return self.block(self.proj(torch.cat([self.hnorm(h_prev_BSD), self.enorm(emb_BSD)], dim=-1)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(cfg, i, moe=cfg.is_moe and i >= cfg.first_k_dense_replace) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # bf16/fp32 even under fp8 (V3)
+        self.mtp = nn.ModuleList(MTPModule(cfg, d + 1) for d in range(cfg.mtp_depth))
+
+    # --- pieces (the pipeline stages call these) ---
+    def logits(self, h_BSD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        return self.head((norm or self.norm)(h_BSD)).float()
+
+    def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
+        """Main next-token loss on the last block's output, plus the MTP losses (which re-use embed and head)."""
+        S = tokens.shape[1] - 1
+        main = F.cross_entropy(self.logits(h_BSD).flatten(0, 1), tokens[:, 1:].flatten())
+        mtp_losses = []
+        h = h_BSD
+        for k, module in enumerate(self.mtp, start=1):
+            emb = self.embed(tokens[:, k:S])
+            h = module(h[:, : S - k], emb)
+            logits = self.logits(h, module.norm)
+            mtp_losses.append(F.cross_entropy(logits.flatten(0, 1), tokens[:, k + 1:S + 1].flatten()))
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else main.new_zeros(())
+        return LossOutput(main + self.cfg.mtp_lambda * mtp, main.detach(), mtp.detach())
+
+    def forward(self, tokens: torch.Tensor) -> LossOutput:
+        h = self.embed(tokens[:, :-1])
+        for layer in self.layers:
+            h = layer(h)
+        return self.head_loss(h, tokens)
+
+    # --- inference ---
+    @torch.no_grad()
+    def forward_logits(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits of the main model for tokens (B, S), continuing ``cache`` if given (latent-only KV cache)."""
+        h = self.embed(tokens_BS)
+        for layer in self.layers:
+            h = layer(h, cache)
+        return self.logits(h)
+
+    # --- balancing ---
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_aux_grad_scale(self, scale: float) -> None:
+        for moe in self.moe_layers():
+            moe.aux_grad_scale = scale
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """Normal(0, std) for every matrix (V3 used std 0.006), ones for norms, zeros for router biases."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=std)
+        else:
+            nn.init.ones_(p)
+    for r in (m for m in model.modules() if isinstance(m, Router)):
+        r.bias.zero_()
+        r.load.zero_()
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Build and initialize a model deterministically (``device='meta'`` builds it without memory)."""
+    if cfg.precision == "fp8" and str(device) != "meta":
+        import hai.kernels as k
+
+        if not hasattr(k, "fp8_linear"):
+            raise ValueError("model.precision=fp8 needs hai.kernels.fp8_linear, which this build lacks: "
+                             "use model.precision=bf16 or fp32")
+    with torch.device(device):
+        model = Transformer(cfg)
+    if str(device) != "meta":
+        gen_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            init_weights(model, cfg.init_std)
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    return model

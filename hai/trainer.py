@@ -1,0 +1,193 @@
+"""The training loop: one code path from a single CPU process to the production layout.
+
+``train(cfg)`` validates the whole configuration and the data before any process group exists, initializes the
+process group when the world is larger than one (it expects to run under torchrun; ``hai train`` starts torchrun
+itself), applies parallelism to the single-device model (``hai.parallel.parallelize``), and runs AdamW (ZeRO-1) with
+warmup + cosine LR, clipping, aux-loss-free bias updates over the data-parallel group, and rank-0 metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from hai.accounting import train_flops_per_token
+from hai.config import Config, ConfigError, to_yaml
+from hai.data import Sampler, TokenFile, ensure_token_file
+from hai.model import build_model
+from hai.parallel.topology import Topology
+from hai.parallel.zero import ZeroAdamW
+
+__all__ = ["train", "Trainer", "lr_at", "init_distributed"]
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed(topo: Topology):
+    """Join the torchrun world (if the topology has more than one rank) and build the device meshes."""
+    if topo.world_size == 1:
+        return None
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world != topo.world_size:
+        raise ConfigError(f"this process runs in a world of {env_world} rank(s) (WORLD_SIZE) but the topology needs "
+                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp}): start it with `hai train` or "
+                          f"`hai launch`, which run torchrun with the right --nproc-per-node")
+    if not dist.is_initialized():
+        if topo.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=topo.backend)
+    return topo.build_meshes()
+
+
+def _group(mesh, axis: str):
+    return None if mesh is None else mesh[axis].get_group()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, topo: Topology, mesh, data: TokenFile):
+        self.cfg, self.topo, self.mesh = cfg, topo, mesh
+        self.rank = dist.get_rank() if mesh is not None else 0
+        self.coords = topo.coords(self.rank)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if topo.device == "cuda" else \
+            torch.device("cpu")
+        t = cfg.train
+        self.n_micro = t.global_batch_size // (topo.dp * t.micro_batch_size)
+        self.model = build_model(cfg.model, seed=t.seed, device=self.device)
+        self.model.set_aux_grad_scale(1.0 / self.n_micro)
+        self.dp_group = _group(mesh, "dp")
+        self.optimizer = ZeroAdamW(
+            self.model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+            weight_decay=t.weight_decay, dp_group=self.dp_group, edp_group=_group(mesh, "edp"),
+            grad_divisor=topo.dp, norm_groups=[self.dp_group], bf16_moments=t.bf16_moments,
+            max_grad_norm=t.grad_clip)
+        self.sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed)
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
+        self.step = 0
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.cfg.model.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Accumulate gradients of the mean loss over micro-batches; returns [main_sum, mtp_sum] (detached)."""
+        sums = torch.zeros(2, dtype=torch.float64)
+        for tokens in micro_batches:
+            with self._autocast():
+                out = self.model(tokens.to(self.device))
+            (out.loss / self.n_micro).backward()
+            sums += torch.stack([out.main_loss.double().cpu(), out.mtp_loss.double().cpu()])
+        return sums
+
+    def _update_router_biases(self, apply: bool) -> dict[str, float]:
+        """Aux-loss-free balancing: loads summed over the data-parallel group, then b += gamma*sign(mean - load)."""
+        routers = self.model.routers()
+        if not routers:
+            return {"expert_load_max_violation": 0.0, "router_bias_spread": 0.0}
+        loads = torch.stack([r.load for r in routers])  # (layers, E) this rank's counts
+        if self.dp_group is not None:
+            dist.all_reduce(loads, group=self.dp_group)
+        gamma = self.cfg.model.bias_update_speed
+        for r, load in zip(routers, loads):
+            if gamma > 0 and apply:
+                r.update_bias(load, gamma)
+            r.load.zero_()
+        mean = loads.mean(-1).clamp_min(1e-9)
+        violation = (loads.max(-1).values / mean - 1).mean().item()
+        spread = torch.stack([r.bias.max() - r.bias.min() for r in routers]).max().item()
+        return {"expert_load_max_violation": violation, "router_bias_spread": spread}
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.cfg.train)
+        mbs = self.sampler.micro_batches(self.step, self.coords["dp"], self.topo.dp, self.cfg.train.micro_batch_size)
+        sums = self.forward_backward(mbs)
+        t1 = time.perf_counter()
+        result = self.optimizer.step(lr)
+        self.optimizer.zero_grad()
+        balance = self._update_router_biases(apply=not result.skipped)
+        if self.dp_group is not None:
+            dist.all_reduce(sums, group=self.dp_group)
+        t2 = time.perf_counter()
+        n = self.n_micro * self.topo.dp
+        self.step += 1
+        return {"step": self.step, "loss": sums[0].item() / n, "mtp_loss": sums[1].item() / n, "lr": lr,
+                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
+                "optimizer_s": t2 - t1, **balance}
+
+    def _throughput(self, rec: dict, step_time: float) -> dict:
+        t, c = self.cfg.train, self.cfg.cluster
+        tokens_per_s = t.global_batch_size * t.seq_len / step_time
+        per_device = tokens_per_s / self.topo.world_size
+        tflops = per_device * self.flops_per_token / 1e12
+        return {**rec, "step_time_s": step_time, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+                "tflops_per_device": tflops, "mfu": tflops / c.peak_tflops_bf16,
+                "memory_bytes": _memory_bytes(self.device), "optimizer_state_bytes": self.optimizer.state_bytes()}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        sink = None
+        if self.rank == 0:
+            from hai.metrics import MetricsSink
+
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+            sink = MetricsSink(cfg.out_dir, asdict(cfg), cfg.wandb, cfg.train.steps, self.step, cfg.train.progress)
+        first = last = None
+        t_start = time.perf_counter()
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                rec = self._throughput(rec, time.perf_counter() - t0)
+                first = first if first is not None else rec["loss"]
+                last = rec["loss"]
+                if sink is not None:
+                    if rec["skipped"]:
+                        sink.event("skipped_step", step=rec["step"], grad_norm=str(rec["grad_norm"]))
+                    sink.log(rec)
+        finally:
+            summary = {"first_loss": first, "final_loss": last, "steps": self.step,
+                       "wall_time_s": time.perf_counter() - t_start}
+            if sink is not None:
+                sink.close(summary)
+        return summary
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured (under torchrun when the topology has several ranks)."""
+    topo = Topology.from_config(cfg)
+    data = TokenFile.open(ensure_token_file(cfg.data))
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the token file {data.path!r} uses a vocabulary of {data.vocab_size} but "
+                          f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= {data.vocab_size}")
+    mesh = init_distributed(topo)
+    try:
+        return Trainer(cfg, topo, mesh, data).fit()
+    finally:
+        if mesh is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
