@@ -1,0 +1,46 @@
+"""Rank layout arithmetic, and the production 2048-rank topology built with the fake backend in one process."""
+
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+from hai.config import compose
+from hai.parallel import Topology, stage_layer_split
+
+
+def _v3():
+    return Topology.from_config(compose(["model=deepseek_v3_671b", "cluster=h800_2048", "parallel=v3_2048",
+                                         "train=v3_pretrain"]))
+
+
+def test_rank_order_pp_edp_ep():
+    topo = _v3()
+    assert topo.coords(1234) == {"pp": 9, "dp": 82, "edp": 1, "ep": 18}
+    assert topo.group_ranks("ep", 1234) == list(range(1216, 1280))  # 64 consecutive ranks
+    assert sorted({topo.node_of(r) for r in topo.group_ranks("ep", 1234)}) == list(range(152, 160))  # 8 nodes
+    assert topo.group_ranks("edp", 1234) == [1170, 1234]
+    assert topo.group_ranks("pp", 1234) == [82 + 128 * s for s in range(16)]
+    assert topo.group_ranks("dp", 1234) == list(range(1152, 1280))
+    for r in range(topo.world_size):  # coords and rank_of are inverse
+        c = topo.coords(r)
+        assert topo.rank_of(c["pp"], c["edp"], c["ep"]) == r
+
+
+def test_v3_stage_split():
+    split = stage_layer_split(61, 16)  # the outer stages also hold embedding / head+MTP: they get the short share
+    assert sum(split) == 61 and split[0] == split[-1] == 3 and max(split) - min(split) == 1
+    assert stage_layer_split(8, 4) == [2, 2, 2, 2]
+
+
+def test_fake_backend_2048_meshes():
+    topo = _v3()
+    dist.init_process_group("fake", rank=1234, world_size=2048, store=FakeStore())
+    try:
+        mesh = topo.build_meshes()
+        assert mesh.mesh_dim_names == ("pp", "edp", "ep") and tuple(mesh.shape) == (16, 2, 64)
+        for axis in ("pp", "dp", "edp", "ep"):
+            sub = mesh[axis]
+            assert sub.mesh.flatten().tolist() == topo.group_ranks(axis, 1234), axis
+            assert dist.get_world_size(sub.get_group()) == len(topo.group_ranks(axis, 1234))
+        assert mesh["ep"].get_local_rank() == 18 and mesh["pp"].get_local_rank() == 9
+    finally:
+        dist.destroy_process_group()
