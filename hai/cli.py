@@ -67,7 +67,13 @@ def cmd_prepare(cfg, overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "account": cmd_account, "prepare": cmd_prepare}
+def cmd_launch(cfg, overrides: list[str]) -> int:
+    from hai.launch import launch
+
+    return launch(cfg, overrides)
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "account": cmd_account, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,15 +68,31 @@ class Trainer:
         self.n_micro = t.global_batch_size // (topo.dp * t.micro_batch_size)
         self.model = build_model(cfg.model, seed=t.seed, device=self.device)
         self.model.set_aux_grad_scale(1.0 / self.n_micro)
-        self.dp_group = _group(mesh, "dp")
+        self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
+        self.pipeline, copies = self._parallelize()
         self.optimizer = ZeroAdamW(
             self.model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
             weight_decay=t.weight_decay, dp_group=self.dp_group, edp_group=_group(mesh, "edp"),
-            grad_divisor=topo.dp, norm_groups=[self.dp_group], bf16_moments=t.bf16_moments,
-            max_grad_norm=t.grad_clip)
+            grad_divisor=topo.dp, norm_groups=[self.dp_group, self.pp_group], bf16_moments=t.bf16_moments,
+            max_grad_norm=t.grad_clip, copies=copies)
         self.sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed)
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
+
+    def _parallelize(self):
+        """Apply parallelism to the single-device model, in a fixed order: pipeline split (then ZeRO-1)."""
+        topo, t = self.topo, self.cfg.train
+        if topo.pp == 1:
+            return None, None
+        from hai.pipeline.executor import PipelineExecutor, split_model
+        from hai.pipeline.schedules import num_stages, rank_stages
+
+        name = self.cfg.parallel.schedule
+        split_model(self.model, rank_stages(name, topo.pp, self.coords["pp"]), num_stages(name, topo.pp))
+        ex = PipelineExecutor(self.model, name, self.coords["pp"], topo.pp, self.n_micro, self.pp_group,
+                              topo.group_ranks("pp", self.rank),
+                              (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro)
+        return ex, ex.build_copy_groups(topo.dp, self.coords["dp"])
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -86,6 +102,12 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate gradients of the mean loss over micro-batches; returns [main_sum, mtp_sum] (detached)."""
+        if self.pipeline is not None:
+            with self._autocast():
+                sums = self.pipeline.run([mb.to(self.device) for mb in micro_batches])
+            self.pipeline.sync_copies()
+            dist.all_reduce(sums, group=self.pp_group)  # the losses were computed at the last stage(s)
+            return sums
         sums = torch.zeros(2, dtype=torch.float64)
         for tokens in micro_batches:
             with self._autocast():
@@ -142,6 +164,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg = self.cfg
+        resumed = self.resume()
         sink = None
         if self.rank == 0:
             from hai.metrics import MetricsSink
@@ -150,12 +173,15 @@ class Trainer:
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             sink = MetricsSink(cfg.out_dir, asdict(cfg), cfg.wandb, cfg.train.steps, self.step, cfg.train.progress)
+            if resumed is not None:
+                sink.event("resumed", **resumed)
         first = last = None
         t_start = time.perf_counter()
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                rec = self.train_step()
+                with self._fault_injection():
+                    rec = self.train_step()
                 rec = self._throughput(rec, time.perf_counter() - t0)
                 first = first if first is not None else rec["loss"]
                 last = rec["loss"]
@@ -163,12 +189,59 @@ class Trainer:
                     if rec["skipped"]:
                         sink.event("skipped_step", step=rec["step"], grad_norm=str(rec["grad_norm"]))
                     sink.log(rec)
+                if cfg.train.save_every and (self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps):
+                    self.save_checkpoint(sink)  # every save_every steps and at the end
         finally:
             summary = {"first_loss": first, "final_loss": last, "steps": self.step,
                        "wall_time_s": time.perf_counter() - t_start}
             if sink is not None:
                 sink.close(summary)
         return summary
+
+    # ------------------------------------------------------------------ checkpoints and fault injection
+    def resume(self) -> dict | None:
+        """Load the checkpoint ``resume`` names (none | auto | PATH): model, ZeRO-1 state (any dp size), step, RNG."""
+        from hai.checkpoint import load_checkpoint, resume_path
+
+        path = resume_path(self.cfg)
+        if path is None:
+            return None
+        t0 = time.perf_counter()
+        meta = load_checkpoint(self, path)
+        return {"step": self.step, "path": path, "saved_dp": meta.get("dp"),
+                "saved_world_size": meta.get("world_size"), "seconds": time.perf_counter() - t0}
+
+    def save_checkpoint(self, sink=None) -> str:
+        """Collective: write OUT_DIR/checkpoints/step_N atomically (keeps the last train.keep_last)."""
+        from hai.checkpoint import save_checkpoint
+
+        t0 = time.perf_counter()
+        path = save_checkpoint(self)
+        if sink is not None:
+            sink.event("checkpoint", step=self.step, path=path, seconds=time.perf_counter() - t0)
+        return path
+
+    def _fault_injection(self):
+        """Test hook: with HAI_INJECT_NAN_STEP=k[,k2...] rank HAI_INJECT_NAN_RANK (default 0) turns one parameter's
+        gradient into HAI_INJECT_NAN_VALUE (default nan; inf works too) on step k (1-based, as logged), so the
+        optimizer's non-finite-norm skip can be exercised end to end. Unset: nothing happens."""
+        spec = os.environ.get("HAI_INJECT_NAN_STEP", "")
+        steps = {int(s) for s in spec.split(",") if s.strip()}
+        if self.step + 1 not in steps or self.rank != int(os.environ.get("HAI_INJECT_NAN_RANK", "0")):
+            return contextlib.nullcontext()
+        value = float(os.environ.get("HAI_INJECT_NAN_VALUE", "nan"))
+        opt = self.optimizer
+
+        def poisoned_step(*args, **kwargs):  # whatever produced the gradients, poison one right before the step
+            param = next((p for p in opt.params() if p.grad is not None), None)
+            if param is not None:
+                param.grad.fill_(value)
+            return type(opt).step(opt, *args, **kwargs)
+
+        opt.step = poisoned_step
+        stack = contextlib.ExitStack()
+        stack.callback(delattr, opt, "step")
+        return stack
 
 
 def _memory_bytes(device: torch.device) -> int:

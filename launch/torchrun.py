@@ -10,7 +10,8 @@ import os
 import subprocess
 import sys
 
-__all__ = ["local_command", "node_command", "run_local", "train_overrides", "TRAIN_ENTRY"]
+__all__ = ["local_command", "node_command", "run_local", "run_command", "train_overrides", "TRAIN_ENTRY",
+           "RESTART_SAFE_ENV"]
 
 TRAIN_ENTRY = ["-m", "hai.cli", "train"]
 _LAUNCH_ONLY_KEYS = ("dry_run",)  # meaningful to `hai launch` only; everything else is passed through unchanged
@@ -45,9 +46,17 @@ def node_command(overrides: list[str], *, nnodes: int, nproc: int, rdzv_endpoint
     return cmd + TRAIN_ENTRY + train_overrides(overrides)
 
 
+# torchrun's workers otherwise share the rendezvous TCPStore across restarts and can read the previous attempt's
+# addresses (gloo: "connectFullMesh failed ... Connection refused" after a restart; pytorch/pytorch#135712): with
+# sharing off, each attempt's rank 0 hosts a fresh store.
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
+    for k, v in RESTART_SAFE_ENV.items():
+        env.setdefault(k, v)
     return env
 
 

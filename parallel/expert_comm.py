@@ -139,22 +139,23 @@ class Route:
     def __init__(self, hops: list[Hop], group, links: Links, traffics: list[dict]):
         self.hops, self.group, self.links, self.traffics = hops, group, links, traffics
 
-    def _send(self, buf, send, recv, phase, async_op):
+    def send(self, buf: torch.Tensor, send: list[int], recv: list[int], phase: str, async_op: bool = False):
+        """One all-to-all of rows, counted under ``phase``."""
         self.links.count(self.traffics, phase, send, _row_bytes(buf) if buf.shape[0] else 0)
         return a2a(buf, send, recv, self.group, async_op)
 
     def gather(self, x_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Copy rows forward; the first hop is issued now (async if asked), the returned call finishes the rest."""
         h0 = self.hops[0]
-        out, work = self._send(codec.encode(x_ND).index_select(0, h0.send_idx), h0.send_splits, h0.recv_splits,
-                               phase, async_op)
+        out, work = self.send(codec.encode(x_ND).index_select(0, h0.send_idx), h0.send_splits, h0.recv_splits,
+                              phase, async_op)
 
         def finish() -> torch.Tensor:
             b = out
             if work is not None:
                 work.wait()
             for h in self.hops[1:]:
-                b, _ = self._send(b.index_select(0, h.send_idx), h.send_splits, h.recv_splits, phase, False)
+                b, _ = self.send(b.index_select(0, h.send_idx), h.send_splits, h.recv_splits, phase, False)
             return codec.decode(b)
 
         return finish
@@ -162,14 +163,14 @@ class Route:
     def reduce(self, z_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Send rows back along the hops, summing the copies of each row (in ``codec.out``) after every hop."""
         hl = self.hops[-1]
-        out, work = self._send(codec.encode(z_ND), hl.recv_splits, hl.send_splits, phase, async_op)
+        out, work = self.send(codec.encode(z_ND), hl.recv_splits, hl.send_splits, phase, async_op)
 
         def finish() -> torch.Tensor:
             if work is not None:
                 work.wait()
             b = _sum_rows(codec.decode(out), hl)
             for h in reversed(self.hops[:-1]):
-                b, _ = self._send(codec.encode(b), h.recv_splits, h.send_splits, phase, False)
+                b, _ = self.send(codec.encode(b), h.recv_splits, h.send_splits, phase, False)
                 b = _sum_rows(codec.decode(b), h)
             return b
 
@@ -182,18 +183,23 @@ def _sum_rows(rows_SW: torch.Tensor, hop: Hop) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------ autograd
 class GatherFn(torch.autograd.Function):
-    """Output = ``produce()`` (the rows a gather delivered, maybe prefetched asynchronously); backward reduces the
-    gradient back along the route with ``bwd_codec`` (the gradient combine of a dispatch)."""
+    """Outputs = ``produce()``: the rows gathers delivered for each input (maybe prefetched asynchronously).
+
+    Backward reduces each gradient back along the route (the gradient combine of a dispatch), input by input with
+    ``bwd[i] = (codec, phase)``, all in this one node: every rank issues these collectives in the same order whatever
+    the rest of its autograd graph looks like. Unused outputs get zero gradients (autograd materializes them).
+    """
 
     @staticmethod
-    def forward(ctx, x, route: Route, produce, bwd_codec, bwd_phase: str):
-        ctx.route, ctx.codec, ctx.phase, ctx.dtype = route, bwd_codec, bwd_phase, x.dtype
-        return produce()
+    def forward(ctx, route: Route, produce, bwd, *inputs):
+        ctx.route, ctx.bwd, ctx.dtypes = route, bwd, [t.dtype for t in inputs]
+        return tuple(produce())
 
     @staticmethod
-    def backward(ctx, g):
-        grad = ctx.route.reduce(g.contiguous(), ctx.codec, ctx.phase)()
-        return grad.to(ctx.dtype), None, None, None, None
+    def backward(ctx, *grads):
+        out = [ctx.route.reduce(g.contiguous(), codec, phase)().to(dtype)
+               for g, (codec, phase), dtype in zip(grads, ctx.bwd, ctx.dtypes)]
+        return (None, None, None, *out)
 
 
 class ReduceFn(torch.autograd.Function):

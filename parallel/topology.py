@@ -162,3 +162,17 @@ def _check_batch(cfg: Config) -> None:
     if per_rank is None or per_rank % t.micro_batch_size:
         _fail(f"train.global_batch_size={t.global_batch_size} must be divisible by parallel.dp={p.dp} x "
               f"train.micro_batch_size={t.micro_batch_size} = {p.dp * t.micro_batch_size}: adjust one of them")
+    n_micro = per_rank // t.micro_batch_size
+    if p.micro_batches and p.micro_batches != n_micro:
+        _fail(f"parallel.micro_batches={p.micro_batches} but train.global_batch_size={t.global_batch_size} / "
+              f"(parallel.dp={p.dp} x train.micro_batch_size={t.micro_batch_size}) gives {n_micro} micro-batches "
+              f"per rank: set parallel.micro_batches={n_micro} (or 0) or change the batch sizes")
+    if p.pp > 1:
+        from hai.pipeline.schedules import build_schedule, num_stages
+
+        try:
+            build_schedule(p.schedule, p.pp, n_micro)
+        except ValueError as e:
+            raise ConfigError(f"parallel.schedule={p.schedule} with parallel.pp={p.pp} and {n_micro} micro-batches "
+                              f"per rank (train.global_batch_size / (dp x micro_batch_size)): {e}") from None
+        stage_layer_split(cfg.model.num_layers, num_stages(p.schedule, p.pp))

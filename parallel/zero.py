@@ -41,6 +41,7 @@ class _Bucket:
     params: list[nn.Parameter]
     group: object  # process group or None (one rank)
     decay: bool
+    copies: int = 1  # pp ranks holding this parameter (DualPipe: 2); the global norm counts it once
     numel: int = 0
     shard: int = 0
     rank: int = 0
@@ -87,19 +88,20 @@ class _Bucket:
 class ZeroAdamW:
     def __init__(self, named_params, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  dp_group=None, edp_group=None, grad_divisor: int = 1, norm_groups=(), bf16_moments: bool = False,
-                 max_grad_norm: float = 0.0):
+                 max_grad_norm: float = 0.0, copies: dict[str, int] | None = None):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.grad_divisor, self.norm_groups, self.max_grad_norm = grad_divisor, list(norm_groups), max_grad_norm
         self.step_count = 0
         self.buckets: list[_Bucket] = []
-        groups: dict[tuple[bool, bool], _Bucket] = {}
+        groups: dict[tuple[bool, bool, int], _Bucket] = {}
         for name, p in named_params:
             if not p.requires_grad:
                 continue
             expert, decay = is_expert_param(name), p.dim() >= 2
-            key = (expert, decay)
+            n_copies = (copies or {}).get(name, 1)
+            key = (expert, decay, n_copies)
             if key not in groups:
-                groups[key] = _Bucket([], [], edp_group if expert else dp_group, decay)
+                groups[key] = _Bucket([], [], edp_group if expert else dp_group, decay, n_copies)
             groups[key].names.append(name)
             groups[key].params.append(p)
         moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
@@ -123,7 +125,9 @@ class ZeroAdamW:
     def step(self, lr: float | None = None) -> StepResult:
         lr = self.lr if lr is None else lr
         grads = [b.grad_shard().div_(self.grad_divisor) for b in self.buckets]
-        sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64)
+        for b, g in zip(self.buckets, grads):
+            sq += g.double().pow(2).sum() / b.copies
         for group in self.norm_groups:
             if group is not None:
                 dist.all_reduce(sq, group=group)

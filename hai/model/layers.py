@@ -34,12 +34,17 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, fp8: bool = False, dtype=None):
         super().__init__(in_features, out_features, bias=False, dtype=dtype)
         self.fp8 = fp8
+        self.wgrad_store = None  # set by the pipeline for the zero-bubble weight-gradient split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             from hai.kernels import fp8_linear
 
             return fp8_linear(x, self.weight)
+        if self.wgrad_store is not None:
+            from hai.model.wgrad import deferred_linear
+
+            return deferred_linear(x, self.weight, self.wgrad_store)
         return F.linear(x, self.weight)
 
 

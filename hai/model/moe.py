@@ -146,6 +146,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, inter: int, fp8: bool = False):
         super().__init__()
         self.num_experts, self.fp8 = num_experts, fp8
+        self.wgrad_store = None  # set by the pipeline for the zero-bubble weight-gradient split
         self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
@@ -158,9 +159,17 @@ class GroupedExperts(nn.Module):
             return gl(h, self.w2, tokens_per_expert)
         outs = []
         for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
-            h = F.silu(F.linear(x, self.w1[e].to(x.dtype))) * F.linear(x, self.w3[e].to(x.dtype))
-            outs.append(F.linear(h, self.w2[e].to(x.dtype)))
+            h = F.silu(self._linear(x, self.w1, e)) * self._linear(x, self.w3, e)
+            outs.append(self._linear(h, self.w2, e))
         return torch.cat(outs) if outs else x_RD.new_zeros(0, self.w2.shape[1])
+
+
+    def _linear(self, x: torch.Tensor, w_EOI: torch.Tensor, e: int) -> torch.Tensor:
+        if self.wgrad_store is not None:
+            from hai.model.wgrad import deferred_linear
+
+            return deferred_linear(x, w_EOI, self.wgrad_store, e)
+        return F.linear(x, w_EOI[e].to(x.dtype))
 
 
 class _InjectAuxLoss(torch.autograd.Function):

@@ -1,0 +1,528 @@
+"""Crash-proof checkpoints with torch.distributed.checkpoint (DCP), resumable onto another data-parallel size.
+
+Layout: ``OUT_DIR/checkpoints/step_00000120/`` holds DCP's ``.metadata`` and ``__R_I.distcp`` files, ``hai.json``
+(step, layout, the model and train config, the size and CRC-32 of every file) and an empty ``COMPLETE`` marker.
+A save writes ``.tmp-step_…`` first (all ranks, through DCP), then rank 0 writes ``hai.json`` and ``COMPLETE``,
+fsyncs, and renames the directory into place; only then are checkpoints beyond ``train.keep_last`` deleted. So a kill
+at any moment leaves the previous checkpoint intact, and a half-written one is never mistaken for complete.
+
+Keys (all tensors; nothing is pickled):
+
+- ``model.<name>``: ``model.state_dict()``: parameters and persistent buffers (router biases). Replicated copies
+  are written once (DCP de-duplicates equal keys).
+- ``optim.<param>.master|exp_avg|exp_avg_sq``: the ZeRO-1 state of each parameter as a flat 1-D tensor of its numel
+  elements. Each rank writes the slice its optimizer shard holds (a contiguous range of the flattened parameter);
+  on load each rank reads the slice its new shard needs, so the data-parallel size may change (DCP reshards).
+  Keyed by parameter name, not by bucket, so a different bucketing or stage split still finds its state.
+  Routed-expert tensors sharded over the "ep" axis are written at their global rows (expert j of E), so the ep size
+  may change too; a parameter held by several pipeline ranks (DualPipe's two copies) is written by the lowest one.
+- ``optim.step_count`` (Adam's bias-correction step; skipped steps do not count), ``trainer.step`` (= the data
+  position: the sampler is a pure function of the step), ``rng.<rank>.{torch,cuda,python,numpy…}``.
+
+Loading reads tensors with ``torch.load(weights_only=True)`` (DCP's reader) and DCP's pickled ``.metadata`` through
+an unpickler that admits only DCP's metadata classes; byte (pickled-object) entries are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import warnings
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "resolve_resume", "resume_path", "verify_checkpoint", "checkpoint_root"]
+
+FORMAT = "hai-checkpoint-1"
+META_FILE, MARKER = "hai.json", "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# model fields that do not change the parameter set or its meaning: a run may resume with another value
+_MODEL_FREE_KEYS = {"name", "precision", "init_std", "bias_update_speed", "seq_aux_alpha", "mtp_lambda"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or from another model; the message names the path and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# paths
+# ----------------------------------------------------------------------------------------------------------------------
+
+def checkpoint_root(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def _step_of(name: str) -> int | None:
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints under ``root`` (``COMPLETE`` marker and ``hai.json`` present), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        step, path = _step_of(name), os.path.join(root, name)
+        if step is not None and os.path.isfile(os.path.join(path, MARKER)) and \
+                os.path.isfile(os.path.join(path, META_FILE)):
+            found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, out_dir: str) -> str | None:
+    """The checkpoint directory ``resume`` names: none → None; auto → newest complete one under OUT_DIR/checkpoints
+    (None when there is none yet); a checkpoint directory; or a run / checkpoints directory (its newest)."""
+    if resume in ("", "none", None):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoint_root(out_dir))
+    path = os.path.abspath(resume)
+    if os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    for root in (checkpoint_root(path), path):
+        newest = latest_checkpoint(root)
+        if newest:
+            return newest
+    raise CheckpointError(f"resume={resume!r}: {path} is not a checkpoint directory (no {META_FILE}) and holds no "
+                          f"complete checkpoint: point resume at OUT_DIR/checkpoints/step_NNNNNNNN, use resume=auto "
+                          f"to take the newest under out_dir, or resume=none to start fresh")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ZeRO-1 state as per-parameter flat slices
+# ----------------------------------------------------------------------------------------------------------------------
+
+class _Piece:
+    """This rank's block ``tensor`` of a tensor of global shape ``size``, at ``offsets``, in DCP's
+    ``_Checkpointable`` protocol (``tensor=None``: this rank holds none of it). ``tensor`` is a view into the
+    optimizer shard or the module's parameter, so loading writes straight into it."""
+
+    def __init__(self, tensor: torch.Tensor | None, offsets: tuple[int, ...], size: tuple[int, ...]):
+        self.tensor, self.offsets, self.global_size = tensor, torch.Size(offsets), torch.Size(size)
+
+    def size(self) -> torch.Size:
+        return self.global_size
+
+    def _chunks(self) -> list[ChunkStorageMetadata]:
+        if self.tensor is None:
+            return []
+        return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.tensor.size())]
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, c.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=c, properties=TensorProperties.create_from_tensor(
+                              self.tensor), size=self.global_size)) for c in self._chunks()]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return self._chunks()
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        if self.tensor is None or (index.offset is not None and torch.Size(index.offset) != self.offsets):
+            raise ValueError(f"{index.fqn}: no local block at offset {index.offset}")
+        return self.tensor
+
+
+class _Layout:
+    """Where this rank's tensors sit in the global ones: routed-expert parameters stacked as (E, ...) and sharded by
+    rows over the "ep" axis (expert j on ep rank j // (E / ep)); parameters held by several pipeline ranks (DualPipe's
+    two copies of a stage, an embedding shared by the first and last stage) are written by the lowest one."""
+
+    def __init__(self, trainer):
+        from hai.parallel.zero import is_expert_param
+
+        self._is_expert = is_expert_param
+        coords = getattr(trainer, "coords", {}) or {}
+        self.ep, self.ep_rank, self.pp_rank = trainer.topo.ep, coords.get("ep", 0), coords.get("pp", 0)
+        self.experts = trainer.cfg.model.n_routed_experts
+        holders = getattr(getattr(trainer, "pipeline", None), "holders", None) or {}
+        self.secondary = {n for n, h in holders.items() if h and h[0] != self.pp_rank}
+
+    def expert_rows(self, name: str, t: torch.Tensor) -> tuple[int, int] | None:
+        """(first global row, global rows) of an ep-sharded expert tensor; None for everything else."""
+        if self.ep == 1 or not self._is_expert(name) or t.dim() == 0:
+            return None
+        local = self.experts // self.ep
+        if t.shape[0] != local or local == self.experts:
+            return None  # not sharded (yet): every rank holds all experts
+        return self.ep_rank * local, self.experts
+
+
+def _model_state(model, layout: _Layout) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in model.state_dict().items():
+        rows = layout.expert_rows(k, v)
+        out[f"model.{k}"] = v if rows is None else _Piece(v, (rows[0],) + (0,) * (v.dim() - 1),
+                                                          (rows[1],) + tuple(v.shape[1:]))
+    return out
+
+
+def _optimizer_slices(optimizer, layout: _Layout, saving: bool) -> dict[str, _Piece]:
+    """``optim.<param>.<state>`` -> this rank's piece of the parameter's flattened (global) state, from ZeroAdamW's
+    flat buckets (params in bucket order; this rank's shard is bucket range [rank*shard, (rank+1)*shard))."""
+    out = {}
+    for b in optimizer.buckets:
+        lo, hi = b.rank * b.shard, min((b.rank + 1) * b.shard, b.numel)
+        start = 0
+        for name, p in zip(b.names, b.params):
+            n = p.numel()
+            rows = layout.expert_rows(name, p)
+            base, total = (0, n) if rows is None else (rows[0] * (n // p.shape[0]), rows[1] * (n // p.shape[0]))
+            a, z = max(lo, start), min(hi, start + n)
+            mine = a < z and not (saving and name in layout.secondary)
+            for kind in ("master", "exp_avg", "exp_avg_sq"):
+                view = getattr(b, kind)[a - lo:z - lo] if mine else None
+                out[f"optim.{name}.{kind}"] = _Piece(view, (base + a - start if mine else 0,), (total,))
+            start += n
+    return out
+
+
+class _SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = self.state_dict.get(index.fqn)
+        if isinstance(obj, _Piece):
+            return obj.__get_tensor_shard__(index)
+        return super().lookup_object(index)
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        slices = {k: v for k, v in state_dict.items() if isinstance(v, _Piece)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        # DCP's meta-tensor initialization pass replaces objects it does not know with None: put the slices back
+        state_dict.update(slices)
+        self.state_dict.update(slices)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict.get(index.fqn)
+        if isinstance(obj, _Piece):
+            return obj.__get_tensor_shard__(index)
+        return super().lookup_tensor(index)
+
+    def load_bytes(self, read_item, value) -> None:  # a pickled object: never unpickled
+        raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object; HAI checkpoints "
+                              f"hold tensors only and never unpickle arbitrary objects")
+
+
+_META_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+     ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` admitting only DCP's metadata classes, torch.Size, dtypes and layouts."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _META_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# state
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj: Any) -> list:
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _broadcast(obj: Any) -> Any:
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _rng_state(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {f"rng.{rank}.torch": torch.get_rng_state(),
+             f"rng.{rank}.python": torch.tensor(py[1], dtype=torch.int64),
+             f"rng.{rank}.numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+             f"rng.{rank}.numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+             f"rng.{rank}.numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64)}
+    if device.type == "cuda":
+        state[f"rng.{rank}.cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], rank: int, device: torch.device) -> None:
+    torch.set_rng_state(state[f"rng.{rank}.torch"])
+    random.setstate((3, tuple(int(x) for x in state[f"rng.{rank}.python"].tolist()), None))
+    pos, has_gauss = state[f"rng.{rank}.numpy_pos"].tolist()
+    np.random.set_state(("MT19937", state[f"rng.{rank}.numpy_keys"].numpy().astype(np.uint32), int(pos),
+                         int(has_gauss), float(state[f"rng.{rank}.numpy_gauss"][0])))
+    if device.type == "cuda" and f"rng.{rank}.cuda" in state:
+        torch.cuda.set_rng_state(state[f"rng.{rank}.cuda"], device)
+
+
+def _state(trainer, saving: bool) -> dict[str, Any]:
+    layout = _Layout(trainer)
+    state = _model_state(trainer.model, layout)
+    state.update(_optimizer_slices(trainer.optimizer, layout, saving))
+    state["optim.step_count"] = torch.tensor(trainer.optimizer.step_count, dtype=torch.int64)
+    state["trainer.step"] = torch.tensor(trainer.step, dtype=torch.int64)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_info(directory: str, names: list[str]) -> dict[str, dict]:
+    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "crc32": _crc32(os.path.join(directory, n))}
+            for n in names}
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    """Rename first (so a half-deleted checkpoint never looks complete), then delete."""
+    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_stale(root: str) -> None:
+    for name in os.listdir(root):
+        if name.startswith(".tmp-") or name.startswith(".trash-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _commit(tmp: str, final: str, root: str, meta: dict, keep_last: int) -> None:
+    """Rank 0, after every rank's data is on disk: hai.json, COMPLETE, fsync, rename into place, prune."""
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        f.write(f"{meta['step']}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(tmp)
+    if os.path.exists(final):  # re-saving a step (e.g. after resume=PATH of an older one)
+        _remove_tree(final)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    for old in list_checkpoints(root)[:-keep_last]:
+        _remove_tree(old)
+
+
+def save_checkpoint(trainer, out_dir: str | None = None) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    cfg = trainer.cfg
+    root = checkpoint_root(out_dir or cfg.out_dir)
+    rank, world = _rank_world()
+    name = f"step_{trainer.step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        _clean_stale(root)
+        os.makedirs(tmp)
+    _barrier()
+    state = _state(trainer, saving=True)
+    state.update(_rng_state(rank, trainer.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns when it runs without a process group (one process)
+        dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
+                                                        thread_count=1), planner=_SavePlanner())
+    mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
+    files = {k: v for part in _gather(_file_info(tmp, mine)) for k, v in part.items()}
+    if rank == 0:
+        files.update(_file_info(tmp, [".metadata"]))
+        meta = {"format": FORMAT, "step": trainer.step, "optimizer_steps": trainer.optimizer.step_count,
+                "world_size": world, "pp": trainer.topo.pp, "dp": trainer.topo.dp, "ep": trainer.topo.ep,
+                "time": time.time(), "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+                "files": files}
+        _commit(tmp, final, root, meta, cfg.train.keep_last)
+    _barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# verify + load
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _fail(path: str, problem: str) -> CheckpointError:
+    root = os.path.dirname(path)
+    return CheckpointError(
+        f"checkpoint {path} {problem}: delete it (rm -r {path}) so resume=auto takes the previous complete one "
+        f"under {root}, point resume=PATH at another checkpoint, or start fresh with resume=none")
+
+
+def _read_meta(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: check resume=PATH, or use resume=auto / resume=none")
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise _fail(path, f"is incomplete (no {MARKER} marker: its save was interrupted)")
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise _fail(path, f"has an unreadable {META_FILE} ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise _fail(path, f"is not a {FORMAT} checkpoint (format {found!r})")
+    return meta
+
+
+def _check_model(path: str, meta: dict, model_cfg) -> None:
+    now = dataclasses.asdict(model_cfg)
+    saved = meta.get("model", {})
+    diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
+            if k not in _MODEL_FREE_KEYS and saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} was written for a different model ({'; '.join(diff)}): resume with the model "
+            f"config it was trained with (model={saved.get('name')} and the same overrides), or start fresh with "
+            f"resume=none / another out_dir")
+
+
+def _check_files(path: str, meta: dict) -> None:
+    """Sizes of every file (each rank); CRC-32 of a 1/world share of them per rank, results gathered."""
+    files = meta.get("files") or {}
+    if ".metadata" not in files:
+        raise _fail(path, f"lists no DCP .metadata in {META_FILE}")
+    bad = []
+    for name, info in sorted(files.items()):
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            bad.append(f"{name} is missing")
+        elif os.path.getsize(p) != info["size"]:
+            bad.append(f"{name} is truncated or padded ({os.path.getsize(p)} bytes, {info['size']} written)")
+    if bad:
+        raise _fail(path, "is damaged: " + "; ".join(bad))
+    rank, world = _rank_world()
+    mine = [n for i, n in enumerate(sorted(files)) if i % world == rank]
+    bad = [f"{n} fails its CRC-32 check" for n in mine if _crc32(os.path.join(path, n)) != files[n]["crc32"]]
+    bad = [b for part in _gather(bad) for b in part]
+    if bad:
+        raise _fail(path, "is corrupt: " + "; ".join(bad))
+
+
+def verify_checkpoint(path: str, model_cfg=None) -> dict:
+    """Check marker, metadata, file sizes and checksums (and the model config); returns hai.json's content."""
+    path = os.path.abspath(path)
+    meta = _read_meta(path)
+    if model_cfg is not None:
+        _check_model(path, meta, model_cfg)
+    _check_files(path, meta)
+    return meta
+
+
+def load_checkpoint(trainer, path: str) -> dict:
+    """Collective: restore model, optimizer shards, step, RNG from ``path`` (any dp size). Returns hai.json."""
+    path = os.path.abspath(path)
+    meta = verify_checkpoint(path, trainer.cfg.model)
+    rank, _ = _rank_world()
+    reader = _SafeReader(path)
+    try:
+        saved = reader.read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is reported with the path and the fix
+        raise _fail(path, f"has unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    state = _state(trainer, saving=False)
+    rng = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype)
+           for k in _rng_state(rank, trainer.device) if k in saved}
+    state.update(rng)
+    missing = sorted(k for k in state if k not in saved)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} this "
+                              f"model needs ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): it was "
+                              f"written by another model or code version; resume with that, or resume=none")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_LoadPlanner())
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; report them with the path and the fix
+        raise _fail(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
+    trainer.step = int(state["trainer.step"])
+    trainer.optimizer.step_count = int(state["optim.step_count"])
+    if len(rng) == len(_rng_state(rank, trainer.device)):
+        _set_rng_state(state, rank, trainer.device)
+    return meta
+
+
+def resume_path(cfg) -> str | None:
+    """Rank 0 resolves ``cfg.resume`` and every rank gets its answer (one decision for the whole job)."""
+    rank, _ = _rank_world()
+    answer: tuple = ("ok", None)
+    if rank == 0:
+        try:
+            answer = ("ok", resolve_resume(cfg.resume, cfg.out_dir))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+    status, value = _broadcast(answer)
+    if status == "error":
+        raise CheckpointError(value)
+    return value

@@ -1,0 +1,78 @@
+"""Zero-bubble weight-gradient split: linear layers whose backward can defer the weight-gradient GEMM.
+
+When a :class:`WeightGradStore` is attached to a layer (``layer.wgrad_store = store``, done by the pipeline) and the
+store is recording, the layer's backward computes only the input gradient dx = dy·W and queues the closure
+dW += dyᵀ·x; the pipeline's W action runs the queued closures later (DualPipe's ``WeightGradStore`` idea). Without a
+store, or when it is not recording, the weight gradient is computed at once. Either way it is accumulated into
+``weight.grad`` directly, which is what the optimizer reads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Optional
+
+import torch
+
+__all__ = ["WeightGradStore", "deferred_linear"]
+
+
+class WeightGradStore:
+    def __init__(self) -> None:
+        self.recording = False
+        self._pending: list[Callable[[], None]] = []
+        self._queued: dict[Hashable, list[Callable[[], None]]] = {}
+
+    def put(self, fn: Callable[[], None]) -> bool:
+        """Queue ``fn`` if recording (returns True), else let the caller run it now (returns False)."""
+        if not self.recording:
+            return False
+        self._pending.append(fn)
+        return True
+
+    def close(self, key: Hashable) -> None:
+        """File everything queued since the last close under ``key`` (one B action's weight work)."""
+        self._queued.setdefault(key, []).extend(self._pending)
+        self._pending = []
+
+    def run(self, key: Hashable) -> None:
+        for fn in self._queued.pop(key, []):
+            fn()
+
+    def empty(self) -> bool:
+        return not self._pending and not self._queued
+
+
+def _accumulate(weight: torch.Tensor, index: Optional[int], g: torch.Tensor) -> None:
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    target = weight.grad if index is None else weight.grad[index]
+    target.add_(g.to(target.dtype))
+
+
+class _DeferredLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, store, index):
+        w = weight if index is None else weight[index]
+        ctx.save_for_backward(x, weight)
+        ctx.store, ctx.index = store, index
+        return torch.nn.functional.linear(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        index = ctx.index
+        w = weight if index is None else weight[index]
+        dx = dy @ w.to(dy.dtype)
+
+        def wgrad(dy=dy, x=x):
+            _accumulate(weight, index, dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float())
+
+        if not ctx.store.put(wgrad):
+            wgrad()
+        return dx, None, None, None
+
+
+def deferred_linear(x: torch.Tensor, weight: torch.Tensor, store: WeightGradStore,
+                    index: Optional[int] = None) -> torch.Tensor:
+    """y = x · weight[index]ᵀ (or x · weightᵀ) whose weight gradient goes through ``store``."""
+    return _DeferredLinear.apply(x, weight, store, index)

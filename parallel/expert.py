@@ -1,0 +1,222 @@
+"""Expert parallelism: dropless all-to-all dispatch/combine over the "ep" axis, flat or node-limited hierarchical.
+
+Routed expert j lives on ep rank ``j // E_l`` (E_l = E / ep local experts, :func:`shard_experts`). The dispatcher
+implements the ``Dispatcher`` seams of :mod:`hai.model.moe`:
+
+* ``dispatch(x, topk_idx, topk_weight) -> (recv_x, tokens_per_local_expert, handle)``: rows arrive grouped by local
+  expert, in (local expert, source ep rank, source token) order; no capacity, nothing dropped.
+* ``combine(y, handle) -> out``: out_t = sum_k w_tk * y[row(t, k)], back on the token's own rank.
+
+Two routes (``mode``), giving the same rows in the same order:
+
+* ``flat``: one ``all_to_all_single`` over the EP group; a token goes once to every rank owning one of its experts.
+* ``hierarchical`` (DeepEP): a token crosses once to every destination *node*, landing on the rank with the sender's
+  local index there, which forwards one copy to each rank of its node owning the token's experts. Combine reverses
+  it: gated rows are summed on the expert rank, then on the forwarding rank (within the node), and one row per
+  (token, destination node) crosses back. With node-limited routing (M nodes per token) a token's inter-node bytes
+  are <= M rows each way.
+
+Weights are applied on the expert side (so the hierarchical combine can pre-reduce within a node): the gates travel
+with the tokens as K-wide fp32 rows and carry their gradient back. ``fp8=True``: the dispatched x is 1x128 e4m3 +
+fp32 scales on the wire (dequantized on arrival, straight-through gradient), everything else (the gradient of
+dispatch, combine and its gradient) is bf16 on the wire; sums are done in the tensor's own dtype.
+
+Bytes sent are counted per link class (``handle.traffic`` per micro-batch, ``dispatcher.traffic`` cumulative): keys
+``{phase}_{intra|inter}`` for phase in dispatch (x payload), combine (y payload), meta (split sizes, routing rows,
+gates), dispatch_bwd, combine_bwd. Group rank a is on node a // min(gpus_per_node, ep) (EP groups are runs of
+consecutive ranks aligned to nodes, see :class:`~hai.parallel.topology.Topology`).
+
+Legend: T tokens on this rank, D hidden, K experts per token, E routed experts, E_l local experts, P ep ranks,
+N rows of a hop buffer (meta rows: [source rank, source token, K expert ids]), R received rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hai.parallel.expert_comm import (CastCodec, Fp8Codec, GatherFn, Hop, Links, ReduceFn, Route, a2a,
+                                      new_traffic, resolve_quant_1x128)
+
+__all__ = ["EPDispatcher", "EPHandle", "Pending", "check_ep_config", "shard_experts", "expert_range"]
+
+_MODES = ("flat", "hierarchical")
+
+
+def check_ep_config(num_experts: int, ep: int, gpus_per_node: int, mode: str = "flat") -> None:
+    """Dispatcher-level checks (the config-level ones live in ``Topology.from_config``)."""
+    if mode not in _MODES:
+        raise ValueError(f"dispatch mode={mode!r} is not one of {list(_MODES)}: set parallel.dispatch to one of them")
+    if gpus_per_node < 1:
+        raise ValueError(f"gpus_per_node={gpus_per_node} must be >= 1")
+    if num_experts % ep:
+        raise ValueError(f"ep={ep} does not divide num_experts={num_experts}: each EP rank holds num_experts/ep "
+                         f"experts; use an EP group whose size divides {num_experts}")
+    if ep % gpus_per_node and gpus_per_node % ep:
+        raise ValueError(f"ep={ep} neither fills whole nodes nor fits in one (gpus_per_node={gpus_per_node}): "
+                         f"choose ep as a multiple or a divisor of {gpus_per_node}")
+
+
+def expert_range(num_experts: int, ep_rank: int, ep: int) -> tuple[int, int]:
+    """Global ids [e0, e1) of the routed experts on ``ep_rank``."""
+    n = num_experts // ep
+    return ep_rank * n, (ep_rank + 1) * n
+
+
+@torch.no_grad()
+def shard_experts(moe: nn.Module, ep_rank: int, ep: int) -> nn.Module:
+    """Keep rows [e0:e1) of ``moe.experts``' stacked w1/w2/w3 (new Parameters, so build optimizers afterwards)."""
+    experts = moe.experts
+    check_ep_config(experts.num_experts, ep, 1)
+    e0, e1 = expert_range(experts.num_experts, ep_rank, ep)
+    for name in ("w1", "w2", "w3"):
+        full = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(full[e0:e1].clone(), requires_grad=full.requires_grad))
+    experts.num_experts = e1 - e0
+    return moe
+
+
+@dataclass
+class EPHandle:
+    route: Route
+    row_R: torch.Tensor  # (R,) row of the last hop buffer behind each received row
+    slot_R: torch.Tensor  # (R,) its k in the source token's top-k
+    weight_R: torch.Tensor  # (R,) gate of each received row (carries grad back to topk_weight); set by wait()
+    src_rank_R: torch.Tensor  # (R,) ep rank the row's token came from
+    src_token_R: torch.Tensor  # (R,) its index on that rank
+    expert_R: torch.Tensor  # (R,) local expert id
+    num_tokens: int  # T of this rank (combine's output rows)
+    tokens_per_local_expert: list[int]
+    tokens_per_rank: list[int]  # (P,) this rank's tokens with >= 1 expert on each ep rank
+    tokens_per_node: list[int]  # (nodes,) ... on each node of the EP group
+    traffic: dict[str, int] = field(default_factory=new_traffic)
+
+
+class Pending:
+    """An in-flight dispatch or combine; ``wait()`` completes it (once) and returns its result."""
+
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish, self._result = finish, None
+
+    def wait(self) -> Any:
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return self._result
+
+
+class EPDispatcher:
+    """Expert-parallel ``Dispatcher`` over ``ep_group`` (a ProcessGroup or a 1-D DeviceMesh)."""
+
+    def __init__(self, ep_group, num_experts: int, *, gpus_per_node: int, mode: str = "flat", fp8: bool = False):
+        self.group = ep_group.get_group() if hasattr(ep_group, "get_group") else ep_group
+        self.ep, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        check_ep_config(num_experts, self.ep, gpus_per_node, mode)
+        self.num_experts, self.num_local_experts = num_experts, num_experts // self.ep
+        self.ranks_per_node = min(gpus_per_node, self.ep)
+        self.ep_nodes = self.ep // self.ranks_per_node
+        self.mode, self.fp8 = mode, fp8
+        self.links = Links(self.rank, self.ranks_per_node)
+        self.traffic = new_traffic()
+        self._quant, self.quantizer = resolve_quant_1x128() if fp8 else (None, None)
+        node = torch.arange(self.ep) // self.ranks_per_node
+        self._my_node_P = node == self.rank // self.ranks_per_node
+
+    # ------------------------------------------------------------------------------------------------ protocol
+    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+        return self.dispatch_async(x_TD, topk_idx_TK, topk_weight_TK, async_op=False).wait()
+
+    def combine(self, y_RD, handle: EPHandle):
+        return self.combine_async(y_RD, handle, async_op=False).wait()
+
+    def dispatch_async(self, x_TD, topk_idx_TK, topk_weight_TK, *, async_op: bool = True) -> Pending:
+        """Exchange routing metadata now (small, blocking), issue the payload all-to-all (async); ``wait()`` gives
+        ``(recv_x_RD, tokens_per_local_expert, handle)``."""
+        handle = self._plan(topk_idx_TK)
+        route = handle.route
+        x_codec = Fp8Codec(x_TD.shape[1], x_TD.dtype, self._quant) if self.fp8 else CastCodec(None, x_TD.dtype)
+        w_TK, fp32 = topk_weight_TK.float(), CastCodec(None, torch.float32)
+        x_fin = route.gather(x_TD.detach(), x_codec, "dispatch", async_op)
+        w_fin = route.gather(w_TK.detach(), fp32, "meta", async_op)
+        bwd = [(CastCodec(torch.bfloat16 if self.fp8 else None, x_TD.dtype), "dispatch_bwd"), (fp32, "meta")]
+
+        def finish():
+            x_ND, w_NK = GatherFn.apply(route, lambda: (x_fin(), w_fin()), bwd, x_TD, w_TK)
+            handle.weight_R = w_NK[handle.row_R, handle.slot_R]
+            return x_ND.index_select(0, handle.row_R), handle.tokens_per_local_expert, handle
+
+        return Pending(finish)
+
+    def combine_async(self, y_RD, handle: EPHandle, *, async_op: bool = True) -> Pending:
+        """Apply the gates, pre-sum per last-hop row, issue the return all-to-all; ``wait()`` gives ``out_TD``."""
+        route = handle.route
+        weighted_RD = y_RD * handle.weight_R.unsqueeze(-1).to(y_RD.dtype)
+        z_ND = y_RD.new_zeros(route.hops[-1].num_out, y_RD.shape[1]).index_add(0, handle.row_R, weighted_RD)
+        codec = CastCodec(torch.bfloat16 if self.fp8 else None, y_RD.dtype)
+        fin = route.reduce(z_ND.detach(), codec, "combine", async_op)
+        return Pending(lambda: ReduceFn.apply(z_ND, route, fin, codec, "combine_bwd"))
+
+    # ------------------------------------------------------------------------------------------------ planning
+    def _plan(self, topk_idx_TK: torch.Tensor) -> EPHandle:
+        """Route the metadata rows [rank, token, expert ids] hop by hop; the last hop's rows define the layout."""
+        T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
+        meta_NM = torch.cat([torch.full((T, 1), self.rank, dtype=torch.long, device=dev),
+                             torch.arange(T, device=dev).unsqueeze(1), topk_idx_TK.long()], dim=1)
+        tokens_per_rank = self._dest_ranks(meta_NM).sum(0).tolist()
+        tokens_per_node = self._dest_nodes(meta_NM).sum(0).tolist()
+        hierarchical = self.mode == "hierarchical" and self.ep_nodes > 1  # one node: the same as flat
+        steps = [self._node_entry, self._within_node] if hierarchical else [self._dest_ranks]
+        traffic = new_traffic()
+        route = Route([], self.group, self.links, [traffic, self.traffic])
+        for mask_fn in steps:
+            hop, meta_NM = self._exchange(meta_NM, mask_fn(meta_NM), route)
+            route.hops.append(hop)
+        row_R, k_R, expert_R = self._local_rows(meta_NM)
+        counts = torch.bincount(expert_R, minlength=self.num_local_experts).tolist()
+        return EPHandle(route, row_R, k_R, torch.empty(0), meta_NM[row_R, 0], meta_NM[row_R, 1], expert_R, T, counts,
+                        tokens_per_rank, tokens_per_node, traffic)
+
+    def _exchange(self, meta_NM: torch.Tensor, mask_NP: torch.Tensor, route: Route) -> tuple[Hop, torch.Tensor]:
+        """One hop: send row i to every rank p with mask[i, p]; exchange split sizes, then the metadata rows."""
+        _, send_idx = mask_NP.t().nonzero(as_tuple=True)  # grouped by destination rank, rows ascending
+        send = mask_NP.sum(0)
+        recv, _ = a2a(send, [1] * self.ep, [1] * self.ep, self.group)
+        hop = Hop(send_idx, send.tolist(), recv.tolist(), meta_NM.shape[0])
+        self.links.count(route.traffics, "meta", [1] * self.ep, send.element_size())
+        recv_meta, _ = route.send(meta_NM.index_select(0, send_idx), hop.send_splits, hop.recv_splits, "meta")
+        return hop, recv_meta
+
+    def _dest_ranks(self, meta_NM: torch.Tensor) -> torch.Tensor:
+        """(N, P) bool: ranks owning one of the row's experts."""
+        ranks_NK = meta_NM[:, 2:] // self.num_local_experts
+        mask_NP = torch.zeros(meta_NM.shape[0], self.ep, dtype=torch.bool, device=meta_NM.device)
+        return mask_NP.scatter_(1, ranks_NK, True)
+
+    def _dest_nodes(self, meta_NM: torch.Tensor) -> torch.Tensor:
+        """(N, nodes) bool: nodes holding one of the row's experts."""
+        nodes_NK = meta_NM[:, 2:] // (self.num_local_experts * self.ranks_per_node)
+        mask_NG = torch.zeros(meta_NM.shape[0], self.ep_nodes, dtype=torch.bool, device=meta_NM.device)
+        return mask_NG.scatter_(1, nodes_NK, True)
+
+    def _node_entry(self, meta_NM: torch.Tensor) -> torch.Tensor:
+        """(N, P) bool: for each destination node, its rank with this rank's local index."""
+        mask_NP = torch.zeros(meta_NM.shape[0], self.ep, dtype=torch.bool, device=meta_NM.device)
+        entry_G = torch.arange(self.ep_nodes, device=meta_NM.device) * self.ranks_per_node
+        mask_NP[:, entry_G + self.rank % self.ranks_per_node] = self._dest_nodes(meta_NM)
+        return mask_NP
+
+    def _within_node(self, meta_NM: torch.Tensor) -> torch.Tensor:
+        """(N, P) bool: ranks of this node owning one of the row's experts."""
+        return self._dest_ranks(meta_NM) & self._my_node_P.to(meta_NM.device)
+
+    def _local_rows(self, meta_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, slot k, local expert) of every (row, expert on this rank), sorted by (expert, source, token)."""
+        e_NK = meta_NM[:, 2:] - self.rank * self.num_local_experts
+        i, k = ((e_NK >= 0) & (e_NK < self.num_local_experts)).nonzero(as_tuple=True)
+        e = e_NK[i, k]
+        key = (e * self.ep + meta_NM[i, 0]) * 2**32 + meta_NM[i, 1]
+        order = torch.argsort(key, stable=True)
+        return i[order], k[order], e[order]
