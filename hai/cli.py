@@ -73,7 +73,15 @@ def cmd_launch(cfg, overrides: list[str]) -> int:
     return launch(cfg, overrides)
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "account": cmd_account, "prepare": cmd_prepare}
+def cmd_plan(cfg, overrides: list[str]) -> int:
+    from hai.plan import format_plan, plan
+
+    report = plan(cfg, out_dir=cfg.out_dir)
+    print(json.dumps(report) if cfg.output == "json" else format_plan(report))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "plan": cmd_plan, "account": cmd_account, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ Fs = n_shared x F, I dense width):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from hai.accounting import attention_params, dense_mlp_params
 from hai.config import Config, ModelConfig
@@ -31,7 +32,7 @@ from hai.parallel.topology import stage_layer_split
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies, rank_stages
 
 __all__ = ["ACT_BYTES", "GRAD_BYTES", "StageParams", "stage_params", "rank_params", "worst_rank_params",
-           "layer_act_elems", "stage_act_bytes", "peak_act_bytes", "memory_report", "GB"]
+           "layer_act_elems", "layer_act_parts", "stage_act_bytes", "peak_act_bytes", "memory_report", "GB"]
 
 ACT_BYTES = 2  # stored activations in bf16 (V3 additionally cached some Linear inputs in FP8: not modelled)
 GRAD_BYTES = 4  # gradients accumulated in fp32 over micro-batches (as V3)
@@ -112,8 +113,8 @@ def worst_rank_params(cfg: Config) -> tuple[int, StageParams]:
 # ---------------------------------------------------------------- activations
 
 
-def layer_act_elems(m: ModelConfig, moe: bool, recompute: bool) -> float:
-    """Stored activation elements per token of one block (see the module docstring for the formula)."""
+def layer_act_parts(m: ModelConfig, moe: bool, recompute: bool) -> dict[str, float]:
+    """Stored activation elements per token of one block, by part (see the module docstring for the formula)."""
     D, H = m.hidden_size, m.num_heads
     N, R, V, C = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
     Q = m.q_lora_rank or 0
@@ -122,13 +123,16 @@ def layer_act_elems(m: ModelConfig, moe: bool, recompute: bool) -> float:
     else:
         attn = 2 * D + 2 * Q + (C + R) + C + 2 * H * (N + R) + 2 * H * V + 2 * H
     norm = D if recompute else 2 * D
-    if moe:
-        F = m.moe_intermediate_size
-        ffn = norm + 2 * m.n_routed_experts + 3 * m.n_shared_experts * F
-        ffn += m.n_activated_experts * (2 * D + 3 * F)
-    else:
-        ffn = norm + 3 * m.intermediate_size
-    return attn + ffn
+    if not moe:
+        return {"attention": attn, "ffn": norm + 3 * m.intermediate_size, "routed_rows": 0}
+    F = m.moe_intermediate_size
+    return {"attention": attn, "ffn": norm + 2 * m.n_routed_experts + 3 * m.n_shared_experts * F,
+            "routed_rows": m.n_activated_experts * (2 * D + 3 * F)}
+
+
+def layer_act_elems(m: ModelConfig, moe: bool, recompute: bool) -> float:
+    """Stored activation elements per token of one block (the sum of :func:`layer_act_parts`)."""
+    return sum(layer_act_parts(m, moe, recompute).values())
 
 
 def stage_act_bytes(cfg: Config, stage: int, recompute: bool) -> float:
@@ -142,17 +146,22 @@ def stage_act_bytes(cfg: Config, stage: int, recompute: bool) -> float:
     return elems * ACT_BYTES * cfg.train.micro_batch_size * cfg.train.seq_len
 
 
+@lru_cache(maxsize=8)
+def _schedule(name: str, pp: int, n_micro: int) -> tuple[tuple, ...]:
+    return tuple(tuple(a for a in acts if a.is_compute) for acts in build_schedule(name, pp, n_micro))
+
+
 def peak_act_bytes(cfg: Config, n_micro: int, recompute: bool) -> tuple[float, int]:
     """(peak bytes, rank): the simulator's live-activation count in program order, weighted by each stage's bytes."""
     p = cfg.parallel
     n_st = num_stages(p.schedule, p.pp)
     w = [stage_act_bytes(cfg, s, recompute) for s in range(n_st)]
+    if p.pp == 1:
+        return w[0], 0
     best = (0.0, 0)
-    for rank, acts in enumerate(build_schedule(p.schedule, p.pp, n_micro)):
+    for rank, acts in enumerate(_schedule(p.schedule, p.pp, n_micro)):
         live = peak = 0.0
         for a in acts:
-            if not a.is_compute:
-                continue
             live += sum(w[x.stage] for x in a.parts if x.kind is Kind.F)
             peak = max(peak, live)
             live -= sum(w[x.stage] for x in a.parts if x.kind in (Kind.W, Kind.BW))
@@ -173,7 +182,8 @@ def memory_report(cfg: Config, n_micro: int) -> dict:
     act = {}
     for name, rc in (("recompute", True), ("no_recompute", False)):
         peak, act_rank = peak_act_bytes(cfg, n_micro, rc)
-        act[name] = {"bytes": peak, "rank": act_rank}
+        per_layer = {k: v * ACT_BYTES for k, v in layer_act_parts(m, m.is_moe, rc).items()}
+        act[name] = {"bytes": peak, "rank": act_rank, "moe_layer_bytes_per_token": per_layer}
     static_total = sum(static.values())
     capacity = cfg.cluster.memory_gb * GB
     return {

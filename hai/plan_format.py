@@ -1,0 +1,133 @@
+"""Text rendering of a `hai plan` report (see :func:`hai.plan.plan` for the dict)."""
+
+from __future__ import annotations
+
+__all__ = ["format_plan"]
+
+GB = 1e9
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"== {title}"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:,.2f} GB"
+
+
+def _layout(r: dict) -> str:
+    lay, topo = r["layout"], r["topology"]
+    mesh = f"fake-backend meshes built: {topo.get('mesh')}" if topo.get("built") else "no process group built"
+    return _table("layout", [
+        ("model / cluster", f"{lay['model']} on {lay['cluster']} ({lay['nodes']} x {lay['gpus_per_node']} "
+                            f"{lay['gpu']} = {lay['world_size']} GPUs)"),
+        ("parallelism", f"pp={lay['pp']} dp={lay['dp']} ep={lay['ep']} edp={lay['edp']} schedule={lay['schedule']} "
+                        f"node_limit={lay['node_limit'] or 'unlimited'} dispatch={lay['dispatch']} "
+                        f"fp8_dispatch={lay['fp8_dispatch']} precision={lay['precision']}"),
+        ("batch", f"global {lay['global_batch_size']} x seq {lay['seq_len']}; micro-batch {lay['micro_batch_size']} "
+                  f"seq; {lay['micro_batches']} micro-batches per pipeline per step"),
+        ("topology", mesh),
+    ])
+
+
+def _memory(m: dict) -> str:
+    pr, b, a = m["params_per_gpu"], m["bytes"], m["activations"]
+    bpp = m["bytes_per_param"]
+    return _table(f"memory per GPU (worst pipeline rank {m['worst_param_rank']}; "
+                  f"{m['param_copies']}x parameter copies)", [
+        ("parameters held", f"{pr['total']:,}  (dense {pr['dense']:,} replicated over dp, "
+                            f"routed experts {pr['expert']:,} = this GPU's 1/ep share)"),
+        ("weights", f"{_gb(b['parameters'])}  ({bpp['weights']} B/param)"),
+        ("gradients", f"{_gb(b['gradients'])}  ({bpp['gradients']} B/param, fp32 accumulation)"),
+        ("ZeRO-1 optimizer shard", f"{_gb(b['optimizer'])}  ({bpp['optimizer_master_and_moments']} B/param "
+                                   f"master+moments, /dp dense, /edp experts)"),
+        ("activations, V3 recompute", f"{_gb(a['recompute']['bytes'])}  (peak on rank {a['recompute']['rank']})"),
+        ("activations, no recompute", f"{_gb(a['no_recompute']['bytes'])}  (peak on rank "
+                                      f"{a['no_recompute']['rank']})"),
+        ("MoE layer, bytes per token", "; ".join(
+            f"{name.replace('_', ' ')}: " + ", ".join(f"{k.replace('_', ' ')} {v:,.0f}"
+                                                      for k, v in a[name]["moe_layer_bytes_per_token"].items())
+            for name in ("recompute", "no_recompute"))),
+        ("total, recompute", f"{_gb(m['total_recompute'])} of {_gb(m['capacity'])}: "
+                             f"{'FITS' if m['fits_recompute'] else 'DOES NOT FIT'}"),
+        ("total, no recompute", f"{_gb(m['total_no_recompute'])} of {_gb(m['capacity'])}: "
+                                f"{'FITS' if m['fits_no_recompute'] else 'DOES NOT FIT'}"),
+    ])
+
+
+def _comm(c: dict) -> str:
+    ep, tok, z = c["ep_per_step"], c["ep_per_token_per_layer"], c["zero1_per_step"]
+    return _table("communication per GPU per step (bytes sent)", [
+        ("EP rows per token per MoE layer", f"IB {tok['ib']:.3f} (nodes/token {tok['nodes_per_token']:.3f}), "
+                                            f"NVLink {tok['nvlink']:.3f}; dispatch row {tok['dispatch_row_bytes']} B, "
+                                            f"combine row {tok['combine_row_bytes']} B"),
+        ("EP forward (dispatch+combine)", f"IB {_gb(ep['fwd_ib'])}, NVLink {_gb(ep['fwd_nvlink'])}"),
+        ("EP backward (bf16 grads)", f"IB {_gb(ep['bwd_ib'])}, NVLink {_gb(ep['bwd_nvlink'])}"),
+        ("pipeline P2P (act + grad)", _gb(c["pipeline_p2p_per_step"])),
+        ("ZeRO-1 reduce-scatter (fp32)", _gb(z["reduce_scatter"])),
+        ("ZeRO-1 all-gather (params)", _gb(z["all_gather"])),
+        ("DualPipe copy gradient sync", _gb(z["copy_grad_sync"])),
+    ])
+
+
+def _step(r: dict) -> str:
+    s, t, p = r["step"], r["throughput"], r["pipeline"]
+    c = p["costs"]
+    return _table("step time (roofline -> pipeline simulator)", [
+        ("chunk costs (s)", f"F={c['F']:.4f} B={c['B']:.4f} W={c['W']:.4f} F&B={c['FB']:.4f} p2p={c['p2p']:.5f} "
+                            f"(compute F {s['chunk_F_compute_s']:.4f}; EP comm fwd {s['chunk_comm_fwd_s']:.4f} "
+                            f"bwd {s['chunk_comm_bwd_s']:.4f}; F&B overlap {s['fb_overlap']})"),
+        ("pipeline", f"{p['schedule']} pp={p['pp']} micro_batches={p['micro_batches']}: step {p['step_time']:.3f} s, "
+                     f"bubble {p['bubble']:.3f} s (formula {p['bubble_formula']:.3f} s), peak activations "
+                     f"{p['peak_activations']} micro-batches"),
+        ("stage forward compute (ms)", " ".join(f"{1e3 * x:.1f}" for x in s["stage_F_compute_s"])),
+        ("step breakdown", f"compute {s['compute_s']:.3f} s + exposed EP comm {s['exposed_comm_s']:.3f} s + "
+                           f"bubble {s['bubble_s']:.3f} s + ZeRO-1/copy sync {s['zero1_s']:.3f} s"),
+        ("predicted step time", f"{s['step_time_s']:.3f} s"),
+        ("tokens/s per GPU", f"{t['tokens_per_s_per_gpu']:,.0f}"),
+        ("TFLOP/s per GPU", f"{t['tflops_per_gpu']:,.1f}  ({t['flops_per_token'] / 1e9:.1f} GFLOPs/token)"),
+        ("MFU (bf16 peak)", f"{100 * t['mfu_bf16']:.1f}%"),
+        ("GPU-hours per 1T tokens", f"{t['gpu_hours_per_trillion_tokens']:,.0f}"),
+    ])
+
+
+def _comparisons(rows: list[dict]) -> str:
+    out = ["== comparisons", f"  {'variant':<44} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>7} {'mem GB':>8}  fits"]
+    for x in rows:
+        out.append(f"  {x['variant']:<44} {x['step_time_s']:>8.3f} {x['tokens_per_s_per_gpu']:>10,.0f} "
+                   f"{100 * x['mfu_bf16']:>6.1f}% {x['memory_gb_recompute']:>8.1f}  {x['fits_recompute']}")
+    return "\n".join(out)
+
+
+def _published(pc: dict) -> str:
+    pub, ratio = pc["published"], pc["ratio_plan_over_published"]
+    imp = pc["implied_gemm_efficiency"]
+    return _table("check against DeepSeek-V3's published run (2048 H800)", [
+        ("GPU-hours per 1T tokens", f"published {pub['gpu_hours_per_trillion_tokens']:,.0f}; plan/published "
+                                    f"{ratio['gpu_hours_per_trillion_tokens']:.2f}"),
+        ("tokens/s per GPU", f"published {pub['tokens_per_s_per_gpu']:,.0f}; plan/published "
+                             f"{ratio['tokens_per_s_per_gpu']:.2f}"),
+        ("TFLOP/s per GPU", f"published {pub['tflops_per_gpu']:,.0f}; plan/published {ratio['tflops_per_gpu']:.2f}"),
+        ("MFU (bf16)", f"published {100 * pub['mfu_bf16']:.1f}%; plan/published {ratio['mfu_bf16']:.2f}"),
+        ("published step time", f"{pc['published_step_time_s']:.3f} s; compute is "
+                                f"{100 * pc['compute_share_of_step']:.0f}% of the predicted step"),
+        ("balanced-stage sensitivity", f"{pc['balanced_stages_tokens_per_s_per_gpu']:,.0f} tokens/s/GPU "
+                                       f"({pc['balanced_stages_ratio']:.2f}x published) if every stage cost the mean"),
+        ("implied GEMM efficiency", "n/a" if imp is None else f"{imp:.3f} would reproduce the published step "
+                                                              f"(all else equal; not applied)"),
+        ("driver", pc["driver"]),
+    ])
+
+
+def format_plan(r: dict) -> str:
+    a = r["assumptions"]
+    assumptions = _table("assumptions (module constants, hai/plan_cost.py, hai/plan_memory.py)",
+                         [(k, str(v)) for k, v in a.items()])
+    parts = [_layout(r), _memory(r["memory"]), _comm(r["communication"]), _step(r), _comparisons(r["comparisons"]),
+             assumptions]
+    if r.get("published_check"):
+        parts.insert(-1, _published(r["published_check"]))
+    if r.get("files"):
+        parts.append(_table("files", [(k, v) for k, v in r["files"].items()]))
+    return "\n\n".join(parts)

@@ -1,0 +1,136 @@
+"""`hai plan`: memory arithmetic against a meta-device model, the V3 production plan, bad layouts, JSON output and
+the pipeline section / pictures of a pp=8 DualPipe plan."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from hai.cli import main
+from hai.config import compose
+from hai.model.transformer import build_model
+from hai.parallel.zero import is_expert_param
+from hai.pipeline.executor import split_model
+from hai.pipeline.schedules import num_stages, rank_stages
+from hai.pipeline.simulate import Costs, report
+from hai.plan import plan
+from hai.plan_memory import rank_params
+
+V3 = ["model=deepseek_v3_671b", "cluster=h800_2048", "parallel=v3_2048", "train=v3_pretrain"]
+PP8 = ["model=small", "cluster.nodes=4", "parallel.pp=8", "parallel.dp=1", "parallel.schedule=dualpipe",
+       "parallel.micro_batches=20", "train.global_batch_size=20", "train.micro_batch_size=1"]
+
+
+def _meta_rank_params(cfg, rank):
+    """(dense, expert/ep) parameter elements a pipeline rank holds, summed over a meta model split like the executor."""
+    p = cfg.parallel
+    model = build_model(cfg.model, device="meta")
+    split_model(model, rank_stages(p.schedule, p.pp, rank), num_stages(p.schedule, p.pp))
+    dense = expert = 0
+    for name, prm in model.named_parameters():
+        if is_expert_param(name):
+            expert += prm.numel() // p.ep
+        else:
+            dense += prm.numel()
+    return dense, expert
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=small", "cluster.nodes=4", "parallel.pp=4", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe",
+     "train.global_batch_size=16", "train.micro_batch_size=1"],
+    ["model=small", "cluster.nodes=4", "parallel.pp=4", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=1f1b",
+     "train.global_batch_size=16", "train.micro_batch_size=1"],
+    ["model=small", "cluster.nodes=4", "parallel.pp=2", "parallel.dp=4", "parallel.ep=4", "parallel.schedule=dualpipev",
+     "train.global_batch_size=16", "train.micro_batch_size=1"],
+])
+def test_rank_params_match_meta_model(overrides):
+    cfg = compose(overrides)
+    for rank in range(cfg.parallel.pp):
+        got = rank_params(cfg, rank)
+        assert (got.dense, got.expert) == _meta_rank_params(cfg, rank), rank
+
+
+def test_v3_rank_params_match_meta_model():
+    cfg = compose(V3)
+    for rank in (0, 7):  # rank 0 holds stages 0 and 15 (embedding, head, MTP); rank 7 two middle stages
+        got = rank_params(cfg, rank)
+        assert (got.dense, got.expert) == _meta_rank_params(cfg, rank), rank
+
+
+def _v3_rank0_by_hand():
+    D, V = 7168, 129280
+    attn = D * 1536 + 1536 + 1536 * 128 * 192 + D * 576 + 512 + 512 * 128 * 256 + 128 * 128 * D
+    dense_layer = 2 * D + attn + 3 * D * 18432
+    moe_shared = 2 * D + attn + 256 * D + 3 * D * 2048  # router + shared expert
+    experts = 4 * 3 * D * 2048  # 256 experts / ep=64 per MoE layer
+    # stage 0: layers 0-2 (dense); stage 15: layers 58-60 (MoE) + final norm + head + MTP (MoE block, 3 norms, proj);
+    # one embedding
+    dense = 3 * dense_layer + 3 * moe_shared + D + V * D + (moe_shared + 3 * D + 2 * D * D) + V * D
+    return dense, 4 * experts
+
+
+def test_v3_plan(tmp_path):
+    cfg = compose(V3)
+    t0 = time.perf_counter()
+    r = plan(cfg, out_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10
+    mem = r["memory"]
+    dense, expert = _v3_rank0_by_hand()
+    assert mem["worst_param_rank"] == 0 and mem["param_copies"] == 2
+    assert mem["params_per_gpu"] == {"dense": dense, "expert": expert, "total": dense + expert}
+    assert mem["bytes"]["parameters"] == 2 * (dense + expert)  # bf16 weights
+    assert mem["bytes"]["gradients"] == 4 * (dense + expert)  # fp32 gradients
+    assert mem["bytes"]["optimizer"] == pytest.approx(8 * (dense / 128 + expert / 2))  # fp32 master + bf16 moments
+    assert 5.0e9 < dense + expert < 5.6e9
+    assert isinstance(mem["fits_recompute"], bool) and mem["capacity"] == 80e9
+    assert 0 < mem["activations"]["recompute"]["bytes"] < mem["activations"]["no_recompute"]["bytes"]
+    assert r["topology"] == {"built": True, "backend": "fake", "world_size": 2048,
+                             "mesh": {"pp": 16, "edp": 2, "ep": 64}}
+    assert r["pipeline"]["peak_activations"] == 17  # DualPipe: PP + 1
+    tok = r["communication"]["ep_per_token_per_layer"]
+    assert tok["dispatch_row_bytes"] == 7168 + 7168 // 128 * 4 and tok["ib"] == pytest.approx(4 * 7 / 8)
+    th = r["throughput"]
+    assert 100 < th["tokens_per_s_per_gpu"] < 20000 and 0.01 < th["mfu_bf16"] < 1
+    assert th["flops_per_token"] == pytest.approx(250e9, rel=0.01)
+    names = [row["variant"] for row in r["comparisons"]]
+    assert names[1:] == ["schedule=1f1b", "node_limit=unlimited", "GEMMs in bf16"]
+    assert r["published_check"]["ratio_plan_over_published"]["tokens_per_s_per_gpu"] > 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["parallel.ep=48"], "parallel.ep=48 does not divide parallel.dp=128"),
+    (["parallel.dp=64"], "world size 2048"),
+    (["parallel.node_limit=9"], "parallel.node_limit=9 exceeds the 8 node(s)"),
+])
+def test_bad_layouts_fail_with_named_messages(bad, message, capsys):
+    assert main(["plan", *V3, *bad]) == 2
+    err = capsys.readouterr().err
+    assert "hai plan: error:" in err and message in err
+
+
+def test_pp8_dualpipe_json_pipeline_section_and_pictures(tmp_path, capsys):
+    assert main(["plan", *PP8, "output=json", f"out_dir={tmp_path}"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("layout", "topology", "pipeline", "memory", "step", "throughput", "communication", "comparisons",
+                "published_check", "assumptions", "files"):
+        assert key in r, key
+    sec = r["pipeline"]
+    ref = report("dualpipe", 8, 20, Costs(**sec["costs"]))
+    for key in ("step_time", "bubble", "bubble_formula", "peak_activations", "peak_activations_per_rank", "stages",
+                "param_copies", "bubble_per_rank", "busy_per_rank"):
+        assert sec[key] == pytest.approx(ref[key]), key
+    assert sec["peak_activations"] == 9  # PP + 1
+    png = tmp_path / "schedule.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert any(e.get("ph") == "X" for e in trace["traceEvents"])
+
+
+def test_text_report_and_local_plan(tmp_path, capsys):
+    assert main(["plan", f"out_dir={tmp_path}"]) == 0  # this machine's default layout: pp=1, no pipeline
+    out = capsys.readouterr().out
+    for title in ("== layout", "== memory per GPU", "== communication", "== step time", "== comparisons",
+                  "== assumptions"):
+        assert title in out
+    assert not torch.distributed.is_initialized()
