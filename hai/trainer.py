@@ -80,8 +80,16 @@ class Trainer:
         self.step = 0
 
     def _parallelize(self):
-        """Apply parallelism to the single-device model, in a fixed order: pipeline split (then ZeRO-1)."""
-        topo, t = self.topo, self.cfg.train
+        """Apply parallelism to the single-device model, in a fixed order: expert sharding over "ep", pipeline split
+        over "pp" (then the caller wraps the optimizer in ZeRO-1 over "dp"/"edp")."""
+        topo, t, p = self.topo, self.cfg.train, self.cfg.parallel
+        if topo.ep > 1:
+            from hai.parallel.expert import EPDispatcher, shard_experts
+
+            for moe in self.model.moe_layers():
+                shard_experts(moe, self.coords["ep"], topo.ep)
+                moe.dispatcher = EPDispatcher(self.mesh["ep"].get_group(), self.cfg.model.n_routed_experts,
+                                              gpus_per_node=topo.gpus_per_node, mode=p.dispatch, fp8=p.fp8_dispatch)
         if topo.pp == 1:
             return None, None
         from hai.pipeline.executor import PipelineExecutor, split_model
@@ -191,6 +199,8 @@ class Trainer:
                     sink.log(rec)
                 if cfg.train.save_every and (self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps):
                     self.save_checkpoint(sink)  # every save_every steps and at the end
+            if self.pipeline is not None:  # the last step's executed schedule: trace.json + schedule.png
+                self.pipeline.write_timeline(cfg.out_dir if self.rank == 0 else None)
         finally:
             summary = {"first_loss": first, "final_loss": last, "steps": self.step,
                        "wall_time_s": time.perf_counter() - t_start}

@@ -18,7 +18,7 @@ another (run as the forward then the backward; the results are those of the two 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from hai.model.wgrad import WeightGradStore
 from hai.parallel.topology import stage_layer_split
 from hai.pipeline.schedules import Action, Kind, build_schedule, num_stages, rank_stages
 from hai.pipeline.simulate import add_send_recv
+from hai.pipeline.trace import Event, save_chrome_trace, save_gantt_png
 
 __all__ = ["PipelineExecutor", "split_model", "stage_layers"]
 
@@ -64,14 +65,6 @@ class _Slot:
     inp_grad: torch.Tensor | None = None  # gradient of `inp`, to send to the previous stage
 
 
-@dataclass
-class _Timeline:
-    events: list = field(default_factory=list)
-
-    def record(self, rank: int, action: Action, start: float, end: float) -> None:
-        self.events.append({"rank": rank, "action": str(action), "start": start, "end": end})
-
-
 class PipelineExecutor:
     def __init__(self, model: Transformer, schedule: str, pp_rank: int, pp: int, n_micro: int, pp_group,
                  pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float):
@@ -86,7 +79,7 @@ class PipelineExecutor:
         for m in model.modules():
             if hasattr(m, "wgrad_store"):
                 m.wgrad_store = self.store
-        self.timeline = _Timeline()
+        self.timeline: list[Event] = []  # the last step's executed actions, seconds from the step's start
 
     @staticmethod
     def _stage_owners(schedules) -> dict[tuple[int, int], int]:
@@ -168,6 +161,7 @@ class PipelineExecutor:
             raise ValueError(f"the schedule has {self.n_micro} micro-batches but {len(micro_batches)} were given")
         slots: dict[tuple[int, int], _Slot] = {}
         pending: list[Action] = []
+        self.timeline, t_base = [], time.perf_counter()
         for a in self.actions:
             if a.is_comm:
                 pending.append(a)
@@ -177,7 +171,7 @@ class PipelineExecutor:
                 pending = []
             t0 = time.perf_counter()
             self._compute(a, slots, micro_batches)
-            self.timeline.record(self.pp_rank, a, t0, time.perf_counter())
+            self.timeline.append(Event(self.pp_rank, t0 - t_base, time.perf_counter() - t_base, a))
         if pending:
             self._p2p(pending, slots)
         if not self.store.empty():
@@ -207,6 +201,17 @@ class PipelineExecutor:
                 sums += torch.tensor([float(slot.losses[0]), float(slot.losses[1])], dtype=torch.float64)
         return sums
 
+    def write_timeline(self, out_dir: str | None) -> None:
+        """Gather every pp rank's timeline (collective over the pp group); write trace.json and schedule.png to
+        ``out_dir`` on the rank that passes one."""
+        gathered: list = [None] * self.pp
+        dist.all_gather_object(gathered, self.timeline, group=self.group)
+        if out_dir is None or self.group is None or dist.get_rank(self.group) != 0:
+            return
+        events = [e for part in gathered for e in part]
+        save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6)
+        save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step (s)")
+
     # ------------------------------------------------------------------ stage copies
     def build_copy_groups(self, dp: int, dp_rank: int) -> dict[str, int]:
         """Find which pp ranks hold each parameter and create one group per set of holders (collective over the
@@ -214,16 +219,18 @@ class PipelineExecutor:
         names = [n for n, _ in self.model.named_parameters()]
         gathered: list = [None] * self.pp
         dist.all_gather_object(gathered, names, group=self.group)
-        holders = {n: tuple(p for p in range(self.pp) if n in set(gathered[p])) for n in names}
+        held = [set(g) for g in gathered]
+        all_names = set().union(*held)  # every rank must see every holder set to create the same groups
+        holders = {n: tuple(p for p in range(self.pp) if n in held[p]) for n in all_names}
         self.copy_groups = {}
         for h in sorted({h for h in holders.values() if len(h) > 1}):
             for d in range(dp):
                 ranks = [p * dp + d for p in h]
                 g = dist.new_group(ranks)
-                if d == dp_rank:
+                if d == dp_rank and self.pp_rank in h:
                     self.copy_groups[h] = g
-        self.holders = holders
-        return {n: len(h) for n, h in holders.items()}
+        self.holders = {n: holders[n] for n in names}
+        return {n: len(holders[n]) for n in names}
 
     @torch.no_grad()
     def sync_copies(self) -> None:
