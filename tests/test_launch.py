@@ -77,7 +77,8 @@ def test_world_mismatch_names_the_fix(extra, message):
 
 
 def test_h800_slurm_script():
-    ov = ["cluster=h800_2048", "model=deepseek_v3_671b", "parallel.pp=16", "parallel.dp=128", "parallel.ep=64",
+    ov = ["cluster=h800_2048", "model=deepseek_v3_671b", "parallel=single", "parallel.pp=16", "parallel.dp=128",
+          "parallel.ep=64",
           "train=v3_pretrain", "launcher.kind=slurm", "launcher.partition=h800", "launcher.account=llm",
           "launcher.time=7-00:00:00", "launcher.job_name=v3", "out_dir=/scratch/v3", "dry_run=true"]
     text = _dry(ov)

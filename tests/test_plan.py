@@ -18,7 +18,7 @@ from hai.plan import plan
 from hai.plan_memory import rank_params
 
 V3 = ["model=deepseek_v3_671b", "cluster=h800_2048", "parallel=v3_2048", "train=v3_pretrain"]
-PP8 = ["model=small", "cluster.nodes=4", "parallel.pp=8", "parallel.dp=1", "parallel.schedule=dualpipe",
+PP8 = ["model=small", "cluster.nodes=4", "parallel=single", "parallel.pp=8", "parallel.schedule=dualpipe",
        "parallel.micro_batches=20", "train.global_batch_size=20", "train.micro_batch_size=1"]
 
 
