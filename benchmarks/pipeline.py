@@ -1,4 +1,4 @@
-"""Pipeline schedules: (a) simulated bubble next to DeepSeek-V3's published formulas; (b) executor overhead (TODO).
+"""Pipeline schedules: (a) simulated bubble next to DeepSeek-V3's published formulas; (b) executor overhead.
 
     python benchmarks/pipeline.py [--pp 16] [--micro-batches 32 48 64] [--F 1 --B 2 --W 1 --FB 2.5 --p2p 0]
                                   [--wait-batches] [--png DIR]
@@ -16,9 +16,10 @@ exact for the defaults (F = B-W, W <= F, max(F, B) <= F&B <= F+B); other costs s
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-from hai.pipeline import Costs, bubble_formula, param_copies, save_chrome_trace, save_gantt_png, simulate_schedule
+from hai.pipeline import Costs, bubble_formula, build_schedule, param_copies, save_chrome_trace, save_gantt_png, simulate_schedule
 
 ROWS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -47,16 +48,76 @@ def bubble_table(pp: int, micro_batches: list[int], costs: Costs, wait_batches: 
     return "\n".join(lines)
 
 
-def executor_overhead() -> str:
-    # ------------------------------------------------------------------------------------------------------------
-    # TODO (b), for the lead: executor overhead. Run pp=4 DualPipe and 1F1B through hai.pipeline.executor with
-    # synthetic stages whose F / B / W compute is a fixed sleep (e.g. F=B'=W=20 ms, F&B=50 ms), on 4 gloo CPU
-    # processes, and print the measured step time next to simulate_schedule(name, 4, n, Costs(...in seconds...))
-    # .step_time (and the executor's timeline through hai.pipeline.trace). Report the per-action overhead =
-    # (measured - simulated) / actions per rank. Note: an executor that waits for each whole SEND/RECV batch matches
-    # simulate(..., wait_batches=True); one that waits send handles only at the end of the step matches the default.
-    # ------------------------------------------------------------------------------------------------------------
-    return "(b) executor overhead: TODO (not implemented yet; see benchmarks/pipeline.py::executor_overhead)"
+def _sleep_executor(name: str, pp_rank: int, pp: int, n_micro: int, costs: Costs):
+    """A PipelineExecutor whose stage compute is a fixed sleep (seconds): F, B' = B-W (B), W, full BW = B."""
+    import torch
+
+    from hai.model.wgrad import WeightGradStore
+    from hai.pipeline import build_schedule, num_stages
+    from hai.pipeline.executor import PipelineExecutor, _Slot
+    from hai.pipeline.simulate import add_send_recv
+
+    class SleepExecutor(PipelineExecutor):
+        def __init__(self):  # no model: only the schedule, P2P and bookkeeping of the real executor
+            self.name, self.pp_rank, self.pp, self.n_micro = name, pp_rank, pp, n_micro
+            self.group, self.pp_ranks, self.act_shape, self.loss_scale = None, list(range(pp)), (1024,), 1.0
+            self.n_stages = num_stages(name, pp)
+            self.actions = add_send_recv(build_schedule(name, pp, n_micro), costs)[pp_rank]
+            self.owner = self._stage_owners(build_schedule(name, pp, n_micro))
+            self.store, self.timeline = WeightGradStore(), []
+
+        def _forward(self, stage, mb, slots, tokens):
+            time.sleep(costs.F)
+            slot = slots.setdefault((stage, mb), _Slot())
+            slot.out = torch.zeros(self.act_shape)
+            if stage == self.n_stages - 1:
+                slot.losses = (0.0, 0.0)
+            elif self.owner.get((stage + 1, mb)) == self.pp_rank:
+                slots.setdefault((stage + 1, mb), _Slot()).inp = slot.out
+
+        def _backward(self, stage, mb, slots, split):
+            time.sleep(costs.B - costs.W if split else costs.B)
+            slots[(stage, mb)].inp_grad = torch.zeros(self.act_shape)
+            if stage > 0 and self.owner.get((stage - 1, mb)) == self.pp_rank:
+                slots[(stage - 1, mb)].grad_out = slots[(stage, mb)].inp_grad
+            if split:
+                self.store._queued[(stage, mb)] = [lambda: time.sleep(costs.W)]
+
+    return SleepExecutor()
+
+
+def _overhead_rank(rank: int, world: int, name: str, n_micro: int, costs: Costs, steps: int) -> list[float]:
+    ex = _sleep_executor(name, rank, world, n_micro, costs)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        ex.run([None] * n_micro)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def executor_overhead(pp: int = 4, n_micro: int = 8, unit: float = 0.02, steps: int = 3) -> str:
+    """(b) Run the real executor (its schedule walk, batched gloo P2P, W store) with sleep stages on ``pp`` CPU
+    processes and compare the measured step time with the simulator's prediction for the same costs."""
+    import statistics
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from dist_utils import run_ranks
+
+    # The executor runs an FB action as the forward then the backward (no overlap yet), so F&B = F + B here.
+    costs = Costs(F=unit, B=2 * unit, W=unit, FB=3 * unit, p2p=0.0)
+    lines = [f"(b) executor with sleep stages, pp={pp}, {n_micro} micro-batches, F=B'=W={unit * 1e3:.0f} ms, "
+             f"F&B=F+B (the executor does not overlap yet); median of {steps} steps, max over ranks",
+             f"{'schedule':10s} {'measured s':>11s} {'simulated s':>12s} {'overhead s':>11s} {'per action ms':>14s}"]
+    for name in ("1f1b", "zb1p", "dualpipe"):
+        per_rank = run_ranks(_overhead_rank, pp, name, n_micro, costs, steps)
+        measured = max(statistics.median(t) for t in per_rank)
+        sim = simulate_schedule(name, pp, n_micro, costs, wait_batches=True).step_time
+        n_actions = max(len([a for a in acts if a.is_compute]) for acts in build_schedule(name, pp, n_micro))
+        lines.append(f"{name:10s} {measured:11.3f} {sim:12.3f} {measured - sim:11.3f} "
+                     f"{(measured - sim) / n_actions * 1e3:14.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
