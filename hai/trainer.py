@@ -156,9 +156,13 @@ class Trainer:
         t2 = time.perf_counter()
         n = self.n_micro * self.topo.dp
         self.step += 1
-        return {"step": self.step, "loss": sums[0].item() / n, "mtp_loss": sums[1].item() / n, "lr": lr,
-                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
-                "optimizer_s": t2 - t1, **balance}
+        rec = {"step": self.step, "loss": sums[0].item() / n, "mtp_loss": sums[1].item() / n, "lr": lr,
+               "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
+               "optimizer_s": t2 - t1, **balance}
+        if self.pipeline is not None:  # this rank's idle share of the pipelined forward/backward
+            busy = sum(e.end - e.start for e in self.pipeline.timeline)
+            rec["pipeline_bubble_fraction"] = max(0.0, 1.0 - busy / (t1 - t0))
+        return rec
 
     def _throughput(self, rec: dict, step_time: float) -> dict:
         t, c = self.cfg.train, self.cfg.cluster

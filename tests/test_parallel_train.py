@@ -123,3 +123,7 @@ def test_executed_timeline_is_written(tmp_path):
     forwards = sum(e["name"].count("F") for e in spans if "SEND" not in e["name"] and "RECV" not in e["name"])
     assert forwards == 8
     assert (tmp_path / "schedule.png").stat().st_size > 1000
+    from hai.metrics import read_metrics
+
+    bubble = read_metrics(str(tmp_path))[0]["pipeline_bubble_fraction"]
+    assert 0.0 < bubble < 1.0  # pp=2 with 4 micro-batches: rank 0 waits for rank 1 at the start and the end
