@@ -61,8 +61,11 @@ class _Bucket:
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
 
     def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        return nn.functional.pad(flat, (0, self.shard * self.world - self.numel))
+        pad = self.shard * self.world - self.numel
+        parts = [t.reshape(-1).float() for t in tensors]
+        if pad:
+            parts.append(parts[0].new_zeros(pad))
+        return torch.cat(parts)  # one copy: no separate padding pass
 
     def grad_shard(self) -> torch.Tensor:
         flat = self._flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
@@ -127,7 +130,7 @@ class ZeroAdamW:
         grads = [b.grad_shard().div_(self.grad_divisor) for b in self.buckets]
         sq = torch.zeros((), dtype=torch.float64)
         for b, g in zip(self.buckets, grads):
-            sq += g.double().pow(2).sum() / b.copies
+            sq += torch.linalg.vector_norm(g, dtype=torch.float64).square() / b.copies
         for group in self.norm_groups:
             if group is not None:
                 dist.all_reduce(sq, group=group)
@@ -156,8 +159,9 @@ class ZeroAdamW:
         step_size = lr / (1 - beta1 ** t)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(self.eps)
         b.master.addcdiv_(m, denom, value=-step_size)
-        b.exp_avg.copy_(m)
-        b.exp_avg_sq.copy_(v)
+        if m is not b.exp_avg:  # bf16 moments: store the fp32 update back
+            b.exp_avg.copy_(m)
+            b.exp_avg_sq.copy_(v)
 
     # ------------------------------------------------------------------ checkpoint support
     def shard_state(self) -> dict[str, torch.Tensor]:
