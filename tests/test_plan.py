@@ -134,3 +134,31 @@ def test_text_report_and_local_plan(tmp_path, capsys):
                   "== assumptions"):
         assert title in out
     assert not torch.distributed.is_initialized()
+
+
+def _measured_rank(rank, world, out_dir):
+    from hai.data import TokenFile, ensure_token_file
+    from hai.parallel import Topology
+    from hai.trainer import Trainer, init_distributed
+
+    cfg = compose(["model=tiny", "train=test", "wandb.mode=disabled", f"out_dir={out_dir}"])  # default local layout
+    topo = Topology.from_config(cfg)
+    trainer = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+    trainer.train_step()
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return params, trainer.optimizer.state_bytes(), sum(p.numel() * p.element_size()
+                                                         for p in trainer.model.parameters())
+
+
+@pytest.mark.multiproc
+def test_local_plan_memory_matches_a_real_local_run(tmp_path):
+    """Issue 8 item 4: the plan of this machine's default layout (4 ranks, ep=4, ZeRO-1) against what a real run holds."""
+    from dist_utils import run_ranks
+
+    r = plan(compose(["model=tiny", "train=test", f"out_dir={tmp_path}"]))
+    mem = r["memory"]
+    measured = run_ranks(_measured_rank, 4, str(tmp_path))
+    for params, opt_bytes, param_bytes in measured:
+        assert params == mem["params_per_gpu"]["total"]
+        assert param_bytes == mem["bytes"]["parameters"]
+        assert opt_bytes == pytest.approx(mem["bytes"]["optimizer"], rel=0.01)  # ZeRO-1 padding aside
