@@ -313,7 +313,6 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
     for ov in overrides:
@@ -330,20 +329,15 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except (OmegaConfBaseException, Exception) as e:  # Hydra raises several exception types for bad overrides
-        if isinstance(e, ConfigError):
-            raise
-        cause = e
-        while isinstance(cause.__cause__, ConfigError):
-            cause = cause.__cause__
-        if isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from None
-        msg = str(e).strip().splitlines()
+    except Exception as e:  # Hydra and OmegaConf raise several exception types for bad overrides
+        if isinstance(e.__cause__, ConfigError):  # a dataclass __post_init__ rejected a value
+            raise ConfigError(str(e.__cause__)) from None
         m = re.search(r"Could not override '([^']+)'", str(e))
         if m:
             raise ConfigError(f"unknown key {m.group(1)!r} in overrides {overrides}: it is not in HAI's config schema "
                               f"(hai/config.py); check the spelling against configs/") from None
-        raise ConfigError(f"bad configuration {overrides}: {' '.join(m.strip() for m in msg if m.strip())}") from None
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(f"bad configuration {overrides}: {msg}") from None
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(obj, Config)

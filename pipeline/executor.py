@@ -73,8 +73,9 @@ class PipelineExecutor:
         self.n_stages = num_stages(schedule, pp)
         self.stages = rank_stages(schedule, pp, pp_rank)
         self.layers = stage_layers(len(model.layers), self.n_stages)
-        self.actions = add_send_recv(build_schedule(schedule, pp, n_micro))[pp_rank]
-        self.owner = self._stage_owners(build_schedule(schedule, pp, n_micro))
+        schedules = build_schedule(schedule, pp, n_micro)
+        self.actions = add_send_recv(schedules)[pp_rank]
+        self.owner = self._stage_owners(schedules)
         self.store = WeightGradStore()
         for m in model.modules():
             if hasattr(m, "wgrad_store"):

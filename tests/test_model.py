@@ -15,6 +15,15 @@ def tiny(**kw) -> ModelConfig:
     return dataclasses.replace(compose(["model=tiny"]).model, **kw)
 
 
+def _random_moe(cfg: ModelConfig, std: float) -> MoE:
+    """An MoE layer with seeded N(0, std) weights, so the routing is far from uniform."""
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return moe
+
+
 @pytest.mark.parametrize("kw", [
     dict(n_routed_experts=16, n_activated_experts=4, n_group=4, topk_group=2, route_scale=2.5),
     dict(n_routed_experts=16, n_activated_experts=4, n_group=1, topk_group=1),
@@ -75,10 +84,7 @@ def test_bias_update_moves_load_toward_balance():
 
 def test_seq_aux_loss_matches_formula():
     cfg = tiny(seq_aux_alpha=0.01)
-    torch.manual_seed(0)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    moe = _random_moe(cfg, std=0.3)
     B, S = 3, 10
     x = torch.randn(B * S, cfg.hidden_size)
     route = moe.router(x)
@@ -97,10 +103,7 @@ def test_seq_aux_loss_matches_formula():
 def test_aux_loss_gradient_reaches_router():
     """The injected balance loss must produce router gradients even when the main loss ignores the MoE output."""
     cfg = tiny(seq_aux_alpha=1.0)
-    torch.manual_seed(0)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    moe = _random_moe(cfg, std=0.1)
     x = torch.randn(2, 8, cfg.hidden_size)
     (moe(x) * 0).sum().backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
@@ -108,10 +111,7 @@ def test_aux_loss_gradient_reaches_router():
 
 def test_local_dispatcher_equals_dense_loop():
     cfg = tiny()
-    torch.manual_seed(0)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    moe = _random_moe(cfg, std=0.2)
     x = torch.randn(20, cfg.hidden_size)
     route = moe.router(x)
     recv, counts, h = LocalDispatcher(cfg.n_routed_experts).dispatch(x, route.topk_idx, route.topk_weight)

@@ -200,7 +200,6 @@ class MoE(nn.Module):
                        if cfg.n_shared_experts > 0 else None)
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
         self.aux_grad_scale = 1.0  # set by the trainer to the micro-batch loss scale (1 / micro-batches)
-        self.last_aux_loss = 0.0
 
     def seq_aux_loss(self, route: Route, batch: int) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
@@ -225,7 +224,5 @@ class MoE(nn.Module):
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         if self.training and self.cfg.seq_aux_alpha > 0 and torch.is_grad_enabled():
-            aux = self.seq_aux_loss(route, B)
-            self.last_aux_loss = float(aux.detach())
-            out_TD = _InjectAuxLoss.apply(out_TD, aux, self.aux_grad_scale)
+            out_TD = _InjectAuxLoss.apply(out_TD, self.seq_aux_loss(route, B), self.aux_grad_scale)
         return out_TD.view(B, S, D)
