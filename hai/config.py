@@ -220,6 +220,7 @@ class ParallelConfig:
     node_limit: int = 0  # M: a token's routed experts lie on <= M nodes; 0: unlimited
     dispatch: str = "flat"  # flat | hierarchical
     fp8_dispatch: bool = False
+    overlap: bool = True  # pp > 1: cut stages at the MoE all-to-alls; FB actions overlap one chunk's with the other's
 
     def __post_init__(self) -> None:
         for key in ("pp", "dp", "ep"):

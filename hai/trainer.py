@@ -99,7 +99,8 @@ class Trainer:
         split_model(self.model, rank_stages(name, topo.pp, self.coords["pp"]), num_stages(name, topo.pp))
         ex = PipelineExecutor(self.model, name, self.coords["pp"], topo.pp, self.n_micro, self.pp_group,
                               topo.group_ranks("pp", self.rank),
-                              (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro)
+                              (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro,
+                              overlap=p.overlap)
         return ex, ex.build_copy_groups(topo.dp, self.coords["dp"])
 
     # ------------------------------------------------------------------ one step

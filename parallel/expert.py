@@ -33,18 +33,20 @@ N rows of a hop buffer (meta rows: [source rank, source token, K expert ids]), R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from hai.model.moe import Pending, gather_rows, scatter_rows
 from hai.parallel.expert_comm import (CastCodec, Fp8Codec, GatherFn, Hop, Links, ReduceFn, Route, a2a,
                                       new_traffic, resolve_quant_1x128)
 
 __all__ = ["EPDispatcher", "EPHandle", "Pending", "check_ep_config", "shard_experts", "expert_range"]
 
 _MODES = ("flat", "hierarchical")
+_FP32 = CastCodec(None, torch.float32)
 
 
 def check_ep_config(num_experts: int, ep: int, gpus_per_node: int, mode: str = "flat") -> None:
@@ -95,17 +97,10 @@ class EPHandle:
     tokens_per_node: list[int]  # (nodes,) ... on each node of the EP group
     traffic: dict[str, int] = field(default_factory=new_traffic)
 
-
-class Pending:
-    """An in-flight dispatch or combine; ``wait()`` completes it (once) and returns its result."""
-
-    def __init__(self, finish: Callable[[], Any]):
-        self._finish, self._result = finish, None
-
-    def wait(self) -> Any:
-        if self._finish is not None:
-            self._result, self._finish = self._finish(), None
-        return self._result
+    @property
+    def num_rows(self) -> int:
+        """N: rows of the last hop's buffer (what ``gather_rows`` indexes and the combine sends back)."""
+        return self.route.hops[-1].num_out
 
 
 class EPDispatcher:
@@ -136,28 +131,60 @@ class EPDispatcher:
         """Exchange routing metadata now (small, blocking), issue the payload all-to-all (async); ``wait()`` gives
         ``(recv_x_RD, tokens_per_local_expert, handle)``."""
         handle = self._plan(topk_idx_TK)
-        route = handle.route
-        x_codec = Fp8Codec(x_TD.shape[1], x_TD.dtype, self._quant) if self.fp8 else CastCodec(None, x_TD.dtype)
-        w_TK, fp32 = topk_weight_TK.float(), CastCodec(None, torch.float32)
-        x_fin = route.gather(x_TD.detach(), x_codec, "dispatch", async_op)
-        w_fin = route.gather(w_TK.detach(), fp32, "meta", async_op)
-        bwd = [(CastCodec(torch.bfloat16 if self.fp8 else None, x_TD.dtype), "dispatch_bwd"), (fp32, "meta")]
+        route, w_TK = handle.route, topk_weight_TK.float()
+        x_fin = route.gather(x_TD.detach(), self._x_codec(x_TD), "dispatch", async_op)
+        w_fin = route.gather(w_TK.detach(), _FP32, "meta", async_op)
 
         def finish():
-            x_ND, w_NK = GatherFn.apply(route, lambda: (x_fin(), w_fin()), bwd, x_TD, w_TK)
-            handle.weight_R = w_NK[handle.row_R, handle.slot_R]
-            return x_ND.index_select(0, handle.row_R), handle.tokens_per_local_expert, handle
+            x_ND, w_NK = GatherFn.apply(route, lambda: (x_fin(), w_fin()), self._dispatch_bwd(x_TD.dtype), x_TD, w_TK)
+            x_RD, handle.weight_R = gather_rows(x_ND, w_NK, handle)
+            return x_RD, handle.tokens_per_local_expert, handle
 
         return Pending(finish)
 
     def combine_async(self, y_RD, handle: EPHandle, *, async_op: bool = True) -> Pending:
         """Apply the gates, pre-sum per last-hop row, issue the return all-to-all; ``wait()`` gives ``out_TD``."""
-        route = handle.route
-        weighted_RD = y_RD * handle.weight_R.unsqueeze(-1).to(y_RD.dtype)
-        z_ND = y_RD.new_zeros(route.hops[-1].num_out, y_RD.shape[1]).index_add(0, handle.row_R, weighted_RD)
-        codec = CastCodec(torch.bfloat16 if self.fp8 else None, y_RD.dtype)
-        fin = route.reduce(z_ND.detach(), codec, "combine", async_op)
-        return Pending(lambda: ReduceFn.apply(z_ND, route, fin, codec, "combine_bwd"))
+        z_ND = scatter_rows(y_RD, handle.weight_R, handle)
+        codec = self._y_codec(y_RD.dtype)
+        fin = handle.route.reduce(z_ND.detach(), codec, "combine", async_op)
+        return Pending(lambda: ReduceFn.apply(z_ND, handle.route, fin, codec, "combine_bwd"))
+
+    # ------------------------------------------------------------------------------------------------ wire formats
+    def _x_codec(self, x_TD):
+        return Fp8Codec(x_TD.shape[1], x_TD.dtype, self._quant) if self.fp8 else CastCodec(None, x_TD.dtype)
+
+    def _dispatch_bwd(self, x_dtype) -> list:
+        """(codec, phase) of the gradients of x and of the gates, which travel back along the dispatch route."""
+        return [(CastCodec(torch.bfloat16 if self.fp8 else None, x_dtype), "dispatch_bwd"), (_FP32, "meta")]
+
+    def _y_codec(self, y_dtype):
+        return CastCodec(torch.bfloat16 if self.fp8 else None, y_dtype)
+
+    # ------------------------------------------------------------------------------------------------ raw seams
+    # The same collectives and wire formats as dispatch/combine and their autograd backward, without autograd: the
+    # caller (hai.pipeline.overlap) computes between them and drives the backward itself. Every one is issued async.
+    def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK) -> tuple[EPHandle, Pending]:
+        """Plan (blocking metadata exchange) and issue the dispatch; ``wait()`` gives (x_ND, w_NK) buffer rows."""
+        handle = self._plan(topk_idx_TK)
+        x_fin = handle.route.gather(x_TD.detach(), self._x_codec(x_TD), "dispatch", True)
+        w_fin = handle.route.gather(topk_weight_TK.detach().float(), _FP32, "meta", True)
+        return handle, Pending(lambda: (x_fin(), w_fin()))
+
+    def dispatch_backward_start(self, g_x_ND, g_w_NK, handle: EPHandle) -> Pending:
+        """Send the gradients of the buffer rows back, summing copies; ``wait()`` gives (g_x_TD, g_w_TK)."""
+        (xc, xp), (wc, wp) = self._dispatch_bwd(g_x_ND.dtype)
+        fx = handle.route.reduce(g_x_ND.contiguous(), xc, xp, True)
+        fw = handle.route.reduce(g_w_NK.float().contiguous(), wc, wp, True)
+        return Pending(lambda: (fx(), fw()))
+
+    def combine_start(self, z_ND, handle: EPHandle) -> Pending:
+        """Issue the combine of pre-summed rows; ``wait()`` gives out_TD."""
+        return Pending(handle.route.reduce(z_ND.detach(), self._y_codec(z_ND.dtype), "combine", True))
+
+    def combine_backward_start(self, g_out_TD, handle: EPHandle) -> Pending:
+        """Send the output gradient along the dispatch route; ``wait()`` gives g_z_ND."""
+        return Pending(handle.route.gather(g_out_TD.contiguous(), self._y_codec(g_out_TD.dtype), "combine_bwd",
+                                           True))
 
     # ------------------------------------------------------------------------------------------------ planning
     def _plan(self, topk_idx_TK: torch.Tensor) -> EPHandle:

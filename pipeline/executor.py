@@ -11,8 +11,14 @@ identical.
 Actions: F runs a stage forward and keeps (input, output) for the backward; B runs the input-gradient backward with
 the stage's linear layers recording their weight-gradient GEMMs in a :class:`WeightGradStore`, which the later W
 action runs (zero-bubble split); BW is a full backward; FB is the forward of one micro-batch and the full backward of
-another (run as the forward then the backward; the results are those of the two chunks run one after the other). Consecutive SEND/RECV actions are issued as one
-``batch_isend_irecv`` and waited before the next compute action. Every action is recorded in ``timeline``.
+another. Consecutive SEND/RECV actions are issued as one ``batch_isend_irecv`` and waited before the next compute
+action. Every action is recorded in ``timeline``.
+
+With ``overlap=True`` (the default) every stage forward is recorded on a :class:`~hai.pipeline.overlap.Tape` cut at
+the MoE all-to-all seams, and an FB action interleaves the two chunks so that each one's dispatch/combine (or their
+gradients) is in flight while the other computes (``hai.pipeline.overlap``); ``fb_sequential=True`` runs the same
+segments one chunk after the other (bitwise the same results: the identity test). ``overlap=False`` runs each
+stage as one autograd graph.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import nn
 from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore
 from hai.parallel.topology import stage_layer_split
+from hai.pipeline.overlap import Tape, block_forward, run_fb
 from hai.pipeline.schedules import Action, Kind, build_schedule, num_stages, rank_stages
 from hai.pipeline.simulate import add_send_recv
 from hai.pipeline.trace import Event, save_chrome_trace, save_gantt_png
@@ -63,12 +70,15 @@ class _Slot:
     grad_out: torch.Tensor | None = None  # gradient received for `out`
     losses: tuple | None = None  # (main, mtp) detached, at the last stage
     inp_grad: torch.Tensor | None = None  # gradient of `inp`, to send to the previous stage
+    tape: Tape | None = None  # the forward's segments (overlap mode)
 
 
 class PipelineExecutor:
     def __init__(self, model: Transformer, schedule: str, pp_rank: int, pp: int, n_micro: int, pp_group,
-                 pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float):
+                 pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float, overlap: bool = True):
         self.model, self.name, self.pp_rank, self.pp, self.n_micro = model, schedule, pp_rank, pp, n_micro
+        self.overlap, self.fb_sequential = overlap, False
+        self.seam_log: list[list] = []  # per FB action of the last step: (chunk "F"/"B", seam, time) (overlap mode)
         self.group, self.pp_ranks, self.act_shape, self.loss_scale = pp_group, pp_ranks, act_shape, loss_scale
         self.n_stages = num_stages(schedule, pp)
         self.stages = rank_stages(schedule, pp, pp_rank)
@@ -127,6 +137,63 @@ class PipelineExecutor:
                 slots[prev].grad_out = slot.inp.grad
         slot.out = slot.inp = None  # free the activations
 
+    # ------------------------------------------------------------------ stage compute on a tape (overlap mode)
+    def _forward_gen(self, stage: int, mb: int, slots, tokens):
+        slot = slots.setdefault((stage, mb), _Slot())
+        tape = slot.tape = Tape()
+        if stage == 0:
+            tape.begin()
+            h = self.model.embed(tokens[mb][:, :-1])
+            tape.end(h)
+        else:
+            h = slot.inp
+        for i in self.layers[stage]:
+            h = yield from block_forward(self.model.layers[i], h, tape)
+        if stage == self.n_stages - 1:
+            (h,) = tape.begin(h)
+            slot.out = self.model.head_loss(h, tokens[mb])
+            tape.end(slot.out.loss)
+            slot.losses = (slot.out.main_loss, slot.out.mtp_loss)
+        else:
+            slot.out = h
+        nxt = (stage + 1, mb)
+        if stage < self.n_stages - 1 and self.owner.get(nxt) == self.pp_rank:  # next stage is local (V turn)
+            slots.setdefault(nxt, _Slot()).inp = h.detach().requires_grad_()
+
+    def _backward_gen(self, stage: int, mb: int, slots, split: bool):
+        slot = slots[(stage, mb)]
+        if stage == self.n_stages - 1:
+            root = (slot.out.loss, torch.full_like(slot.out.loss, self.loss_scale))
+        else:
+            root = (slot.out, slot.grad_out)
+        self.store.recording = split
+        try:
+            yield from slot.tape.backward([root])
+        finally:
+            self.store.recording = False
+        if split:
+            self.store.close((stage, mb))
+        if stage > 0:
+            slot.inp_grad = slot.tape.grad(slot.inp)
+            if self.owner.get((stage - 1, mb)) == self.pp_rank:
+                slots[(stage - 1, mb)].grad_out = slot.inp_grad
+        slot.out = slot.inp = slot.tape = None  # free the activations
+
+    def _compute_overlapped(self, a: Action, slots, tokens) -> None:
+        if a.kind is Kind.F:
+            run_fb(self._forward_gen(a.stage, a.micro_batch, slots, tokens), iter(()))
+        elif a.kind in (Kind.B, Kind.BW):
+            run_fb(iter(()), self._backward_gen(a.stage, a.micro_batch, slots, split=a.kind is Kind.B))
+        elif a.kind is Kind.W:
+            self.store.run((a.stage, a.micro_batch))
+        elif a.kind is Kind.FB:
+            self.seam_log.append([])
+            run_fb(self._forward_gen(a.stage, a.micro_batch, slots, tokens),
+                   self._backward_gen(a.b_stage, a.b_micro_batch, slots, split=False),
+                   sequential=self.fb_sequential, log=self.seam_log[-1])
+        else:
+            raise ValueError(f"unexpected action {a}")
+
     # ------------------------------------------------------------------ P2P
     def _tag(self, a: Action) -> int:
         return (0 if a.kind in (Kind.SEND_F, Kind.RECV_F) else 1) * 1_000_000 + a.stage * 1000 + a.micro_batch
@@ -162,7 +229,8 @@ class PipelineExecutor:
             raise ValueError(f"the schedule has {self.n_micro} micro-batches but {len(micro_batches)} were given")
         slots: dict[tuple[int, int], _Slot] = {}
         pending: list[Action] = []
-        self.timeline, t_base = [], time.perf_counter()
+        self.timeline, self.seam_log, t_base = [], [], time.perf_counter()
+        compute = self._compute_overlapped if self.overlap else self._compute
         for a in self.actions:
             if a.is_comm:
                 pending.append(a)
@@ -171,7 +239,7 @@ class PipelineExecutor:
                 self._p2p(pending, slots)
                 pending = []
             t0 = time.perf_counter()
-            self._compute(a, slots, micro_batches)
+            compute(a, slots, micro_batches)
             self.timeline.append(Event(self.pp_rank, t0 - t_base, time.perf_counter() - t_base, a))
         if pending:
             self._p2p(pending, slots)

@@ -70,6 +70,9 @@ LAYOUTS = {
     # combinations
     "pp2_dp2_dualpipe": (4, ["cluster.gpus_per_node=4", "parallel.pp=2", "parallel.dp=2",
                              "parallel.schedule=dualpipe", "train.micro_batch_size=1"]),
+    "pp2_dp2_ep2_dualpipe_no_overlap": (4, ["cluster.gpus_per_node=4", "parallel.pp=2", "parallel.dp=2",
+                                            "parallel.ep=2", "parallel.schedule=dualpipe", "parallel.overlap=false",
+                                            "train.micro_batch_size=1"]),
     "pp2_dp2_ep2_zb1p": (4, ["cluster.gpus_per_node=4", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
                              "parallel.schedule=zb1p", "train.micro_batch_size=1"]),
     "pp2_dp4_ep4_dualpipe": (8, ["cluster.nodes=4", "cluster.gpus_per_node=2", "parallel.pp=2", "parallel.dp=4",

@@ -5,7 +5,10 @@ The forward pass is split at the seams the parallel layer needs:
     route (router)  ->  dispatch (Dispatcher)  ->  experts (grouped GEMM)  ->  combine (Dispatcher)
 
 ``LocalDispatcher`` keeps everything on one device; ``hai.parallel`` provides the expert-parallel all-to-all one with
-the same interface, and the pipeline interleaves these seams of one micro-batch with another's backward.
+the same interface. Each dispatcher also exposes the seams *without* autograd (``dispatch_start``,
+``combine_start`` and their backward counterparts, each returning a :class:`Pending`), which the pipeline's
+overlapped F&B (``hai.pipeline.overlap``) uses to keep one micro-batch's all-to-all in flight while another
+micro-batch computes; ``MoE.front`` / ``MoE.expert_rows`` are the compute between those seams.
 
 Legend: T tokens, D hidden, E routed experts (local: E_l), K experts per token, G groups, R dispatched rows (T*K
 locally), F expert width.
@@ -14,7 +17,7 @@ locally), F expert width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,8 @@ from torch import nn
 from hai.config import ModelConfig
 from hai.model.layers import SwiGLU
 
-__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "route_reference"]
+__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Pending", "route_reference",
+           "gather_rows", "scatter_rows"]
 
 
 @dataclass
@@ -100,9 +104,27 @@ def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Te
     return torch.tensor(idx_out), torch.tensor(w_out, dtype=torch.float64)
 
 
+class Pending:
+    """An in-flight seam (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns its result."""
+
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish, self._result = finish, None
+
+    def wait(self) -> Any:
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return self._result
+
+
 class Dispatcher(Protocol):
     """The MoE communication seams. ``dispatch`` returns rows grouped by (local) expert; ``combine`` inverts it and
-    applies the gates: y_t = sum_k w_tk * expert_out[row(t, k)]."""
+    applies the gates: y_t = sum_k w_tk * expert_out[row(t, k)].
+
+    The same seams without autograd, for code that drives the backward itself (the pipeline's overlapped F&B): the
+    dispatch moves N buffer rows of x and of the K gates; ``gather_rows`` picks the R expert rows out of them;
+    ``scatter_rows`` gates and pre-sums the expert outputs back into N rows, which the combine returns to the tokens.
+    Each ``*_start`` issues its communication and returns a :class:`Pending`.
+    """
 
     num_local_experts: int
 
@@ -111,12 +133,37 @@ class Dispatcher(Protocol):
 
     def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor: ...
 
+    def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK) -> tuple[Any, Pending]: ...  # -> (x_ND, w_NK)
+
+    def dispatch_backward_start(self, g_x_ND, g_w_NK, handle) -> Pending: ...  # -> (g_x_TD, g_w_TK)
+
+    def combine_start(self, z_ND, handle) -> Pending: ...  # -> out_TD
+
+    def combine_backward_start(self, g_out_TD, handle) -> Pending: ...  # -> g_z_ND
+
+
+def gather_rows(x_ND: torch.Tensor, w_NK: torch.Tensor, handle) -> tuple[torch.Tensor, torch.Tensor]:
+    """The R expert rows of a dispatched buffer and their gates (autograd ops)."""
+    return x_ND.index_select(0, handle.row_R), w_NK[handle.row_R, handle.slot_R]
+
+
+def scatter_rows(y_RD: torch.Tensor, w_R: torch.Tensor, handle) -> torch.Tensor:
+    """Gate the expert outputs and sum them per buffer row: z_N = sum_{r -> N} w_r y_r (autograd ops)."""
+    weighted_RD = y_RD * w_R.unsqueeze(-1).to(y_RD.dtype)
+    return y_RD.new_zeros(handle.num_rows, y_RD.shape[1]).index_add(0, handle.row_R, weighted_RD)
+
+
+def _done(value) -> Pending:
+    return Pending(lambda: value)
+
 
 @dataclass
 class _LocalHandle:
-    token_of_row: torch.Tensor  # (R,) source token of each dispatched row
-    weight_of_row: torch.Tensor  # (R,) gate of each row
-    num_tokens: int
+    row_R: torch.Tensor  # (R,) source token of each dispatched row (the buffer rows are the tokens: N = T)
+    slot_R: torch.Tensor  # (R,) its k in the token's top-k
+    weight_R: torch.Tensor  # (R,) gate of each row
+    tokens_per_local_expert: list[int]
+    num_rows: int  # N = T
 
 
 class LocalDispatcher:
@@ -125,19 +172,32 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_local_experts = num_experts
 
-    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+    def _plan(self, topk_idx_TK, topk_weight_TK) -> _LocalHandle:
         K = topk_idx_TK.shape[1]
         flat = topk_idx_TK.flatten()
         order = torch.argsort(flat, stable=True)
-        token_of_row = order // K
         counts = torch.bincount(flat, minlength=self.num_local_experts).tolist()
-        handle = _LocalHandle(token_of_row, topk_weight_TK.flatten()[order], x_TD.shape[0])
-        return x_TD[token_of_row], counts, handle
+        return _LocalHandle(order // K, order % K, topk_weight_TK.flatten()[order], counts, topk_idx_TK.shape[0])
+
+    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+        handle = self._plan(topk_idx_TK, topk_weight_TK)
+        return x_TD[handle.row_R], handle.tokens_per_local_expert, handle
 
     def combine(self, y_RD, handle: _LocalHandle):
-        weighted = y_RD * handle.weight_of_row.unsqueeze(-1).to(y_RD.dtype)
-        out = y_RD.new_zeros(handle.num_tokens, y_RD.shape[-1])
-        return out.index_add(0, handle.token_of_row, weighted)
+        return scatter_rows(y_RD, handle.weight_R, handle)
+
+    # seams without autograd: nothing moves on one device
+    def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
+        return self._plan(topk_idx_TK, topk_weight_TK.detach()), _done((x_TD, topk_weight_TK))
+
+    def dispatch_backward_start(self, g_x_ND, g_w_NK, handle):
+        return _done((g_x_ND, g_w_NK))
+
+    def combine_start(self, z_ND, handle):
+        return _done(z_ND)
+
+    def combine_backward_start(self, g_out_TD, handle):
+        return _done(g_out_TD)
 
 
 class GroupedExperts(nn.Module):
@@ -214,15 +274,27 @@ class MoE(nn.Module):
         f_BE = hits * (E / (K * S))
         return cfg.seq_aux_alpha * (f_BE * P_BE).sum(-1).mean()
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(-1, D)
+    # --- the compute between the seams (also used by the pipeline's overlapped F&B) ---
+    def front(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Route, torch.Tensor | None]:
+        """Router and sequence-wise balance loss: (x_TD, route, aux loss or None when it is off)."""
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         route = self.router(x_TD)
+        aux = None
+        if self.training and self.cfg.seq_aux_alpha > 0 and torch.is_grad_enabled():
+            aux = self.seq_aux_loss(route, x_BSD.shape[0])
+        return x_TD, route, aux
+
+    def expert_rows(self, x_ND: torch.Tensor, w_NK: torch.Tensor, handle) -> torch.Tensor:
+        """Routed experts on a dispatched buffer: pick the expert rows, run the experts, gate and pre-sum (z_ND)."""
+        x_RD, w_R = gather_rows(x_ND, w_NK, handle)
+        return scatter_rows(self.experts(x_RD, handle.tokens_per_local_expert), w_R, handle)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD, route, aux = self.front(x_BSD)
         recv_RD, counts, handle = self.dispatcher.dispatch(x_TD, route.topk_idx, route.topk_weight)
-        y_RD = self.experts(recv_RD, counts)
-        out_TD = self.dispatcher.combine(y_RD, handle)
+        out_TD = self.dispatcher.combine(self.experts(recv_RD, counts), handle)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        if self.training and self.cfg.seq_aux_alpha > 0 and torch.is_grad_enabled():
-            out_TD = _InjectAuxLoss.apply(out_TD, self.seq_aux_loss(route, B), self.aux_grad_scale)
-        return out_TD.view(B, S, D)
+        if aux is not None:
+            out_TD = _InjectAuxLoss.apply(out_TD, aux, self.aux_grad_scale)
+        return out_TD.view_as(x_BSD)
