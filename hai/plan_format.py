@@ -7,6 +7,14 @@ __all__ = ["format_plan"]
 GB = 1e9
 
 
+def _t(seconds: float) -> str:
+    """A duration with 4 significant digits, in s, ms or µs."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(seconds) >= scale or unit == "µs":
+            return f"{seconds / scale:.4g} {unit}"
+    raise AssertionError
+
+
 def _table(title: str, rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"== {title}"] + [f"  {k:<{width}}  {v}" for k, v in rows])
@@ -75,16 +83,16 @@ def _step(r: dict) -> str:
     s, t, p = r["step"], r["throughput"], r["pipeline"]
     c = p["costs"]
     return _table("step time (roofline -> pipeline simulator)", [
-        ("chunk costs (s)", f"F={c['F']:.4f} B={c['B']:.4f} W={c['W']:.4f} F&B={c['FB']:.4f} p2p={c['p2p']:.5f} "
-                            f"(compute F {s['chunk_F_compute_s']:.4f}; EP comm fwd {s['chunk_comm_fwd_s']:.4f} "
-                            f"bwd {s['chunk_comm_bwd_s']:.4f}; F&B overlap {s['fb_overlap']})"),
-        ("pipeline", f"{p['schedule']} pp={p['pp']} micro_batches={p['micro_batches']}: step {p['step_time']:.3f} s, "
-                     f"bubble {p['bubble']:.3f} s (formula {p['bubble_formula']:.3f} s), peak activations "
+        ("chunk costs", f"F={_t(c['F'])} B={_t(c['B'])} W={_t(c['W'])} F&B={_t(c['FB'])} p2p={_t(c['p2p'])} "
+                        f"(compute F {_t(s['chunk_F_compute_s'])}; EP comm fwd {_t(s['chunk_comm_fwd_s'])} "
+                        f"bwd {_t(s['chunk_comm_bwd_s'])}; F&B overlap {s['fb_overlap']})"),
+        ("pipeline", f"{p['schedule']} pp={p['pp']} micro_batches={p['micro_batches']}: step {_t(p['step_time'])}, "
+                     f"bubble {_t(p['bubble'])} (formula {_t(p['bubble_formula'])}), peak activations "
                      f"{p['peak_activations']} micro-batches"),
-        ("stage forward compute (ms)", " ".join(f"{1e3 * x:.1f}" for x in s["stage_F_compute_s"])),
-        ("step breakdown", f"compute {s['compute_s']:.3f} s + exposed EP comm {s['exposed_comm_s']:.3f} s + "
-                           f"bubble {s['bubble_s']:.3f} s + ZeRO-1/copy sync {s['zero1_s']:.3f} s"),
-        ("predicted step time", f"{s['step_time_s']:.3f} s"),
+        ("stage forward compute", " ".join(_t(x) for x in s["stage_F_compute_s"])),
+        ("step breakdown", f"compute {_t(s['compute_s'])} + exposed EP comm {_t(s['exposed_comm_s'])} + "
+                           f"bubble {_t(s['bubble_s'])} + ZeRO-1/copy sync {_t(s['zero1_s'])}"),
+        ("predicted step time", _t(s['step_time_s'])),
         ("tokens/s per GPU", f"{t['tokens_per_s_per_gpu']:,.0f}"),
         ("TFLOP/s per GPU", f"{t['tflops_per_gpu']:,.1f}  ({t['flops_per_token'] / 1e9:.1f} GFLOPs/token)"),
         ("MFU (bf16 peak)", f"{100 * t['mfu_bf16']:.1f}%"),

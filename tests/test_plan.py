@@ -18,8 +18,7 @@ from hai.plan import plan
 from hai.plan_memory import rank_params
 
 V3 = ["model=deepseek_v3_671b", "cluster=h800_2048", "parallel=v3_2048", "train=v3_pretrain"]
-PP8 = ["model=small", "cluster.nodes=4", "parallel=single", "parallel.pp=8", "parallel.schedule=dualpipe",
-       "parallel.micro_batches=20", "train.global_batch_size=20", "train.micro_batch_size=1"]
+PP8 = ["experiment=dualpipe_pp8"]  # model=small on one 8-GPU node, DualPipe pp=8, 20 micro-batches
 
 
 def _meta_rank_params(cfg, rank):
