@@ -39,29 +39,38 @@ def _layout(r: dict) -> str:
     ])
 
 
+_POLICY_NAMES = {"bf16": "bf16, no recompute", "bf16_recompute": "bf16 + V3 recompute",
+                 "v3": "V3 storage (FP8/E5M6 + recompute)"}
+
+
 def _memory(m: dict) -> str:
     pr, b, a = m["params_per_gpu"], m["bytes"], m["activations"]
-    bpp = m["bytes_per_param"]
-    return _table(f"memory per GPU (worst pipeline rank {m['worst_param_rank']}; "
-                  f"{m['param_copies']}x parameter copies)", [
+    bpp, cap, head = m["bytes_per_param"], m["capacity"], m["policy"]
+
+    def fit(total: float) -> str:
+        return f"{_gb(total)} of {_gb(cap)}: {'FITS' if total <= cap else 'DOES NOT FIT'}"
+
+    rows = [
         ("parameters held", f"{pr['total']:,}  (dense {pr['dense']:,} replicated over dp, "
                             f"routed experts {pr['expert']:,} = this GPU's 1/ep share)"),
-        ("weights", f"{_gb(b['parameters'])}  ({bpp['weights']} B/param)"),
+        ("weights", f"{_gb(b['parameters'])}  ({bpp['weights']:g} B/param)"),
         ("gradients", f"{_gb(b['gradients'])}  ({bpp['gradients']} B/param, fp32 accumulation)"),
         ("ZeRO-1 optimizer shard", f"{_gb(b['optimizer'])}  ({bpp['optimizer_master_and_moments']} B/param "
                                    f"master+moments, /dp dense, /edp experts)"),
-        ("activations, V3 recompute", f"{_gb(a['recompute']['bytes'])}  (peak on rank {a['recompute']['rank']})"),
-        ("activations, no recompute", f"{_gb(a['no_recompute']['bytes'])}  (peak on rank "
-                                      f"{a['no_recompute']['rank']})"),
-        ("MoE layer, bytes per token", "; ".join(
-            f"{name.replace('_', ' ')}: " + ", ".join(f"{k.replace('_', ' ')} {v:,.0f}"
-                                                      for k, v in a[name]["moe_layer_bytes_per_token"].items())
-            for name in ("recompute", "no_recompute"))),
-        ("total, recompute", f"{_gb(m['total_recompute'])} of {_gb(m['capacity'])}: "
-                             f"{'FITS' if m['fits_recompute'] else 'DOES NOT FIT'}"),
-        ("total, no recompute", f"{_gb(m['total_no_recompute'])} of {_gb(m['capacity'])}: "
-                                f"{'FITS' if m['fits_no_recompute'] else 'DOES NOT FIT'}"),
-    ])
+    ]
+    for policy, name in _POLICY_NAMES.items():
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in a[policy]["moe_layer_bytes_per_token"].items())
+        rows.append((f"activations, {name}", f"{_gb(a[policy]['bytes'])}  (peak on rank {a[policy]['rank']}; "
+                                             f"MoE layer B/token: {parts})"))
+    for policy, name in _POLICY_NAMES.items():
+        mark = "  <- the plan's total" if policy == head else ""
+        rows.append((f"total, {name}", fit(m["total_per_policy"][policy]) + mark))
+    rows.append(("  without gate-grad rows", fit(m["gate_grad_rows"]["total_without"]) +
+                 "  (expert output rows recomputed instead of kept for the gate gradient: not published by V3)"))
+    rows.append((f"kept per token ({head})", "; ".join(
+        f"{i['tensor']} {i['elements']:,.0f}x{i['bytes_per_element']:.4g}B" for i in m["items_per_token"])))
+    return _table(f"memory per GPU (worst pipeline rank {m['worst_param_rank']}; {m['param_copies']}x parameter "
+                  f"copies; totals: the worst rank of parameters + gradients + optimizer + own activation peak)", rows)
 
 
 def _comm(c: dict) -> str:
@@ -104,7 +113,7 @@ def _comparisons(rows: list[dict]) -> str:
     out = ["== comparisons", f"  {'variant':<44} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>7} {'mem GB':>8}  fits"]
     for x in rows:
         out.append(f"  {x['variant']:<44} {x['step_time_s']:>8.3f} {x['tokens_per_s_per_gpu']:>10,.0f} "
-                   f"{100 * x['mfu_bf16']:>6.1f}% {x['memory_gb_recompute']:>8.1f}  {x['fits_recompute']}")
+                   f"{100 * x['mfu_bf16']:>6.1f}% {x['memory_gb']:>8.1f}  {x['fits']}")
     return "\n".join(out)
 
 

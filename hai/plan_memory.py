@@ -7,18 +7,21 @@ parameters); the embedding lives on the rank(s) holding stage 0 and on those hol
 sharded 1/ep; everything else is replicated over dp. ZeRO-1 shards fp32 master weights and AdamW moments 1/dp (dense)
 and 1/edp (experts).
 
-Activation formula (elements per token per layer, stored for the backward, ``ACT_BYTES`` each unless noted;
-D hidden, H heads, N/R/V nope/rope/value head dims, Q q_lora_rank, C kv_lora_rank, E experts, k top-k, F expert width,
-Fs = n_shared x F, I dense width):
+Activations are itemized per token and layer: every tensor kept for the backward, its elements and its storage
+bytes (:func:`act_items`; D hidden, H heads, N/R/V nope/rope/value head dims, Q q_lora_rank, C kv_lora_rank, E
+experts, k top-k, F expert width, Fs = n_shared x F, I dense width). Three storage policies:
 
-- attention, no recompute: D (norm input) + D (norm output) + 2Q (q latent, its norm) + (C+R) + C (kv latent, its norm)
-  + 2H(N+R) (q, k after RoPE) + HV (v) + HV (attention output) + 2H (fp32 log-sum-exp);
-- attention, V3 recompute (RMSNorm and MLA up-projections recomputed in the backward): D + Q + (C+R) + HV + 2H;
-- MoE FFN: D (norm input) + [D (norm output), dropped by recompute] + 2E (fp32 router scores) + 3Fs (shared expert
-  w1/w3 outputs and SwiGLU output) + k x (D dispatched row + 3F + D expert output kept for the gate gradient);
-  routed rows are counted on average (balanced routing: a rank receives k rows per token it sends);
-- dense FFN: D + [D] + 3I;
-- last stage: bf16 logits V per token for the head and for each MTP depth (plus the MTP block and its 3D inputs).
+- ``bf16``: every kept tensor in bf16 (fp32 for fp32 models), nothing recomputed;
+- ``bf16_recompute``: + V3's recompute of every RMSNorm and the MLA up-projections in the backward (only the block
+  inputs, the q / kv latents, the attention output and the log-sum-exp are kept in attention);
+- ``v3`` (DeepSeek-V3 sec. 3.3.2-3.3.3, the default for ``model.precision=fp8``): + Linear inputs cached in FP8 with
+  fine-grained scales (1 + 4/128 B), the attention output (the input of the output projection) in E5M6 (1.5 B), the
+  SwiGLU inputs cached in FP8 with the SwiGLU output recomputed in the backward.
+
+Routed rows are counted on average (balanced routing: a GPU receives k rows per token it sends). One assumption V3
+did not publish matters: whether each routed expert's output row is kept for the gradient of its gate (D bf16
+elements per row, ``expert output (gate grad)``). It is kept here; the report prints how much it weighs.
+The last stage adds the logits (V per token, bf16) for the head and each MTP depth, and the MTP blocks.
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ from hai.config import Config, ModelConfig
 from hai.parallel.topology import stage_layer_split
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies, rank_stages
 
-__all__ = ["ACT_BYTES", "GRAD_BYTES", "StageParams", "stage_params", "rank_params", "worst_rank_params",
-           "layer_act_elems", "layer_act_parts", "stage_act_bytes", "peak_act_bytes", "memory_report", "GB"]
+__all__ = ["ACT_BYTES", "ACT_POLICIES", "GRAD_BYTES", "StageParams", "stage_params", "rank_params",
+           "worst_rank_params", "act_items", "layer_act_bytes", "layer_act_parts", "stage_act_bytes", "peak_act_bytes",
+           "headline_policy", "memory_report", "GB"]
 
-ACT_BYTES = 2  # stored activations in bf16 (V3 additionally cached some Linear inputs in FP8: not modelled)
+ACT_BYTES = 2  # stored activations in bf16 unless a policy says otherwise (fp32 models: 4)
+FP8_BYTES = 1 + 4 / 128  # e4m3 + one fp32 scale per 128 elements
+E5M6_BYTES = 1.5  # V3's format for the attention output
+ACT_POLICIES = ("bf16", "bf16_recompute", "v3")
 GRAD_BYTES = 4  # gradients accumulated in fp32 over micro-batches (as V3)
 GB = 1e9
 
@@ -113,37 +120,66 @@ def worst_rank_params(cfg: Config) -> tuple[int, StageParams]:
 # ---------------------------------------------------------------- activations
 
 
-def layer_act_parts(m: ModelConfig, moe: bool, recompute: bool) -> dict[str, float]:
-    """Stored activation elements per token of one block, by part (see the module docstring for the formula)."""
+def act_items(m: ModelConfig, moe: bool, policy: str, gate_rows: bool = True) -> list[tuple[str, str, float, float]]:
+    """(part, tensor, elements per token, bytes per element) kept for the backward by one block under ``policy``
+    (``gate_rows=False``: expert output rows not kept, i.e. recomputed for the gate gradient)."""
+    if policy not in ACT_POLICIES:
+        raise ValueError(f"activation policy {policy!r} is not one of {ACT_POLICIES}")
     D, H = m.hidden_size, m.num_heads
-    N, R, V, C = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
-    Q = m.q_lora_rank or 0
-    if recompute:
-        attn = D + Q + (C + R) + H * V + 2 * H
-    else:
-        attn = 2 * D + 2 * Q + (C + R) + C + 2 * H * (N + R) + 2 * H * V + 2 * H
-    norm = D if recompute else 2 * D
+    N, R, V, C, Q = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank, m.q_lora_rank or 0
+    a = 4.0 if m.precision == "fp32" else float(ACT_BYTES)
+    rc, v3 = policy != "bf16", policy == "v3"
+    lin = FP8_BYTES if v3 else a  # a Linear's input
+    swi = FP8_BYTES if v3 else a  # SwiGLU inputs
+    items = [("attention", "block input (norm input)", D, a),
+             ("attention", "norm output (q/kv down-proj input)", 0 if rc else D, lin),
+             ("attention", "q latent", Q, a),
+             ("attention", "q latent normed (q up-proj input)", 0 if rc or not Q else Q, lin),
+             ("attention", "kv latent + rope key", C + R, a),
+             ("attention", "kv latent normed (kv up-proj input)", 0 if rc else C, lin),
+             ("attention", "q, k after RoPE", 0 if rc else 2 * H * (N + R), a),
+             ("attention", "v", 0 if rc else H * V, a),
+             ("attention", "attention output (out-proj input)", H * V, E5M6_BYTES if v3 else lin),
+             ("attention", "log-sum-exp (fp32)", H, 4.0),
+             ("ffn", "ffn norm input", D, a),
+             ("ffn", "ffn norm output (router/expert input)", 0 if rc else D, lin)]
     if not moe:
-        return {"attention": attn, "ffn": norm + 3 * m.intermediate_size, "routed_rows": 0}
-    F = m.moe_intermediate_size
-    return {"attention": attn, "ffn": norm + 2 * m.n_routed_experts + 3 * m.n_shared_experts * F,
-            "routed_rows": m.n_activated_experts * (2 * D + 3 * F)}
+        I = m.intermediate_size
+        return items + [("ffn", "SwiGLU inputs", 2 * I, swi), ("ffn", "SwiGLU output (down-proj input)",
+                                                                0 if v3 else I, lin)]
+    F, Fs, k = m.moe_intermediate_size, m.n_shared_experts * m.moe_intermediate_size, m.n_activated_experts
+    return items + [("ffn", "router scores (fp32)", m.n_routed_experts, 4.0),
+                    ("ffn", "shared SwiGLU inputs", 2 * Fs, swi),
+                    ("ffn", "shared SwiGLU output (down-proj input)", 0 if v3 else Fs, lin),
+                    ("routed_rows", "dispatched rows (w1/w3 input)", k * D, lin),
+                    ("routed_rows", "SwiGLU inputs", k * 2 * F, swi),
+                    ("routed_rows", "SwiGLU output (w2 input)", 0 if v3 else k * F, lin),
+                    ("routed_rows", "expert output (gate grad)", k * D if gate_rows else 0, a)]
 
 
-def layer_act_elems(m: ModelConfig, moe: bool, recompute: bool) -> float:
-    """Stored activation elements per token of one block (the sum of :func:`layer_act_parts`)."""
-    return sum(layer_act_parts(m, moe, recompute).values())
+def layer_act_parts(m: ModelConfig, moe: bool, policy: str) -> dict[str, float]:
+    """Stored activation bytes per token of one block, by part (attention, ffn, routed_rows)."""
+    out = {"attention": 0.0, "ffn": 0.0, "routed_rows": 0.0}
+    for part, _, n, b in act_items(m, moe, policy):
+        out[part] += n * b
+    return out
 
 
-def stage_act_bytes(cfg: Config, stage: int, recompute: bool) -> float:
+def layer_act_bytes(m: ModelConfig, moe: bool, policy: str, gate_rows: bool = True) -> float:
+    """Stored activation bytes per token of one block."""
+    return sum(n * b for _, _, n, b in act_items(m, moe, policy, gate_rows))
+
+
+def stage_act_bytes(cfg: Config, stage: int, policy: str, gate_rows: bool = True) -> float:
     """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk."""
     m, p = cfg.model, cfg.parallel
     n_st = num_stages(p.schedule, p.pp)
-    elems = sum(layer_act_elems(m, _is_moe(m, i), recompute) for i in stage_layers(m, n_st)[stage])
+    per_token = sum(layer_act_bytes(m, _is_moe(m, i), policy, gate_rows) for i in stage_layers(m, n_st)[stage])
     if stage == n_st - 1:
-        elems += m.vocab_size  # head logits
-        elems += m.mtp_depth * (layer_act_elems(m, m.is_moe, recompute) + 3 * m.hidden_size + m.vocab_size)
-    return elems * ACT_BYTES * cfg.train.micro_batch_size * cfg.train.seq_len
+        logits = m.vocab_size * ACT_BYTES
+        mtp_block = layer_act_bytes(m, m.is_moe, policy, gate_rows)
+        per_token += logits + m.mtp_depth * (mtp_block + 3 * m.hidden_size * ACT_BYTES + logits)
+    return per_token * cfg.train.micro_batch_size * cfg.train.seq_len
 
 
 @lru_cache(maxsize=8)
@@ -151,51 +187,81 @@ def _schedule(name: str, pp: int, n_micro: int) -> tuple[tuple, ...]:
     return tuple(tuple(a for a in acts if a.is_compute) for acts in build_schedule(name, pp, n_micro))
 
 
-def peak_act_bytes(cfg: Config, n_micro: int, recompute: bool) -> tuple[float, int]:
-    """(peak bytes, rank): the simulator's live-activation count in program order, weighted by each stage's bytes."""
+def rank_act_peaks(cfg: Config, n_micro: int, policy: str, gate_rows: bool = True) -> list[float]:
+    """Peak activation bytes of every pipeline rank: the live-activation count in program order (an FB pair holds
+    its new forward before its backward frees), weighted by each stage's bytes."""
     p = cfg.parallel
     n_st = num_stages(p.schedule, p.pp)
-    w = [stage_act_bytes(cfg, s, recompute) for s in range(n_st)]
+    w = [stage_act_bytes(cfg, s, policy, gate_rows) for s in range(n_st)]
     if p.pp == 1:
-        return w[0], 0
-    best = (0.0, 0)
-    for rank, acts in enumerate(_schedule(p.schedule, p.pp, n_micro)):
+        return [w[0]]
+    peaks = []
+    for acts in _schedule(p.schedule, p.pp, n_micro):
         live = peak = 0.0
         for a in acts:
             live += sum(w[x.stage] for x in a.parts if x.kind is Kind.F)
             peak = max(peak, live)
             live -= sum(w[x.stage] for x in a.parts if x.kind in (Kind.W, Kind.BW))
-        best = max(best, (peak, rank))
-    return best
+        peaks.append(peak)
+    return peaks
+
+
+def peak_act_bytes(cfg: Config, n_micro: int, policy: str, gate_rows: bool = True) -> tuple[float, int]:
+    """(peak bytes, rank) over the pipeline ranks."""
+    peaks = rank_act_peaks(cfg, n_micro, policy, gate_rows)
+    return max((b, r) for r, b in enumerate(peaks))
+
+
+def headline_policy(m: ModelConfig) -> str:
+    """The storage policy the plan's total uses: V3's for FP8 models, bf16 with V3's recompute otherwise."""
+    return "v3" if m.precision == "fp8" else "bf16_recompute"
+
+
+def _static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    wbytes = 4 if m.precision == "fp32" else 2
+    opt_per_elem = 4 + 2 * (2 if t.bf16_moments else 4)  # fp32 master + two moments
+    return {"parameters": prm.total * wbytes, "gradients": prm.total * GRAD_BYTES,
+            "optimizer": opt_per_elem * (prm.dense / p.dp + prm.expert / (p.dp // p.ep))}
 
 
 def memory_report(cfg: Config, n_micro: int) -> dict:
-    """Per-GPU memory (bytes) of the worst pipeline rank, with and without V3's recompute."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    """Per-GPU memory (bytes) under each activation storage policy. Totals are the largest over pipeline ranks of
+    that rank's parameters, gradients and optimizer shard plus its own activation peak."""
+    m, p = cfg.model, cfg.parallel
+    static_r = [sum(_static_bytes(cfg, rank_params(cfg, r)).values()) for r in range(p.pp)]
     rank, prm = worst_rank_params(cfg)
-    wbytes = 4 if m.precision == "fp32" else 2
-    moment_bytes = 2 if t.bf16_moments else 4
-    opt_per_elem = 4 + 2 * moment_bytes  # fp32 master + two moments
-    edp = p.dp // p.ep
-    optimizer = opt_per_elem * (prm.dense / p.dp + prm.expert / edp)
-    static = {"parameters": prm.total * wbytes, "gradients": prm.total * GRAD_BYTES, "optimizer": optimizer}
-    act = {}
-    for name, rc in (("recompute", True), ("no_recompute", False)):
-        peak, act_rank = peak_act_bytes(cfg, n_micro, rc)
-        per_layer = {k: v * ACT_BYTES for k, v in layer_act_parts(m, m.is_moe, rc).items()}
-        act[name] = {"bytes": peak, "rank": act_rank, "moe_layer_bytes_per_token": per_layer}
-    static_total = sum(static.values())
+    static = _static_bytes(cfg, prm)
     capacity = cfg.cluster.memory_gb * GB
+
+    def worst(peaks: list[float]) -> tuple[float, int]:
+        return max((static_r[r] + peaks[r], r) for r in range(p.pp))
+
+    act, total, fits = {}, {}, {}
+    for policy in ACT_POLICIES:
+        peaks = rank_act_peaks(cfg, n_micro, policy)
+        peak = max(peaks)
+        total[policy], total_rank = worst(peaks)
+        act[policy] = {"bytes": peak, "rank": peaks.index(peak), "total_rank": total_rank,
+                       "moe_layer_bytes_per_token": layer_act_parts(m, m.is_moe, policy)}
+        fits[policy] = total[policy] <= capacity
+    head = headline_policy(m)
+    without, _ = worst(rank_act_peaks(cfg, n_micro, head, gate_rows=False))  # the unpublished assumption
     return {
         "worst_param_rank": rank,
         "param_copies": param_copies(p.schedule),
         "params_per_gpu": {"dense": prm.dense, "expert": prm.expert, "total": prm.total},
         "bytes": static,
-        "bytes_per_param": {"weights": wbytes, "gradients": GRAD_BYTES, "optimizer_master_and_moments": opt_per_elem},
+        "bytes_per_param": {"weights": static["parameters"] / max(prm.total, 1), "gradients": GRAD_BYTES,
+                            "optimizer_master_and_moments": 4 + 2 * (2 if cfg.train.bf16_moments else 4)},
         "activations": act,
-        "total_recompute": static_total + act["recompute"]["bytes"],
-        "total_no_recompute": static_total + act["no_recompute"]["bytes"],
+        "policy": head,
+        "total": total[head],
+        "fits": fits[head],
+        "total_per_policy": total,
+        "fits_per_policy": fits,
         "capacity": capacity,
-        "fits_recompute": static_total + act["recompute"]["bytes"] <= capacity,
-        "fits_no_recompute": static_total + act["no_recompute"]["bytes"] <= capacity,
+        "gate_grad_rows": {"total_without": without, "fits_without": without <= capacity},
+        "items_per_token": [{"part": part, "tensor": name, "elements": n, "bytes_per_element": b}
+                            for part, name, n, b in act_items(m, m.is_moe, head) if n],
     }

@@ -82,8 +82,10 @@ def test_v3_plan(tmp_path):
     assert mem["bytes"]["gradients"] == 4 * (dense + expert)  # fp32 gradients
     assert mem["bytes"]["optimizer"] == pytest.approx(8 * (dense / 128 + expert / 2))  # fp32 master + bf16 moments
     assert 5.0e9 < dense + expert < 5.6e9
-    assert isinstance(mem["fits_recompute"], bool) and mem["capacity"] == 80e9
-    assert 0 < mem["activations"]["recompute"]["bytes"] < mem["activations"]["no_recompute"]["bytes"]
+    assert isinstance(mem["fits"], bool) and mem["capacity"] == 80e9 and mem["policy"] == "v3"
+    a = mem["activations"]
+    assert 0 < a["v3"]["bytes"] < a["bf16_recompute"]["bytes"] < a["bf16"]["bytes"]
+    assert mem["gate_grad_rows"]["total_without"] < mem["total"] == mem["total_per_policy"]["v3"]
     assert r["topology"] == {"built": True, "backend": "fake", "world_size": 2048,
                              "mesh": {"pp": 16, "edp": 2, "ep": 64}}
     assert r["pipeline"]["peak_activations"] == 17  # DualPipe: PP + 1
@@ -161,3 +163,22 @@ def test_local_plan_memory_matches_a_real_local_run(tmp_path):
         assert params == mem["params_per_gpu"]["total"]
         assert param_bytes == mem["bytes"]["parameters"]
         assert opt_bytes == pytest.approx(mem["bytes"]["optimizer"], rel=0.01)  # ZeRO-1 padding aside
+
+
+def test_v3_activation_bytes_per_token_by_hand():
+    """Each storage policy's bytes per token of a V3 MoE layer, written out from the paper's dimensions."""
+    from hai.plan_memory import layer_act_parts
+
+    m = compose(V3).model
+    D, H, N, R, V, C, Q, E, k, F = 7168, 128, 128, 64, 128, 512, 1536, 256, 8, 2048
+    fp8 = 1 + 4 / 128
+    want = {
+        "bf16": {"attention": 2 * (2 * D + 2 * Q + (C + R) + C + 2 * H * (N + R) + H * V + H * V) + 4 * H,
+                 "ffn": 2 * (2 * D + 3 * F) + 4 * E, "routed_rows": 2 * k * (2 * D + 3 * F)},
+        "bf16_recompute": {"attention": 2 * (D + Q + C + R + H * V) + 4 * H,
+                           "ffn": 2 * (D + 3 * F) + 4 * E, "routed_rows": 2 * k * (2 * D + 3 * F)},
+        "v3": {"attention": 2 * (D + Q + C + R) + 1.5 * H * V + 4 * H,
+               "ffn": 2 * D + 4 * E + fp8 * 2 * F, "routed_rows": k * (fp8 * D + fp8 * 2 * F + 2 * D)},
+    }
+    for policy, parts in want.items():
+        assert layer_act_parts(m, True, policy) == pytest.approx(parts), policy
