@@ -48,7 +48,7 @@ ASSUMPTIONS = {
               "or communication buffers",
     "comm": "links at the cluster's nominal GB/s; DualPipe F&B hides EP all-to-all under compute "
             "(F&B = max(F+B compute, fwd+bwd comm)); 1F1B/ZB1P expose it; ZeRO-1 / copy-sync collectives exposed "
-            "at the step end; pipeline costs uniform at the slowest stage; non-GEMM ops (norms, RoPE, routing, "
+            "at the step end; pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and B); non-GEMM ops (norms, RoPE, routing, "
             "permutes) cost nothing; routing perfectly balanced",
 }
 
@@ -77,27 +77,43 @@ def build_fake_topology(topo: Topology) -> dict:
 # ---------------------------------------------------------------- step time
 
 
-def _chunk_costs(cfg: Config, stage_cost: str = "max") -> tuple[Costs, dict]:
-    """Uniform per-chunk simulator costs (seconds) at the slowest stage (``stage_cost="mean"``: the mean stage, a
-    sensitivity check), and the pieces they came from."""
+def _stage_costs(F: float, cf: float, cb: float, overlap: bool, p2p: float) -> Costs:
+    """One stage chunk: forward F (+ its EP comm), full backward B_OVER_F*F (+ comm), W; F&B overlaps the EP
+    all-to-alls of one chunk with the other's compute (DualPipe) or runs them back to back."""
+    Fx, Bx = F + cf, B_OVER_F * F + cb
+    FB = max((1 + B_OVER_F) * F, cf + cb) if overlap else Fx + Bx
+    return Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p)
+
+
+def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dict]:
+    """Simulator costs (seconds) and the pieces they came from. ``per_stage`` (the plan): every stage its own costs
+    (the uniform fields hold the slowest stage, for the report and the published formulas); ``max`` / ``mean``:
+    every stage priced as the slowest / the mean stage (sensitivity checks)."""
     p, c = cfg.parallel, cfg.cluster
     n_st = num_stages(p.schedule, p.pp)
     stages = []
     for s in range(n_st):
         fl = chunk_flops(cfg, s)
         stages.append({"F": chunk_compute_s(cfg, s), "comm": chunk_comm(cfg, fl["moe_layers"])})
-    agg = max if stage_cost == "max" else (lambda xs: sum(xs) / len(xs))
+    overlap = p.schedule in ("dualpipe", "dualpipev")
+    link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
+    p2p = p2p_bytes_per_chunk(cfg) / (link * 1e9)
+    agg = (lambda xs: sum(xs) / len(xs)) if stage_cost == "mean" else max
     F = agg([x["F"] for x in stages])
     cf = agg([x["comm"]["fwd"]["seconds"] for x in stages])
     cb = agg([x["comm"]["bwd"]["seconds"] for x in stages])
-    overlap = p.schedule in ("dualpipe", "dualpipev")
-    Fx, Bx = F + cf, B_OVER_F * F + cb
-    FB = max((1 + B_OVER_F) * F, cf + cb) if overlap else Fx + Bx
-    link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
-    costs = Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p_bytes_per_chunk(cfg) / (link * 1e9))
+    costs = _stage_costs(F, cf, cb, overlap, p2p)
+    per_stage = tuple(_stage_costs(x["F"], x["comm"]["fwd"]["seconds"], x["comm"]["bwd"]["seconds"], overlap, p2p)
+                      for x in stages)
+    compute_only = Costs(F=F, B=B_OVER_F * F, W=W_OVER_F * F, FB=(1 + B_OVER_F) * F,
+                         stages=tuple(_stage_costs(x["F"], 0.0, 0.0, True, 0.0) for x in stages))
+    if stage_cost == "per_stage":
+        costs = dataclasses.replace(costs, stages=per_stage)
+    else:
+        compute_only = dataclasses.replace(compute_only, stages=())
     worst = max(range(n_st), key=lambda s: stages[s]["comm"]["fwd"]["seconds"])
     return costs, {"F_compute": F, "comm_fwd": cf, "comm_bwd": cb, "overlap": overlap,
-                   "stage_F_compute": [x["F"] for x in stages],
+                   "stage_F_compute": [x["F"] for x in stages], "compute_only": compute_only,
                    "comm_worst_stage": stages[worst]["comm"]}
 
 
@@ -117,7 +133,8 @@ def _pipeline_section(name: str, pp: int, n_micro: int, costs: Costs, res) -> di
     """The same fields as ``pipeline.simulate.report`` (computed from one simulation)."""
     return {
         "schedule": name, "pp": pp, "micro_batches": n_micro, "stages": num_stages(name, pp),
-        "costs": asdict(costs), "step_time": res.step_time, "bubble": res.bubble,
+        "costs": {k: v for k, v in asdict(costs).items() if k != "stages"},
+        "stage_costs": [asdict(x) for x in costs.stages], "step_time": res.step_time, "bubble": res.bubble,
         "bubble_formula": bubble_formula(name, pp, costs) if pp > 1 else 0.0, "bubble_per_rank": res.bubble_per_rank,
         "busy_per_rank": res.busy, "peak_activations": res.peak,
         "peak_activations_per_rank": res.peak_activations, "param_copies": param_copies(name),
@@ -135,7 +152,7 @@ def _throughput(cfg: Config, step_s: float) -> dict:
             "gpu_hours_per_trillion_tokens": 1e12 / tps / 3600}
 
 
-def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, stage_cost: str = "max") -> dict:
+def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, stage_cost: str = "per_stage") -> dict:
     """``with_comm=False`` (the comparison variants) skips placing SEND/RECV; p2p latency is still charged."""
     p = cfg.parallel
     n_micro = n_micro_batches(cfg)
@@ -146,8 +163,17 @@ def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, s
     zero = zero1_bytes(cfg, mem["worst_param_rank"])
     zero_s = _zero_seconds(cfg, zero)
     step = res.step_time + zero_s
-    compute = n_micro * (1 + B_OVER_F) * parts["F_compute"]
-    busy = max(res.busy)
+    # the busiest rank's busy time, and how much of it is compute (the rest: EP comm that overlap did not hide)
+    co = parts["compute_only"]
+    if p.pp > 1:
+        compute_r = [0.0] * p.pp
+        for e in res.timeline:
+            if e.action.is_compute:
+                compute_r[e.rank] += co.of(e.action)
+    else:
+        compute_r = [n_micro * (co.F + co.B)]
+    r_busy = max(range(len(res.busy)), key=lambda r: res.busy[r])
+    busy, compute = res.busy[r_busy], compute_r[r_busy]
     out = {
         "pipeline": _pipeline_section(p.schedule, p.pp, n_micro, costs, res),
         "memory": mem,
@@ -245,12 +271,16 @@ def _published(cfg: Config, pred: dict) -> dict:
             "implied_gemm_efficiency": implied,
             "balanced_stages_tokens_per_s_per_gpu": balanced,
             "balanced_stages_ratio": balanced / PUBLISHED["tokens_per_s_per_gpu"],
-            "driver": f"compute dominates the predicted step and is priced at the slowest stage (forward "
-                      f"{max(stage_f) * 1e3:.1f} ms vs {min(stage_f) * 1e3:.1f} ms for the lightest; the last stage "
-                      f"also runs the bf16 head and MTP): with the mean stage the plan would give "
-                      f"{balanced / PUBLISHED['tokens_per_s_per_gpu']:.2f}x the published throughput. After stage "
-                      f"balance, GEMM_EFFICIENCY and the FP8 peak drive it (step ~ 1/efficiency while compute-bound); "
-                      f"the roofline omits non-GEMM ops, routing imbalance and kernel overheads"}
+            "driver": f"compute dominates the predicted step ({st['compute_s'] / st['step_time_s']:.0%}); every "
+                      f"stage is priced on its own (forward {min(stage_f) * 1e3:.1f}-{max(stage_f) * 1e3:.1f} ms: "
+                      f"the last stage also runs the bf16 head and MTP, and DualPipe puts it with the first "
+                      f"stage's embedding and dense layers on ranks 0 and PP-1), so the busiest ranks set the pace and the rest shows up as bubble; with every stage "
+                      f"at the mean the plan would give {balanced / PUBLISHED['tokens_per_s_per_gpu']:.2f}x the "
+                      f"published throughput. The assumption that moves it most is GEMM_EFFICIENCY (step ~ "
+                      f"1/efficiency while compute-bound; "
+                      + (f"{implied:.2f} would reproduce the published step" if implied else "no efficiency would")
+                      + "); the roofline also omits non-GEMM ops (norms, RoPE, routing, permutes), routing "
+                      "imbalance and kernel launch overheads, all of which make the real run slower"}
 
 
 def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -> dict:

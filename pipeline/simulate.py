@@ -67,6 +67,12 @@ class Costs:
 
     ``FB`` is the overlapped pair "F&B" (forward + full backward run together); overlap pays when ``FB < F + B``.
     Defaults: F=1, B=2 (B'=1, W=1), FB=2.5, p2p=0.
+
+    ``stages`` (optional): one ``Costs`` per stage, for pipelines whose stages differ (``hai plan``: embedding, dense
+    layers, head and MTP). An action then costs what its stage's entry says; an FB pair of forward stage f and
+    backward stage b costs ``FB_f * F_f / (F_f + B_f) + FB_b * B_b / (F_b + B_b)`` (each stage's F&B split in
+    proportion to its F and B: exact when F&B is compute-bound). The uniform fields then only summarize (``hai
+    plan`` puts the slowest stage there) and feed the published bubble formulas.
     """
 
     F: float = 1.0
@@ -74,17 +80,30 @@ class Costs:
     W: float = 1.0
     FB: float = 2.5
     p2p: float = 0.0
+    stages: tuple = ()
 
     def __post_init__(self) -> None:
-        for k, v in asdict(self).items():
-            if v < 0:
-                raise ValueError(f"cost {k}={v} must be >= 0")
+        for k in ("F", "B", "W", "FB", "p2p"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"cost {k}={getattr(self, k)} must be >= 0")
         if self.W > self.B:
             raise ValueError(f"cost W={self.W} is part of the full backward B={self.B}: need W <= B")
+        if self.stages and not all(isinstance(c, Costs) for c in self.stages):  # e.g. from JSON: dicts
+            object.__setattr__(self, "stages", tuple(c if isinstance(c, Costs) else Costs(**c) for c in self.stages))
 
     def of(self, a: Action) -> float:
+        if self.stages and a.is_compute:
+            if a.kind is Kind.FB:
+                f, b = self.stages[a.stage], self.stages[a.b_stage]
+                return f.FB * f.F / ((f.F + f.B) or 1.0) + b.FB * b.B / ((b.F + b.B) or 1.0)
+            return self.stages[a.stage].of(a)
         return {Kind.F: self.F, Kind.B: self.B - self.W, Kind.W: self.W, Kind.BW: self.B,
                 Kind.FB: self.FB}.get(a.kind, 0.0)
+
+    def with_floor(self, eps: float) -> "Costs":
+        """These costs with zero durations raised to ``eps`` (so every action takes time in a timing run)."""
+        return Costs(F=self.F or eps, B=max(self.B, self.W + eps), W=self.W or eps, FB=self.FB or eps, p2p=self.p2p,
+                     stages=tuple(c.with_floor(eps) for c in self.stages))
 
 
 @dataclass(frozen=True)
@@ -256,8 +275,8 @@ def add_send_recv(schedules: list[list[Action]], costs: Optional[Costs] = None) 
     """
     base = compute_only(schedules)
     c = costs or Costs()
-    eps = 1e-6 * max(c.F, c.B, c.FB, 1.0)
-    timing = Costs(F=c.F or eps, B=max(c.B, c.W + eps), W=c.W or eps, FB=c.FB or eps, p2p=c.p2p)
+    eps = 1e-6 * max(c.F, c.B, c.FB, *(max(x.F, x.B, x.FB) for x in c.stages), 1.0)
+    timing = c.with_floor(eps)
     engine = _Engine(base, timing)
     if engine.run():
         validate(base)  # raises with the grid

@@ -117,7 +117,7 @@ def test_pp8_dualpipe_json_pipeline_section_and_pictures(tmp_path, capsys):
                 "published_check", "assumptions", "files"):
         assert key in r, key
     sec = r["pipeline"]
-    ref = report("dualpipe", 8, 20, Costs(**sec["costs"]))
+    ref = report("dualpipe", 8, 20, Costs(**sec["costs"], stages=sec["stage_costs"]))
     for key in ("step_time", "bubble", "bubble_formula", "peak_activations", "peak_activations_per_rank", "stages",
                 "param_copies", "bubble_per_rank", "busy_per_rank"):
         assert sec[key] == pytest.approx(ref[key]), key

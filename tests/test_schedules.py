@@ -390,3 +390,26 @@ def test_chrome_trace_and_gantt(tmp_path):
 if __name__ == "__main__" and "--regen-golden" in sys.argv:
     GOLDEN.write_text(to_text(build_schedule("dualpipe", 8, 20), GOLDEN_HEADER))
     print(f"wrote {GOLDEN}")
+
+
+def test_per_stage_costs():
+    """Stage-dependent costs: equal stages give the uniform result; unequal ones a hand-timed 1F1B."""
+    from hai.pipeline import Costs, simulate_schedule
+
+    c = Costs(F=1, B=2, W=1, FB=2.5, p2p=0.1)
+    for name, pp in (("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 2)):
+        n_st = 2 * pp if name == "dualpipev" else pp
+        staged = Costs(F=1, B=2, W=1, FB=2.5, p2p=0.1, stages=(c,) * n_st)
+        a, b = simulate_schedule(name, pp, 8, c), simulate_schedule(name, pp, 8, staged)
+        assert a.step_time == pytest.approx(b.step_time) and a.busy == pytest.approx(b.busy), name
+    # pp=2 1F1B, 2 micro-batches, stage 1 three times as slow. Rank 0: F F . . B . B; rank 1: F B F B.
+    # r1: F(1,0) [1,4] B(1,0) [4,10] F(1,1) [10,13] B(1,1) [13,19]; r0: B(0,0) [10,12], B(0,1) [19,21].
+    staged = Costs(p2p=0.0, stages=(Costs(F=1, B=2, W=1, FB=3), Costs(F=3, B=6, W=3, FB=9)))
+    res = simulate_schedule("1f1b", 2, 2, staged)
+    assert res.step_time == pytest.approx(21.0)
+    assert res.busy == pytest.approx([6.0, 18.0])
+    # an FB pair splits each stage's F&B in proportion to its F and B
+    from hai.pipeline.schedules import Action, Kind
+
+    fb = Action(Kind.FB, 0, 1, b_stage=1, b_micro_batch=0)
+    assert staged.of(fb) == pytest.approx(3 * 1 / 3 + 9 * 6 / 9)
