@@ -7,7 +7,8 @@ another chunk's backward.
 * Interleaving a forward chunk with another chunk's backward gives bitwise the results of running them one after
   the other, and the seams really alternate: after each collective one chunk issues, the other chunk computes
   before the first waits for it.
-* In the trainer: pp=2 DualPipe x dp=2 x ep=2, interleaved FB == sequential FB bitwise over 2 steps.
+* In the trainer: pp=2 DualPipe x dp=2 x ep=2, interleaved FB == sequential FB bitwise over 2 steps, with the
+  plain and the FP8 dispatch wire format.
 """
 
 import pytest
@@ -127,11 +128,11 @@ def _train_rank(rank, world, overrides, sequential):
     return losses, params, [[c for c, _, _ in fb] for fb in trainer.pipeline.seam_log]
 
 
-@pytest.mark.parametrize("schedule", ["dualpipe"])
-def test_trainer_interleaved_fb_equals_sequential(schedule, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["parallel.fp8_dispatch=true"]], ids=["bf16_wire", "fp8_dispatch"])
+def test_trainer_interleaved_fb_equals_sequential(extra, tmp_path):
     overrides = ["model=tiny", "train=test", "cluster=cpu1", "parallel=single", "wandb.mode=disabled",
                  "cluster.gpus_per_node=4", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
-                 f"parallel.schedule={schedule}", "train.global_batch_size=16", f"out_dir={tmp_path}"]
+                 "parallel.schedule=dualpipe", "train.global_batch_size=16", f"out_dir={tmp_path}", *extra]
     inter = run_ranks(_train_rank, 4, overrides, False)
     seq = run_ranks(_train_rank, 4, overrides, True)
     for (l1, p1, fbs), (l2, p2, _) in zip(inter, seq):
