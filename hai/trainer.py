@@ -185,7 +185,8 @@ class Trainer:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
-            sink = MetricsSink(cfg.out_dir, asdict(cfg), cfg.wandb, cfg.train.steps, self.step, cfg.train.progress)
+            sink = MetricsSink(cfg.out_dir, asdict(cfg), cfg.wandb, cfg.train.steps, self.step, cfg.train.progress,
+                               resumed=resumed is not None)
             if resumed is not None:
                 sink.event("resumed", **resumed)
         first = last = None
