@@ -20,7 +20,8 @@ commands:
   prepare   tokenize text files into a HAI token file (data.source=..., data.path=...)
 
 overrides are Hydra's: group=option (model=deepseek_v3_671b cluster=h800_2048 parallel=v3_2048 train=demo)
-and key=value (train.steps=50 parallel.dp=2 out_dir=runs/x wandb.mode=disabled output=json)."""
+and key=value (train.steps=50 parallel.dp=2 out_dir=runs/x wandb.mode=disabled output=json).
+flags: --slurm (launcher.kind=slurm), --dry-run (dry_run=true), --json (output=json)."""
 
 
 def _under_torchrun() -> bool:
@@ -84,12 +85,16 @@ def cmd_plan(cfg, overrides: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "plan": cmd_plan, "account": cmd_account, "prepare": cmd_prepare}
 
 
+# Flag spellings of common overrides (DESIGN: `hai launch --slurm`, `--dry-run`); anything else is Hydra syntax.
+FLAGS = {"--slurm": "launcher.kind=slurm", "--dry-run": "dry_run=true", "--json": "output=json"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    cmd, overrides = argv[0], argv[1:]
+    cmd, overrides = argv[0], [FLAGS.get(a, a) for a in argv[1:]]
     if cmd not in COMMANDS:
         print(f"hai: unknown command {cmd!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -181,3 +181,12 @@ def test_two_node_torchrun_launch_on_localhost(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_flag_spellings_equal_their_overrides(capsys):
+    """DESIGN's `hai launch --slurm --dry-run` is the same request as launcher.kind=slurm dry_run=true."""
+    ov = ["cluster=h800_2048", "model=deepseek_v3_671b", "parallel=v3_2048", "train=v3_pretrain", "out_dir=/scratch/v3"]
+    assert main(["launch", *ov, "--slurm", "--dry-run"]) == 0
+    flags = capsys.readouterr().out
+    assert main(["launch", *ov, "launcher.kind=slurm", "dry_run=true"]) == 0
+    assert flags == capsys.readouterr().out and "#SBATCH --nodes=256" in flags
