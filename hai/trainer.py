@@ -143,12 +143,23 @@ class Trainer:
         spread = torch.stack([r.bias.max() - r.bias.min() for r in routers]).max().item()
         return {"expert_load_max_violation": violation, "router_bias_spread": spread}
 
+    def _ep_blocked_s(self) -> float | None:
+        """Host seconds this rank spent blocked in expert-parallel collectives since the last call (None: no EP)."""
+        clocks = [m.dispatcher.links for m in self.model.moe_layers() if hasattr(m.dispatcher, "links")]
+        if not clocks:
+            return None
+        total = sum(c.blocked_s for c in clocks)
+        for c in clocks:
+            c.blocked_s = 0.0
+        return total
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         mbs = self.sampler.micro_batches(self.step, self.coords["dp"], self.topo.dp, self.cfg.train.micro_batch_size)
         sums = self.forward_backward(mbs)
         t1 = time.perf_counter()
+        ep_blocked = self._ep_blocked_s()
         result = self.optimizer.step(lr)
         self.optimizer.zero_grad()
         balance = self._update_router_biases(apply=not result.skipped)
@@ -160,6 +171,8 @@ class Trainer:
         rec = {"step": self.step, "loss": sums[0].item() / n, "mtp_loss": sums[1].item() / n, "lr": lr,
                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
                "optimizer_s": t2 - t1, **balance}
+        if ep_blocked is not None:  # host time blocked in EP all-to-alls (gloo: exposed comm; NCCL: launch only)
+            rec["ep_comm_blocked_s"] = ep_blocked
         if self.pipeline is not None:  # this rank's idle share of the pipelined forward/backward
             busy = sum(e.end - e.start for e in self.pipeline.timeline)
             rec["pipeline_bubble_fraction"] = max(0.0, 1.0 - busy / (t1 - t0))

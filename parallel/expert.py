@@ -210,7 +210,8 @@ class EPDispatcher:
         """One hop: send row i to every rank p with mask[i, p]; exchange split sizes, then the metadata rows."""
         _, send_idx = mask_NP.t().nonzero(as_tuple=True)  # grouped by destination rank, rows ascending
         send = mask_NP.sum(0)
-        recv, _ = a2a(send, [1] * self.ep, [1] * self.ep, self.group)
+        with self.links.blocking():
+            recv, _ = a2a(send, [1] * self.ep, [1] * self.ep, self.group)
         hop = Hop(send_idx, send.tolist(), recv.tolist(), meta_NM.shape[0])
         self.links.count(route.traffics, "meta", [1] * self.ep, send.element_size())
         recv_meta, _ = route.send(meta_NM.index_select(0, send_idx), hop.send_splits, hop.recv_splits, "meta")

@@ -17,6 +17,8 @@ P ep ranks.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,10 +59,21 @@ def a2a(buf: torch.Tensor, send_splits: list[int], recv_splits: list[int], group
 
 
 class Links:
-    """Classifies ep ranks by node (group rank a is on node a // ranks_per_node) and counts bytes per link class."""
+    """Classifies ep ranks by node (group rank a is on node a // ranks_per_node), counts bytes per link class, and
+    the host time spent blocked in this dispatcher's collectives (``blocked_s``: on gloo the exposed communication
+    time; NCCL collectives do not block the host, so there it is only launch overhead)."""
 
     def __init__(self, rank: int, ranks_per_node: int):
         self.rank, self.ranks_per_node = rank, ranks_per_node
+        self.blocked_s = 0.0
+
+    @contextmanager
+    def blocking(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.blocked_s += time.perf_counter() - t0
 
     def node_of(self, r: int) -> int:
         return r // self.ranks_per_node
@@ -142,7 +155,10 @@ class Route:
     def send(self, buf: torch.Tensor, send: list[int], recv: list[int], phase: str, async_op: bool = False):
         """One all-to-all of rows, counted under ``phase``."""
         self.links.count(self.traffics, phase, send, _row_bytes(buf) if buf.shape[0] else 0)
-        return a2a(buf, send, recv, self.group, async_op)
+        if async_op:
+            return a2a(buf, send, recv, self.group, True)
+        with self.links.blocking():
+            return a2a(buf, send, recv, self.group, False)
 
     def gather(self, x_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Copy rows forward; the first hop is issued now (async if asked), the returned call finishes the rest."""
@@ -153,7 +169,8 @@ class Route:
         def finish() -> torch.Tensor:
             b = out
             if work is not None:
-                work.wait()
+                with self.links.blocking():
+                    work.wait()
             for h in self.hops[1:]:
                 b, _ = self.send(b.index_select(0, h.send_idx), h.send_splits, h.recv_splits, phase, False)
             return codec.decode(b)
@@ -167,7 +184,8 @@ class Route:
 
         def finish() -> torch.Tensor:
             if work is not None:
-                work.wait()
+                with self.links.blocking():
+                    work.wait()
             b = _sum_rows(codec.decode(out), hl)
             for h in reversed(self.hops[:-1]):
                 b, _ = self.send(codec.encode(b), h.recv_splits, h.send_splits, phase, False)

@@ -123,9 +123,11 @@ def _train_rank(rank, world, overrides, sequential):
     topo = Topology.from_config(cfg)
     trainer = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
     trainer.pipeline.fb_sequential = sequential
-    losses = [trainer.train_step()["loss"] for _ in range(2)]
+    recs = [trainer.train_step() for _ in range(2)]
+    # the exposed (host-blocked) EP communication is logged and is part of the forward/backward time
+    assert all(0 < r["ep_comm_blocked_s"] < r["forward_backward_s"] for r in recs), recs
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return losses, params, [[c for c, _, _ in fb] for fb in trainer.pipeline.seam_log]
+    return [r["loss"] for r in recs], params, [[c for c, _, _ in fb] for fb in trainer.pipeline.seam_log]
 
 
 @pytest.mark.parametrize("extra", [[], ["parallel.fp8_dispatch=true"]], ids=["bf16_wire", "fp8_dispatch"])
