@@ -34,6 +34,22 @@ from hai.parallel.expert import EPDispatcher, shard_experts
 from hai.pipeline.overlap import Tape, block_forward, run_fb
 
 
+class _Slow(Pending):
+    """``inner``, whose result is not handed out before ``due`` (perf_counter seconds)."""
+
+    def __init__(self, inner: Pending, due: float):
+        super().__init__(None)
+        self.inner, self.due = inner, due
+
+    def step(self) -> bool:
+        return self.inner.step()
+
+    def wait(self):
+        out = self.inner.wait()
+        time.sleep(max(0.0, self.due - time.perf_counter()))
+        return out
+
+
 class SlowLink:
     """Wraps a dispatcher: every raw seam's ``wait()`` returns no earlier than ``latency`` s after it was issued."""
 
@@ -44,14 +60,7 @@ class SlowLink:
         return getattr(self.inner, name)
 
     def _slow(self, pending: Pending) -> Pending:
-        due = time.perf_counter() + self.latency
-
-        def finish():
-            out = pending.wait()
-            time.sleep(max(0.0, due - time.perf_counter()))
-            return out
-
-        return Pending(finish)
+        return _Slow(pending, time.perf_counter() + self.latency)
 
     def dispatch_start(self, *a):
         handle, pending = self.inner.dispatch_start(*a)

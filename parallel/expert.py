@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hai.model.moe import Pending, gather_rows, scatter_rows
+from hai.model.moe import Joint, Pending, gather_rows, scatter_rows
 from hai.parallel.expert_comm import (CastCodec, Fp8Codec, GatherFn, Hop, Links, ReduceFn, Route, a2a,
                                       new_traffic, resolve_quant_1x128)
 
@@ -162,29 +162,29 @@ class EPDispatcher:
 
     # ------------------------------------------------------------------------------------------------ raw seams
     # The same collectives and wire formats as dispatch/combine and their autograd backward, without autograd: the
-    # caller (hai.pipeline.overlap) computes between them and drives the backward itself. Every one is issued async.
+    # caller (hai.pipeline.overlap) computes between them and drives the backward itself. Each hop of the payload
+    # all-to-alls is issued asynchronously (``Pending.step()`` issues the next hop of a hierarchical route); the
+    # routing-metadata exchange at the start of a dispatch (split sizes and rows, a few bytes per token) blocks.
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK) -> tuple[EPHandle, Pending]:
         """Plan (blocking metadata exchange) and issue the dispatch; ``wait()`` gives (x_ND, w_NK) buffer rows."""
         handle = self._plan(topk_idx_TK)
-        x_fin = handle.route.gather(x_TD.detach(), self._x_codec(x_TD), "dispatch", True)
-        w_fin = handle.route.gather(topk_weight_TK.detach().float(), _FP32, "meta", True)
-        return handle, Pending(lambda: (x_fin(), w_fin()))
+        route = handle.route
+        return handle, Joint(route.gather_chain(x_TD.detach(), self._x_codec(x_TD), "dispatch"),
+                             route.gather_chain(topk_weight_TK.detach().float(), _FP32, "meta"))
 
     def dispatch_backward_start(self, g_x_ND, g_w_NK, handle: EPHandle) -> Pending:
         """Send the gradients of the buffer rows back, summing copies; ``wait()`` gives (g_x_TD, g_w_TK)."""
         (xc, xp), (wc, wp) = self._dispatch_bwd(g_x_ND.dtype)
-        fx = handle.route.reduce(g_x_ND.contiguous(), xc, xp, True)
-        fw = handle.route.reduce(g_w_NK.float().contiguous(), wc, wp, True)
-        return Pending(lambda: (fx(), fw()))
+        return Joint(handle.route.reduce_chain(g_x_ND.contiguous(), xc, xp),
+                     handle.route.reduce_chain(g_w_NK.float().contiguous(), wc, wp))
 
     def combine_start(self, z_ND, handle: EPHandle) -> Pending:
         """Issue the combine of pre-summed rows; ``wait()`` gives out_TD."""
-        return Pending(handle.route.reduce(z_ND.detach(), self._y_codec(z_ND.dtype), "combine", True))
+        return handle.route.reduce_chain(z_ND.detach(), self._y_codec(z_ND.dtype), "combine")
 
     def combine_backward_start(self, g_out_TD, handle: EPHandle) -> Pending:
         """Send the output gradient along the dispatch route; ``wait()`` gives g_z_ND."""
-        return Pending(handle.route.gather(g_out_TD.contiguous(), self._y_codec(g_out_TD.dtype), "combine_bwd",
-                                           True))
+        return handle.route.gather_chain(g_out_TD.contiguous(), self._y_codec(g_out_TD.dtype), "combine_bwd")
 
     # ------------------------------------------------------------------------------------------------ planning
     def _plan(self, topk_idx_TK: torch.Tensor) -> EPHandle:

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hai.model.moe import Chain
+
 __all__ = ["Hop", "Route", "Links", "CastCodec", "Fp8Codec", "GatherFn", "ReduceFn", "quant_1x128_torch",
            "resolve_quant_1x128", "new_traffic", "TRAFFIC_PHASES"]
 
@@ -162,37 +164,48 @@ class Route:
 
     def gather(self, x_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Copy rows forward; the first hop is issued now (async if asked), the returned call finishes the rest."""
-        h0 = self.hops[0]
-        out, work = self.send(codec.encode(x_ND).index_select(0, h0.send_idx), h0.send_splits, h0.recv_splits,
-                              phase, async_op)
-
-        def finish() -> torch.Tensor:
-            b = out
-            if work is not None:
-                with self.links.blocking():
-                    work.wait()
-            for h in self.hops[1:]:
-                b, _ = self.send(b.index_select(0, h.send_idx), h.send_splits, h.recv_splits, phase, False)
-            return codec.decode(b)
-
-        return finish
+        chain = self.gather_chain(x_ND, codec, phase)
+        if async_op:
+            return chain.wait
+        out = chain.wait()
+        return lambda: out
 
     def reduce(self, z_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Send rows back along the hops, summing the copies of each row (in ``codec.out``) after every hop."""
-        hl = self.hops[-1]
-        out, work = self.send(codec.encode(z_ND), hl.recv_splits, hl.send_splits, phase, async_op)
+        chain = self.reduce_chain(z_ND, codec, phase)
+        if async_op:
+            return chain.wait
+        out = chain.wait()
+        return lambda: out
 
-        def finish() -> torch.Tensor:
-            if work is not None:
-                with self.links.blocking():
-                    work.wait()
-            b = _sum_rows(codec.decode(out), hl)
-            for h in reversed(self.hops[:-1]):
-                b, _ = self.send(codec.encode(b), h.recv_splits, h.send_splits, phase, False)
-                b = _sum_rows(codec.decode(b), h)
-            return b
+    def gather_chain(self, x_ND: torch.Tensor, codec, phase: str) -> Chain:
+        """``gather`` as a :class:`Chain`: every hop issued asynchronously once the previous one has arrived."""
+        return Chain(self._gather_hops(x_ND, codec, phase))
 
-        return finish
+    def reduce_chain(self, z_ND: torch.Tensor, codec, phase: str) -> Chain:
+        return Chain(self._reduce_hops(z_ND, codec, phase))
+
+    def _gather_hops(self, x_ND, codec, phase):
+        b = codec.encode(x_ND)
+        for h in self.hops:
+            out, work = self.send(b.index_select(0, h.send_idx), h.send_splits, h.recv_splits, phase, True)
+            del b
+            yield
+            with self.links.blocking():
+                work.wait()
+            b = out
+        return codec.decode(b)
+
+    def _reduce_hops(self, z_ND, codec, phase):
+        b = z_ND
+        for h in reversed(self.hops):
+            out, work = self.send(codec.encode(b), h.recv_splits, h.send_splits, phase, True)
+            del b
+            yield
+            with self.links.blocking():
+                work.wait()
+            b = _sum_rows(codec.decode(out), h)
+        return b
 
 
 def _sum_rows(rows_SW: torch.Tensor, hop: Hop) -> torch.Tensor:

@@ -14,11 +14,11 @@ action runs (zero-bubble split); BW is a full backward; FB is the forward of one
 another. Consecutive SEND/RECV actions are issued as one ``batch_isend_irecv`` and waited before the next compute
 action. Every action is recorded in ``timeline``.
 
-With ``overlap=True`` (the default) every stage forward is recorded on a :class:`~hai.pipeline.overlap.Tape` cut at
-the MoE all-to-all seams, and an FB action interleaves the two chunks so that each one's dispatch/combine (or their
-gradients) is in flight while the other computes (``hai.pipeline.overlap``); ``fb_sequential=True`` runs the same
-segments one chunk after the other (bitwise the same results: the identity test). ``overlap=False`` runs each
-stage as one autograd graph.
+With ``overlap=True`` (the default), when the schedule has FB actions and the stages hold expert-parallel MoE blocks,
+every stage forward is recorded on a :class:`~hai.pipeline.overlap.Tape` cut at the MoE all-to-all seams, and an FB
+action interleaves the two chunks so that each one's dispatch/combine (or their gradients) is in flight while the
+other computes (``hai.pipeline.overlap``); ``fb_sequential=True`` runs the same segments one chunk after the other
+(bitwise the same results: the identity test). Otherwise each stage runs as one autograd graph.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from torch import nn
 from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore
 from hai.parallel.topology import stage_layer_split
-from hai.pipeline.overlap import Tape, block_forward, run_fb
+from hai.model.moe import LocalDispatcher
+from hai.pipeline.overlap import Tape, block_forward, run_fb, supports_seams
 from hai.pipeline.schedules import Action, Kind, build_schedule, num_stages, rank_stages
 from hai.pipeline.simulate import add_send_recv
 from hai.pipeline.trace import Event, save_chrome_trace, save_gantt_png
@@ -77,7 +78,7 @@ class PipelineExecutor:
     def __init__(self, model: Transformer, schedule: str, pp_rank: int, pp: int, n_micro: int, pp_group,
                  pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float, overlap: bool = True):
         self.model, self.name, self.pp_rank, self.pp, self.n_micro = model, schedule, pp_rank, pp, n_micro
-        self.overlap, self.fb_sequential = overlap, False
+        self.fb_sequential = False
         self.seam_log: list[list] = []  # per FB action of the last step: (chunk "F"/"B", seam, time) (overlap mode)
         self.group, self.pp_ranks, self.act_shape, self.loss_scale = pp_group, pp_ranks, act_shape, loss_scale
         self.n_stages = num_stages(schedule, pp)
@@ -86,6 +87,11 @@ class PipelineExecutor:
         schedules = build_schedule(schedule, pp, n_micro)
         self.actions = add_send_recv(schedules)[pp_rank]
         self.owner = self._stage_owners(schedules)
+        # the tape pays only where an FB pair has all-to-alls to overlap: FB actions and expert parallelism
+        has_fb = any(a.kind is Kind.FB for a in self.actions)
+        self.overlap = overlap and has_fb and any(
+            supports_seams(model.layers[i]) and not isinstance(model.layers[i].ffn.dispatcher, LocalDispatcher)
+            for s in self.stages for i in self.layers[s])
         self.store = WeightGradStore()
         for m in model.modules():
             if hasattr(m, "wgrad_store"):

@@ -28,6 +28,7 @@ single compute segments.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -39,86 +40,175 @@ from hai.model.moe import MoE, Pending
 __all__ = ["Tape", "block_forward", "run_fb", "supports_seams"]
 
 
+class _Box:
+    """Gradients handed across a cut: ``grad`` of one segment input, ``grads`` of one segment's outputs."""
+
+    __slots__ = ("grad", "grads")
+
+    def __init__(self) -> None:
+        self.grad, self.grads = None, None
+
+
+class _Cut(torch.autograd.Function):
+    """Segment input: a view of a detached value whose backward puts the incoming gradient into ``box``. Unlike a
+    ``detach().requires_grad_()`` leaf it saves nothing, so the value's storage lives only as long as the segment's
+    own ops save it (as in one autograd graph)."""
+
+    @staticmethod
+    def forward(ctx, anchor, value, box):
+        ctx.box = box
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.box.grad = grad if ctx.box.grad is None else ctx.box.grad + grad
+        return None, None, None
+
+
+class _Exit(torch.autograd.Function):
+    """Segment outputs gathered under one scalar root: backward hands the gradients put in ``box.grads`` to the
+    outputs. The tape keeps the scalar, not the outputs (autograd saves what the ops need)."""
+
+    @staticmethod
+    def forward(ctx, box, *outputs):
+        ctx.box = box
+        return outputs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grads, ctx.box.grads = ctx.box.grads, None
+        return (None, *grads)
+
+
 @dataclass
 class _Compute:
-    inputs: list[tuple[torch.Tensor, torch.Tensor]]  # (value it was cut from, leaf the segment computed on)
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    seeds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (tensor, its constant gradient)
+    inputs: list[tuple[int, _Box]]  # (serial of the value cut, the box its gradient arrives in)
+    outputs: list[int] = field(default_factory=list)  # serials of the outputs, in _Exit's order
+    root: torch.Tensor | None = None  # _Exit's scalar
+    box: _Box | None = None
+    seeds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (scalar, its constant gradient)
 
 
 @dataclass
 class _Comm:
     name: str
-    inputs: list[torch.Tensor]
-    outputs: list[torch.Tensor]
+    inputs: list[tuple[int, torch.dtype, bool]]  # (serial, dtype, carries gradient)
+    outputs: list[tuple[int, torch.Size, torch.dtype, torch.device]]  # (serial, shape, dtype, device)
     backward: Callable[[list[torch.Tensor]], Pending]  # output gradients -> Pending(input gradient(s))
 
 
 class Tape:
-    """One chunk's forward as compute segments and communication nodes; ``backward`` replays it in reverse."""
+    """One chunk's forward as compute segments and communication nodes; ``backward`` replays it in reverse.
+
+    Values are known by a serial number (``id`` plus a weak reference, so a freed tensor's reused ``id`` is a new
+    value); the tape itself holds no activation: gradients cross cuts through :class:`_Cut` / :class:`_Exit`.
+    """
 
     def __init__(self) -> None:
         self.nodes: list[_Compute | _Comm] = []
-        self._diff: set[int] = set()  # ids of communication outputs that carry gradient
+        self._serials: dict[int, tuple[int, weakref.ref]] = {}
+        self._next = 0
+        self._diff: set[int] = set()  # serials of communication outputs that carry gradient
         self._grads: dict[int, torch.Tensor] = {}
+        self._anchor = torch.zeros((), requires_grad=True)  # gives every cut a graph node
+
+    def _serial(self, t: torch.Tensor) -> int:
+        hit = self._serials.get(id(t))
+        if hit is not None and hit[1]() is t:
+            return hit[0]
+        self._next += 1
+        self._serials[id(t)] = (self._next, weakref.ref(t))
+        return self._next
 
     def _requires_grad(self, t: torch.Tensor) -> bool:
-        return t.requires_grad or id(t) in self._diff
+        return t.requires_grad or self._serial(t) in self._diff
 
     # ---------------------------------------------------------------------------------------- forward
     def begin(self, *values: torch.Tensor) -> list[torch.Tensor]:
-        """Start a compute segment on ``values``; returns the leaves to compute on."""
-        leaves = [v.detach().requires_grad_(self._requires_grad(v)) for v in values]
-        self.nodes.append(_Compute(list(zip(values, leaves))))
-        return leaves
+        """Start a compute segment on ``values``; returns the tensors to compute on."""
+        node = _Compute([])
+        cuts = []
+        for v in values:
+            if self._requires_grad(v):
+                box = _Box()
+                node.inputs.append((self._serial(v), box))
+                cuts.append(_Cut.apply(self._anchor, v.detach(), box))
+            else:
+                cuts.append(v.detach())
+        self.nodes.append(node)
+        return cuts
 
     def end(self, *outputs: torch.Tensor | None, seeds=()) -> None:
-        """Close the segment begun last: ``outputs`` feed later nodes; ``seeds`` are (tensor, gradient) pairs with a
+        """Close the segment begun last: ``outputs`` feed later nodes; ``seeds`` are (scalar, gradient) pairs with a
         fixed gradient (the balance loss)."""
         node = self.nodes[-1]
-        assert isinstance(node, _Compute) and not node.outputs, "end() without begin()"
-        node.outputs = [o for o in outputs if o is not None and o.requires_grad]
+        assert isinstance(node, _Compute) and node.root is None and not node.seeds, "end() without begin()"
+        outs = [o for o in outputs if o is not None and o.requires_grad]
+        if outs:
+            node.outputs, node.box = [self._serial(o) for o in outs], _Box()
+            node.root = _Exit.apply(node.box, *outs)
         node.seeds = list(seeds)
 
-    def comm(self, name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
-             backward: Callable[[list[torch.Tensor]], Pending]) -> None:
-        """Record a finished communication ``inputs -> outputs`` and how to send gradients back."""
-        self.nodes.append(_Comm(name, list(inputs), list(outputs), backward))
-        if any(self._requires_grad(t) for t in inputs):
-            self._diff.update(id(t) for t in outputs)
+    def comm(self, name: str, inputs: list[torch.Tensor], backward: Callable[[list[torch.Tensor]], Pending]) -> _Comm:
+        """Record a communication of ``inputs`` (call it when issuing it) and how to send gradients back; pass its
+        results to :meth:`comm_done` when they arrive."""
+        node = _Comm(name, [(self._serial(t), t.dtype, self._requires_grad(t)) for t in inputs], [], backward)
+        self.nodes.append(node)
+        return node
+
+    def comm_done(self, node: _Comm, outputs: list[torch.Tensor]) -> None:
+        node.outputs = [(self._serial(t), t.shape, t.dtype, t.device) for t in outputs]
+        if any(diff for _, _, diff in node.inputs):
+            self._diff.update(s for s, *_ in node.outputs)
 
     # ---------------------------------------------------------------------------------------- backward
-    def _add(self, value: torch.Tensor, grad: torch.Tensor) -> None:
-        key = id(value)
-        self._grads[key] = grad if key not in self._grads else self._grads[key] + grad
+    def _add(self, serial: int, grad: torch.Tensor) -> None:
+        self._grads[serial] = grad if serial not in self._grads else self._grads[serial] + grad
+
+    def _backward_compute(self, node: _Compute) -> None:
+        grads = [self._grads.pop(s, None) for s in node.outputs]
+        roots, root_grads = [], []
+        if any(g is not None for g in grads):
+            node.box.grads = grads
+            roots.append(node.root)
+            root_grads.append(torch.zeros_like(node.root))
+        for t, g in node.seeds:
+            roots.append(t)
+            root_grads.append(g)
+        if roots:
+            torch.autograd.backward(roots, root_grads)
+        for serial, box in node.inputs:
+            if box.grad is not None:
+                self._add(serial, box.grad)
 
     def backward(self, roots: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[str]:
-        """Back-propagate ``roots`` (value, gradient) through the tape, yielding after issuing each collective."""
+        """Back-propagate ``roots`` (value, gradient) through the tape, yielding after issuing each collective (and
+        each further hop of one)."""
         for value, grad in roots:
-            self._add(value, grad)
+            self._add(self._serial(value), grad)
         while self.nodes:
             node = self.nodes.pop()  # frees each segment's graph as soon as it is done
             if isinstance(node, _Compute):
-                outs = [(o, self._grads.pop(id(o))) for o in node.outputs if id(o) in self._grads] + node.seeds
-                if outs:
-                    torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
-                for value, leaf in node.inputs:
-                    if leaf.grad is not None:
-                        self._add(value, leaf.grad)
-            else:
-                # every rank of the group must take part, so a missing gradient travels as zeros
-                grads = [self._grads.pop(id(o), None) for o in node.outputs]
-                grads = [torch.zeros_like(o) if g is None else g for o, g in zip(node.outputs, grads)]
-                pending = node.backward(grads)
+                self._backward_compute(node)
+                continue
+            # every rank of the group must take part, so a missing gradient travels as zeros
+            grads = [self._grads.pop(s, None) for s, *_ in node.outputs]
+            grads = [torch.zeros(shape, dtype=dt, device=dev) if g is None else g
+                     for (_, shape, dt, dev), g in zip(node.outputs, grads)]
+            pending = node.backward(grads)
+            del grads
+            yield f"{node.name}_bwd"
+            while pending.step():
                 yield f"{node.name}_bwd"
-                got = pending.wait()
-                for value, g in zip(node.inputs, (got,) if isinstance(got, torch.Tensor) else got):
-                    if self._requires_grad(value):
-                        self._add(value, g.to(value.dtype))
+            got = pending.wait()
+            for (serial, dtype, diff), g in zip(node.inputs, (got,) if isinstance(got, torch.Tensor) else got):
+                if diff:
+                    self._add(serial, g.to(dtype))
+            del got, pending
 
     def grad(self, value: torch.Tensor) -> torch.Tensor | None:
         """Gradient accumulated for a value that no node produced (the chunk's input), after ``backward``."""
-        return self._grads.pop(id(value), None)
+        return self._grads.pop(self._serial(value), None)
 
 
 # -------------------------------------------------------------------------------------------- the model's seams
@@ -145,23 +235,34 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape) -> Iterator
     tape.end(h1, x_TD, w_TK, shared, seeds=seeds)
     # dispatch
     handle, pending = disp.dispatch_start(x_TD.detach(), route.topk_idx, w_TK.detach())
+    node = tape.comm("dispatch", [x_TD, w_TK], lambda g: disp.dispatch_backward_start(*g, handle))
+    del h, route, x_TD, w_TK
     yield "dispatch"
+    while pending.step():  # a hierarchical route: the next hop
+        yield "dispatch"
     x_ND, w_NK = pending.wait()
-    tape.comm("dispatch", [x_TD, w_TK], [x_ND, w_NK], lambda g: disp.dispatch_backward_start(*g, handle))
+    tape.comm_done(node, [x_ND, w_NK])
+    del pending
     # routed experts
-    x_leaf, w_leaf = tape.begin(x_ND, w_NK)
-    z_ND = moe.expert_rows(x_leaf, w_leaf, handle)
+    x_in, w_in = tape.begin(x_ND, w_NK)
+    del x_ND, w_NK
+    z_ND = moe.expert_rows(x_in, w_in, handle)
+    del x_in, w_in
     tape.end(z_ND)
     # combine
     pending = disp.combine_start(z_ND.detach(), handle)
+    node = tape.comm("combine", [z_ND], lambda g: disp.combine_backward_start(g[0], handle))
+    del z_ND
     yield "combine"
+    while pending.step():
+        yield "combine"
     out_TD = pending.wait()
-    tape.comm("combine", [z_ND], [out_TD], lambda g: disp.combine_backward_start(g[0], handle))
+    tape.comm_done(node, [out_TD])
+    del pending
     # residual
-    vals = [h1, out_TD] + ([shared] if shared is not None else [])
-    leaves = tape.begin(*vals)
-    y_TD = leaves[1] + leaves[2] if shared is not None else leaves[1]
-    out = leaves[0] + y_TD.view_as(leaves[0])
+    ins = tape.begin(h1, out_TD, *([shared] if shared is not None else []))
+    y_TD = ins[1] + ins[2] if shared is not None else ins[1]
+    out = ins[0] + y_TD.view_as(ins[0])
     tape.end(out)
     return out
 

@@ -81,6 +81,26 @@ def _micro_batches(cfg, seed):
     return [torch.randint(0, cfg.vocab_size, (2, 17), generator=g) for _ in range(2)]
 
 
+def _tensors(obj, seen=None):
+    """Every tensor reachable from obj through attributes, dataclass fields, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+        names = list(getattr(obj, "__dict__", {})) + list(getattr(obj, "__slots__", ()))
+        items = [getattr(obj, n, None) for n in names]
+    else:
+        return []
+    return [t for x in items for t in _tensors(x, seen)]
+
+
 def test_tape_matches_autograd_single_process():
     cfg = compose(["model=tiny"]).model
     model = build_model(cfg, seed=0)
@@ -88,6 +108,11 @@ def test_tape_matches_autograd_single_process():
     plain = _two_micro_batches(model, mbs, "plain")
     for mode in ("sequential", "interleaved"):
         _assert_close(_two_micro_batches(model, mbs, mode), plain)
+    # the tape holds no activation (only scalars: roots, seeds, its anchor); autograd saves what the ops need
+    tape, out = Tape(), []
+    run_fb(_forward(model, mbs[0], tape, out), iter(()))
+    held = [t for n in tape.nodes for t in _tensors(n)] + [tape._anchor]
+    assert held and all(t.numel() <= 1 for t in held), [tuple(t.shape) for t in held if t.numel() > 1]
 
 
 def _ep_rank(rank, world):
@@ -112,10 +137,12 @@ def test_interleaved_fb_is_bitwise_sequential_under_expert_parallelism():
     log, n_moe = results[0]
     assert n_moe >= 2
     assert all(r[0] == log for r in results)  # every rank issued its collectives in the same order
-    # the chunks alternate at every seam: a chunk's all-to-all is in flight while the other chunk computes
-    assert [c for c, _ in log] == ["F", "B"] * (2 * n_moe)
-    assert [s for c, s in log if c == "F"] == ["dispatch", "combine"] * n_moe
-    assert [s for c, s in log if c == "B"] == ["combine_bwd", "dispatch_bwd"] * n_moe
+    # the chunks alternate at every seam, and at every hop of the hierarchical route (2 hops: node, then rank): each
+    # all-to-all is in flight while the other chunk computes
+    hops = 2
+    assert [c for c, _ in log] == ["F", "B"] * (2 * hops * n_moe)
+    assert [s for c, s in log if c == "F"] == (["dispatch"] * hops + ["combine"] * hops) * n_moe
+    assert [s for c, s in log if c == "B"] == (["combine_bwd"] * hops + ["dispatch_bwd"] * hops) * n_moe
 
 
 def _train_rank(rank, world, overrides, sequential):

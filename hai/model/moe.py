@@ -26,7 +26,8 @@ from torch import nn
 from hai.config import ModelConfig
 from hai.model.layers import SwiGLU
 
-__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Pending", "route_reference",
+__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Pending", "Chain", "Joint",
+           "route_reference",
            "gather_rows", "scatter_rows"]
 
 
@@ -62,7 +63,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Route:
         cfg = self.cfg
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # routing in fp32 even under bf16 autocast
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid() if cfg.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
         with torch.no_grad():
             biased = scores_TE.detach() + self.bias
@@ -105,15 +107,63 @@ def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Te
 
 
 class Pending:
-    """An in-flight seam (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns its result."""
+    """An in-flight seam (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns its result.
+
+    A transfer of several hops (hierarchical dispatch) can only issue hop k+1 once hop k has arrived; ``step()`` waits
+    for the hop in flight and issues the next one, returning True while one is in flight, so a caller with other work
+    can interleave it between the hops. ``wait()`` runs the remaining steps.
+    """
 
     def __init__(self, finish: Callable[[], Any]):
         self._finish, self._result = finish, None
+
+    def step(self) -> bool:
+        return False
 
     def wait(self) -> Any:
         if self._finish is not None:
             self._result, self._finish = self._finish(), None
         return self._result
+
+
+class Chain(Pending):
+    """A multi-hop transfer driven by a generator that yields right after issuing each hop asynchronously and
+    returns the result; the first hop is issued on construction."""
+
+    def __init__(self, gen):
+        super().__init__(None)
+        self._gen = gen
+        next(gen)
+
+    def step(self) -> bool:
+        if self._gen is None:
+            return False
+        try:
+            next(self._gen)
+            return True
+        except StopIteration as stop:
+            self._gen, self._result = None, stop.value
+            return False
+
+    def wait(self) -> Any:
+        while self.step():
+            pass
+        return self._result
+
+
+class Joint(Pending):
+    """Several transfers advanced together (each step advances every part, in order); ``wait()`` gives their results
+    as a tuple."""
+
+    def __init__(self, *parts: Pending):
+        super().__init__(None)
+        self.parts = parts
+
+    def step(self) -> bool:
+        return any([p.step() for p in self.parts])  # a list: every part advances
+
+    def wait(self) -> tuple:
+        return tuple(p.wait() for p in self.parts)
 
 
 class Dispatcher(Protocol):
@@ -188,13 +238,14 @@ class LocalDispatcher:
 
     # seams without autograd: nothing moves on one device
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
-        return self._plan(topk_idx_TK, topk_weight_TK.detach()), _done((x_TD, topk_weight_TK))
+        w_TK = topk_weight_TK.detach()
+        return self._plan(topk_idx_TK, w_TK), _done((x_TD.detach(), w_TK))
 
     def dispatch_backward_start(self, g_x_ND, g_w_NK, handle):
         return _done((g_x_ND, g_w_NK))
 
     def combine_start(self, z_ND, handle):
-        return _done(z_ND)
+        return _done(z_ND.detach())
 
     def combine_backward_start(self, g_out_TD, handle):
         return _done(g_out_TD)
