@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     for lat in args.latency_ms:
         seq, inter = t[lat, "sequential"], t[lat, "interleaved"]
         add_s, add_i = seq - t[0.0, "sequential"], inter - t[0.0, "interleaved"]
-        hidden = f"{1 - max(add_i, 0.0) / add_s:7.0%}" if lat else f"{'-':>7s}"
+        hidden = f"{1 - max(add_i, 0.0) / add_s:7.0%}" if lat and add_s > 0 else f"{'-':>7s}"
         print(f"{lat:10.1f} {seq:13.3f} {inter:14.3f} {add_s:12.3f} {add_i:14.3f} {hidden}")
 
 

@@ -24,6 +24,10 @@ from torch import nn
 
 __all__ = ["ZeroAdamW", "StepResult", "is_expert_param"]
 
+# torch 2.13 renamed the flat collectives (*_single); older versions only have the *_tensor names
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def is_expert_param(name: str) -> bool:
     return ".experts." in name
@@ -72,7 +76,7 @@ class _Bucket:
         if self.world == 1:
             return flat
         out = torch.empty(self.shard, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=self.group)
+        _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
     @torch.no_grad()
@@ -81,7 +85,7 @@ class _Bucket:
             full = self.master
         else:
             full = torch.empty(self.shard * self.world, dtype=self.master.dtype, device=self.master.device)
-            dist.all_gather_into_tensor(full, self.master, group=self.group)
+            _all_gather(full, self.master, group=self.group)
         offset = 0
         for p in self.params:
             p.copy_(full[offset:offset + p.numel()].view_as(p))
