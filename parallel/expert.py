@@ -33,7 +33,6 @@ N rows of a hop buffer (meta rows: [source rank, source token, K expert ids]), R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
