@@ -21,7 +21,7 @@ from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_sch
 from hai.pipeline.trace import KIND_COLORS, save_chrome_trace
 from hai.plan_cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F, chunk_comm, chunk_compute_s,
                            chunk_flops, p2p_bytes_per_chunk, zero1_bytes)
-from hai.plan_memory import ACT_BYTES, GB, GRAD_BYTES, memory_report
+from hai.plan_memory import ACT_BYTES, GB, GRAD_BYTES, headline_policy, memory_report
 
 __all__ = ["plan", "format_plan", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
 
@@ -152,14 +152,15 @@ def _throughput(cfg: Config, step_s: float) -> dict:
             "gpu_hours_per_trillion_tokens": 1e12 / tps / 3600}
 
 
-def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, stage_cost: str = "per_stage") -> dict:
+def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, stage_cost: str = "per_stage",
+             policy: str | None = None) -> dict:
     """``with_comm=False`` (the comparison variants) skips placing SEND/RECV; p2p latency is still charged."""
     p = cfg.parallel
     n_micro = n_micro_batches(cfg)
     costs, parts = _chunk_costs(cfg, stage_cost)
     res = (simulate_schedule(p.schedule, p.pp, n_micro, costs, with_comm=with_comm) if p.pp > 1
            else _no_pipeline(n_micro, costs))
-    mem = memory_report(cfg, n_micro)
+    mem = memory_report(cfg, n_micro, policy)
     zero = zero1_bytes(cfg, mem["worst_param_rank"])
     zero_s = _zero_seconds(cfg, zero)
     step = res.step_time + zero_s
@@ -233,8 +234,10 @@ def save_gantt(timeline, path: str | Path, title: str = "") -> Path:
 
 
 def _variant(cfg: Config, parallel: dict | None = None, model: dict | None = None) -> dict:
+    """The plan of a changed config, its memory under the base config's activation policy (like for like)."""
     return _predict(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **(parallel or {})),
-                               model=dataclasses.replace(cfg.model, **(model or {}))), with_comm=False)
+                                        model=dataclasses.replace(cfg.model, **(model or {}))), with_comm=False,
+                    policy=headline_policy(cfg.model))
 
 
 def _row(name: str, pred: dict) -> dict:

@@ -14,7 +14,8 @@ experts, k top-k, F expert width, Fs = n_shared x F, I dense width). Three stora
 - ``bf16``: every kept tensor in bf16 (fp32 for fp32 models), nothing recomputed;
 - ``bf16_recompute``: + V3's recompute of every RMSNorm and the MLA up-projections in the backward (only the block
   inputs, the q / kv latents, the attention output and the log-sum-exp are kept in attention);
-- ``v3`` (DeepSeek-V3 sec. 3.3.2-3.3.3, the default for ``model.precision=fp8``): + Linear inputs cached in FP8 with
+- ``v3`` (DeepSeek-V3 sec. 3.3.2-3.3.3, the plan's total for ``model.precision=fp8``; ``bf16`` otherwise, which is
+  what HAI's eager path keeps): + Linear inputs cached in FP8 with
   fine-grained scales (1 + 4/128 B), the attention output (the input of the output projection) in E5M6 (1.5 B), the
   SwiGLU inputs cached in FP8 with the SwiGLU output recomputed in the backward.
 
@@ -213,8 +214,9 @@ def peak_act_bytes(cfg: Config, n_micro: int, policy: str, gate_rows: bool = Tru
 
 
 def headline_policy(m: ModelConfig) -> str:
-    """The storage policy the plan's total uses: V3's for FP8 models, bf16 with V3's recompute otherwise."""
-    return "v3" if m.precision == "fp8" else "bf16_recompute"
+    """The storage policy the plan's total uses: V3's for FP8 models (the published run); otherwise what HAI's eager
+    path keeps (no recompute, activations in the model's dtype)."""
+    return "v3" if m.precision == "fp8" else "bf16"
 
 
 def _static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
@@ -225,7 +227,7 @@ def _static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
             "optimizer": opt_per_elem * (prm.dense / p.dp + prm.expert / (p.dp // p.ep))}
 
 
-def memory_report(cfg: Config, n_micro: int) -> dict:
+def memory_report(cfg: Config, n_micro: int, policy: str | None = None) -> dict:
     """Per-GPU memory (bytes) under each activation storage policy. Totals are the largest over pipeline ranks of
     that rank's parameters, gradients and optimizer shard plus its own activation peak."""
     m, p = cfg.model, cfg.parallel
@@ -245,7 +247,7 @@ def memory_report(cfg: Config, n_micro: int) -> dict:
         act[policy] = {"bytes": peak, "rank": peaks.index(peak), "total_rank": total_rank,
                        "moe_layer_bytes_per_token": layer_act_parts(m, m.is_moe, policy)}
         fits[policy] = total[policy] <= capacity
-    head = headline_policy(m)
+    head = policy or headline_policy(m)
     without, _ = worst(rank_act_peaks(cfg, n_micro, head, gate_rows=False))  # the unpublished assumption
     return {
         "worst_param_rank": rank,
