@@ -1,8 +1,10 @@
 """Pipeline parallelism: schedules as data (1F1B, ZB1P, DualPipe, DualPipeV), validator, simulator, traces.
 
 ``build_schedule(name, pp, n_micro)`` gives every rank's compute actions; ``add_send_recv`` adds the P2P;
-``validate`` checks a schedule; ``simulate`` times it; ``report`` is what ``hai plan`` prints;
-``hai.pipeline.trace`` writes Chrome traces and Gantt PNGs of a timeline.
+``validate`` checks a schedule (``hai.pipeline.engine``); ``simulate`` times it; ``report`` is what ``hai plan``
+prints; ``hai.pipeline.trace`` writes Chrome traces and Gantt PNGs of a timeline. The runtime:
+``hai.pipeline.executor.PipelineExecutor`` runs any schedule on real stages with batched P2P, and
+``hai.pipeline.overlap`` overlaps an FB pair's expert all-to-alls with the other chunk's compute.
 """
 
 from hai.pipeline.schedules import (
