@@ -42,7 +42,7 @@ ASSUMPTIONS = {
     "GRAD_BYTES": GRAD_BYTES,
     "memory": "activations itemized per kept tensor (hai/plan_memory.py act_items); the total uses V3's storage "
               "(FP8 Linear and SwiGLU inputs with 1x128 scales, E5M6 attention output, RMSNorm / MLA up-projection "
-              "and SwiGLU-output recompute) for fp8 models, bf16 + recompute otherwise; micro-batch of "
+              "and SwiGLU-output recompute) for fp8 models, otherwise what HAI's eager path keeps (no recompute); micro-batch of "
               "micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the gate gradient "
               "(not published; the report shows the total without them); no allocator fragmentation, workspace "
               "or communication buffers",
