@@ -42,14 +42,14 @@ ASSUMPTIONS = {
     "GRAD_BYTES": GRAD_BYTES,
     "memory": "activations itemized per kept tensor (hai/plan_memory.py act_items); the total uses V3's storage "
               "(FP8 Linear and SwiGLU inputs with 1x128 scales, E5M6 attention output, RMSNorm / MLA up-projection "
-              "and SwiGLU-output recompute) for fp8 models, otherwise what HAI's eager path keeps (no recompute); micro-batch of "
-              "micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the gate gradient "
+              "and SwiGLU-output recompute) for fp8 models, otherwise what HAI's eager path keeps (no recompute); "
+              "micro-batch of micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the gate gradient "
               "(not published; the report shows the total without them); no allocator fragmentation, workspace "
               "or communication buffers",
     "comm": "links at the cluster's nominal GB/s; DualPipe F&B hides EP all-to-all under compute "
             "(F&B = max(F+B compute, fwd+bwd comm)); 1F1B/ZB1P expose it; ZeRO-1 / copy-sync collectives exposed "
-            "at the step end; pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and B); non-GEMM ops (norms, RoPE, routing, "
-            "permutes) cost nothing; routing perfectly balanced",
+            "at the step end; pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and "
+            "B); non-GEMM ops (norms, RoPE, routing, permutes) cost nothing; routing perfectly balanced",
 }
 
 
@@ -180,7 +180,8 @@ def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, s
         "memory": mem,
         "step": {"step_time_s": step, "pipeline_s": res.step_time, "compute_s": compute,
                  "exposed_comm_s": busy - compute, "bubble_s": res.bubble, "zero1_s": zero_s,
-                 "chunk_F_compute_s": parts["F_compute"], "stage_F_compute_s": parts["stage_F_compute"], "chunk_comm_fwd_s": parts["comm_fwd"],
+                 "chunk_F_compute_s": parts["F_compute"], "stage_F_compute_s": parts["stage_F_compute"],
+                 "chunk_comm_fwd_s": parts["comm_fwd"],
                  "chunk_comm_bwd_s": parts["comm_bwd"], "fb_overlap": parts["overlap"]},
         "throughput": _throughput(cfg, step),
         "communication": _comm_section(cfg, n_micro, parts, zero),
@@ -277,7 +278,8 @@ def _published(cfg: Config, pred: dict) -> dict:
             "driver": f"compute dominates the predicted step ({st['compute_s'] / st['step_time_s']:.0%}); every "
                       f"stage is priced on its own (forward {min(stage_f) * 1e3:.1f}-{max(stage_f) * 1e3:.1f} ms: "
                       f"the last stage also runs the bf16 head and MTP, and DualPipe puts it with the first "
-                      f"stage's embedding and dense layers on ranks 0 and PP-1), so the busiest ranks set the pace and the rest shows up as bubble; with every stage "
+                      f"stage's embedding and dense layers on ranks 0 and PP-1), so the busiest ranks set the pace "
+                      f"and the rest shows up as bubble; with every stage "
                       f"at the mean the plan would give {balanced / PUBLISHED['tokens_per_s_per_gpu']:.2f}x the "
                       f"published throughput. The assumption that moves it most is GEMM_EFFICIENCY (step ~ "
                       f"1/efficiency while compute-bound; "
