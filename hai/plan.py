@@ -43,9 +43,9 @@ ASSUMPTIONS = {
     "memory": "activations itemized per kept tensor (hai/plan_memory.py act_items); the total uses V3's storage "
               "(FP8 Linear and SwiGLU inputs with 1x128 scales, E5M6 attention output, RMSNorm / MLA up-projection "
               "and SwiGLU-output recompute) for fp8 models, otherwise what HAI's eager path keeps (no recompute); "
-              "micro-batch of micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the gate gradient "
-              "(not published; the report shows the total without them); no allocator fragmentation, workspace "
-              "or communication buffers",
+              "micro-batch of micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the "
+              "gate gradient (not published; the report shows the total without them); no allocator fragmentation, "
+              "workspace or communication buffers",
     "comm": "links at the cluster's nominal GB/s; DualPipe F&B hides EP all-to-all under compute "
             "(F&B = max(F+B compute, fwd+bwd comm)); 1F1B/ZB1P expose it; ZeRO-1 / copy-sync collectives exposed "
             "at the step end; pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and "
