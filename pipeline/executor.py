@@ -97,6 +97,7 @@ class PipelineExecutor:
             if hasattr(m, "wgrad_store"):
                 m.wgrad_store = self.store
         self.timeline: list[Event] = []  # the last step's executed actions, seconds from the step's start
+        self._t_base = 0.0
 
     @staticmethod
     def _stage_owners(schedules) -> dict[tuple[int, int], int]:
@@ -236,6 +237,7 @@ class PipelineExecutor:
         slots: dict[tuple[int, int], _Slot] = {}
         pending: list[Action] = []
         self.timeline, self.seam_log, t_base = [], [], time.perf_counter()
+        self._t_base = t_base
         compute = self._compute_overlapped if self.overlap else self._compute
         for a in self.actions:
             if a.is_comm:
@@ -278,13 +280,15 @@ class PipelineExecutor:
 
     def write_timeline(self, out_dir: str | None) -> None:
         """Gather every pp rank's timeline (collective over the pp group); write trace.json and schedule.png to
-        ``out_dir`` on the rank that passes one."""
+        ``out_dir`` on the rank that passes one. The trace also marks where each FB chunk issued a collective."""
+        marks = [(self.pp_rank, t - self._t_base, f"{chunk} {seam} issued")
+                 for fb in self.seam_log for chunk, seam, t in fb] if self.seam_log else []
         gathered: list = [None] * self.pp
-        dist.all_gather_object(gathered, self.timeline, group=self.group)
+        dist.all_gather_object(gathered, (self.timeline, marks), group=self.group)
         if out_dir is None or self.group is None or dist.get_rank(self.group) != 0:
             return
-        events = [e for part in gathered for e in part]
-        save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6)
+        events = [e for part, _ in gathered for e in part]
+        save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6, marks=[m for _, ms in gathered for m in ms])
         save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step (s)")
 
     # ------------------------------------------------------------------ stage copies

@@ -154,6 +154,7 @@ def _train_rank(rank, world, overrides, sequential):
     # the exposed (host-blocked) EP communication is logged and is part of the forward/backward time
     assert all(0 < r["ep_comm_blocked_s"] < r["forward_backward_s"] for r in recs), recs
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.pipeline.write_timeline(cfg.out_dir if rank == 0 else None)
     return [r["loss"] for r in recs], params, [[c for c, _, _ in fb] for fb in trainer.pipeline.seam_log]
 
 
@@ -173,3 +174,9 @@ def test_trainer_interleaved_fb_equals_sequential(extra, tmp_path):
             # the chunks alternate until the one with fewer MoE blocks is done; then the other runs on alone
             n_alt = 2 * min(chunks.count("F"), chunks.count("B"))
             assert chunks[:n_alt] == ["F", "B"] * (n_alt // 2), chunks
+    # the executed trace marks each seam on its rank's own track
+    import json
+
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    seams = [e for e in trace if e.get("cat") == "seam"]
+    assert {e["pid"] for e in seams} == {0, 1} and any(e["name"] == "B combine_bwd issued" for e in seams)
