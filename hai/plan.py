@@ -82,7 +82,7 @@ def _stage_costs(F: float, cf: float, cb: float, overlap: bool, p2p: float) -> C
     all-to-alls of one chunk with the other's compute (DualPipe) or runs them back to back."""
     Fx, Bx = F + cf, B_OVER_F * F + cb
     FB = max((1 + B_OVER_F) * F, cf + cb) if overlap else Fx + Bx
-    return Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p)
+    return Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p, F_comm=cf, B_comm=cb)
 
 
 def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dict]:
@@ -133,8 +133,7 @@ def _pipeline_section(name: str, pp: int, n_micro: int, costs: Costs, res) -> di
     """The same fields as ``pipeline.simulate.report`` (computed from one simulation)."""
     return {
         "schedule": name, "pp": pp, "micro_batches": n_micro, "stages": num_stages(name, pp),
-        "costs": {k: v for k, v in asdict(costs).items() if k != "stages"},
-        "stage_costs": [asdict(x) for x in costs.stages], "step_time": res.step_time, "bubble": res.bubble,
+        "costs": asdict(costs), "step_time": res.step_time, "bubble": res.bubble,
         "bubble_formula": bubble_formula(name, pp, costs) if pp > 1 else 0.0, "bubble_per_rank": res.bubble_per_rank,
         "busy_per_rank": res.busy, "peak_activations": res.peak,
         "peak_activations_per_rank": res.peak_activations, "param_copies": param_copies(name),
@@ -179,7 +178,8 @@ def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, s
         "pipeline": _pipeline_section(p.schedule, p.pp, n_micro, costs, res),
         "memory": mem,
         "step": {"step_time_s": step, "pipeline_s": res.step_time, "compute_s": compute,
-                 "exposed_comm_s": busy - compute, "bubble_s": res.bubble, "zero1_s": zero_s,
+                 "exposed_comm_s": busy - compute, "bubble_s": res.step_time - busy, "zero1_s": zero_s,
+                 "busiest_rank": r_busy,
                  "chunk_F_compute_s": parts["F_compute"], "stage_F_compute_s": parts["stage_F_compute"],
                  "chunk_comm_fwd_s": parts["comm_fwd"],
                  "chunk_comm_bwd_s": parts["comm_bwd"], "fb_overlap": parts["overlap"]},

@@ -47,12 +47,13 @@ def _memory(m: dict) -> str:
     pr, b, a = m["params_per_gpu"], m["bytes"], m["activations"]
     bpp, cap, head = m["bytes_per_param"], m["capacity"], m["policy"]
 
-    def fit(total: float) -> str:
-        return f"{_gb(total)} of {_gb(cap)}: {'FITS' if total <= cap else 'DOES NOT FIT'}"
+    def total(x: dict) -> str:
+        return (f"{_gb(x['total'])} of {_gb(cap)} on rank {x['rank']} (parameters/gradients/optimizer "
+                f"{_gb(x['static'])} + activations {_gb(x['activations'])}): {'FITS' if x['fits'] else 'DOES NOT FIT'}")
 
     rows = [
-        ("parameters held", f"{pr['total']:,}  (dense {pr['dense']:,} replicated over dp, "
-                            f"routed experts {pr['expert']:,} = this GPU's 1/ep share)"),
+        ("parameters held", f"{pr['total']:,} on rank {m['worst_param_rank']}, the most of any rank (dense "
+                            f"{pr['dense']:,} replicated over dp, routed experts {pr['expert']:,} = its 1/ep share)"),
         ("weights", f"{_gb(b['parameters'])}  ({bpp['weights']:g} B/param)"),
         ("gradients", f"{_gb(b['gradients'])}  ({bpp['gradients']} B/param, fp32 accumulation)"),
         ("ZeRO-1 optimizer shard", f"{_gb(b['optimizer'])}  ({bpp['optimizer_master_and_moments']} B/param "
@@ -60,17 +61,16 @@ def _memory(m: dict) -> str:
     ]
     for policy, name in _POLICY_NAMES.items():
         parts = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in a[policy]["moe_layer_bytes_per_token"].items())
-        rows.append((f"activations, {name}", f"{_gb(a[policy]['bytes'])}  (peak on rank {a[policy]['rank']}; "
-                                             f"MoE layer B/token: {parts})"))
+        rows.append((f"activations, {name}", f"peak {_gb(a[policy]['peak'])} on rank {a[policy]['peak_rank']}; "
+                                             f"MoE layer B/token: {parts}"))
     for policy, name in _POLICY_NAMES.items():
-        mark = "  <- the plan's total" if policy == head else ""
-        rows.append((f"total, {name}", fit(m["total_per_policy"][policy]) + mark))
-    rows.append(("  without gate-grad rows", fit(m["gate_grad_rows"]["total_without"]) +
+        rows.append((f"total, {name}", total(a[policy]) + ("  <- the plan's total" if policy == head else "")))
+    rows.append(("  without gate-grad rows", total(m["without_gate_grad_rows"]) +
                  "  (expert output rows recomputed instead of kept for the gate gradient: not published by V3)"))
     rows.append((f"kept per token ({head})", "; ".join(
         f"{i['tensor']} {i['elements']:,.0f}x{i['bytes_per_element']:.4g}B" for i in m["items_per_token"])))
-    return _table(f"memory per GPU (worst pipeline rank {m['worst_param_rank']}; {m['param_copies']}x parameter "
-                  f"copies; totals: the worst rank of parameters + gradients + optimizer + own activation peak)", rows)
+    return _table(f"memory per GPU ({m['param_copies']}x parameter copies; a total is the largest over pipeline "
+                  f"ranks of that rank's parameters, gradients, optimizer shard and own activation peak)", rows)
 
 
 def _comm(c: dict) -> str:
@@ -96,11 +96,12 @@ def _step(r: dict) -> str:
                         f"(compute F {_t(s['chunk_F_compute_s'])}; EP comm fwd {_t(s['chunk_comm_fwd_s'])} "
                         f"bwd {_t(s['chunk_comm_bwd_s'])}; F&B overlap {s['fb_overlap']})"),
         ("pipeline", f"{p['schedule']} pp={p['pp']} micro_batches={p['micro_batches']}: step {_t(p['step_time'])}, "
-                     f"bubble {_t(p['bubble'])} (formula {_t(p['bubble_formula'])}), peak activations "
+                     f"bubble {_t(p['bubble'])} (the largest over ranks; formula {_t(p['bubble_formula'])}), "
+                     f"peak activations "
                      f"{p['peak_activations']} micro-batches"),
         ("stage forward compute", " ".join(_t(x) for x in s["stage_F_compute_s"])),
-        ("step breakdown", f"compute {_t(s['compute_s'])} + exposed EP comm {_t(s['exposed_comm_s'])} + "
-                           f"bubble {_t(s['bubble_s'])} + ZeRO-1/copy sync {_t(s['zero1_s'])}"),
+        (f"step on busiest rank {s['busiest_rank']}", f"compute {_t(s['compute_s'])} + exposed EP comm {_t(s['exposed_comm_s'])} + "
+                           f"idle {_t(s['bubble_s'])} + ZeRO-1/copy sync {_t(s['zero1_s'])}"),
         ("predicted step time", _t(s['step_time_s'])),
         ("tokens/s per GPU", f"{t['tokens_per_s_per_gpu']:,.0f}"),
         ("TFLOP/s per GPU", f"{t['tflops_per_gpu']:,.1f}  ({t['flops_per_token'] / 1e9:.1f} GFLOPs/token)"),

@@ -177,9 +177,10 @@ def stage_act_bytes(cfg: Config, stage: int, policy: str, gate_rows: bool = True
     n_st = num_stages(p.schedule, p.pp)
     per_token = sum(layer_act_bytes(m, _is_moe(m, i), policy, gate_rows) for i in stage_layers(m, n_st)[stage])
     if stage == n_st - 1:
-        logits = m.vocab_size * ACT_BYTES
+        a = 4 if m.precision == "fp32" else ACT_BYTES
+        logits = m.vocab_size * a
         mtp_block = layer_act_bytes(m, m.is_moe, policy, gate_rows)
-        per_token += logits + m.mtp_depth * (mtp_block + 3 * m.hidden_size * ACT_BYTES + logits)
+        per_token += logits + m.mtp_depth * (mtp_block + 3 * m.hidden_size * a + logits)
     return per_token * cfg.train.micro_batch_size * cfg.train.seq_len
 
 
@@ -228,27 +229,27 @@ def _static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
 
 
 def memory_report(cfg: Config, n_micro: int, policy: str | None = None) -> dict:
-    """Per-GPU memory (bytes) under each activation storage policy. Totals are the largest over pipeline ranks of
-    that rank's parameters, gradients and optimizer shard plus its own activation peak."""
+    """Per-GPU memory (bytes) under each activation storage policy (``policy``: the one the total uses; default
+    :func:`headline_policy`). A policy's total is the largest over pipeline ranks of that rank's parameters, gradients
+    and optimizer shard plus its own activation peak; each is reported with its rank and both parts."""
     m, p = cfg.model, cfg.parallel
     static_r = [sum(_static_bytes(cfg, rank_params(cfg, r)).values()) for r in range(p.pp)]
     rank, prm = worst_rank_params(cfg)
     static = _static_bytes(cfg, prm)
     capacity = cfg.cluster.memory_gb * GB
-
-    def worst(peaks: list[float]) -> tuple[float, int]:
-        return max((static_r[r] + peaks[r], r) for r in range(p.pp))
-
-    act, total, fits = {}, {}, {}
-    for policy in ACT_POLICIES:
-        peaks = rank_act_peaks(cfg, n_micro, policy)
-        peak = max(peaks)
-        total[policy], total_rank = worst(peaks)
-        act[policy] = {"bytes": peak, "rank": peaks.index(peak), "total_rank": total_rank,
-                       "moe_layer_bytes_per_token": layer_act_parts(m, m.is_moe, policy)}
-        fits[policy] = total[policy] <= capacity
     head = policy or headline_policy(m)
-    without, _ = worst(rank_act_peaks(cfg, n_micro, head, gate_rows=False))  # the unpublished assumption
+
+    def worst(peaks: list[float]) -> dict:
+        total, r = max((static_r[r] + peaks[r], r) for r in range(p.pp))
+        return {"total": total, "rank": r, "static": static_r[r], "activations": peaks[r], "fits": total <= capacity}
+
+    act = {}
+    for name in ACT_POLICIES:
+        peaks = rank_act_peaks(cfg, n_micro, name)
+        peak = max(peaks)
+        act[name] = {"peak": peak, "peak_rank": peaks.index(peak), **worst(peaks),
+                     "moe_layer_bytes_per_token": layer_act_parts(m, m.is_moe, name)}
+    without = worst(rank_act_peaks(cfg, n_micro, head, gate_rows=False))  # the unpublished assumption
     return {
         "worst_param_rank": rank,
         "param_copies": param_copies(p.schedule),
@@ -258,12 +259,10 @@ def memory_report(cfg: Config, n_micro: int, policy: str | None = None) -> dict:
                             "optimizer_master_and_moments": 4 + 2 * (2 if cfg.train.bf16_moments else 4)},
         "activations": act,
         "policy": head,
-        "total": total[head],
-        "fits": fits[head],
-        "total_per_policy": total,
-        "fits_per_policy": fits,
+        "total": act[head]["total"],
+        "fits": act[head]["fits"],
         "capacity": capacity,
-        "gate_grad_rows": {"total_without": without, "fits_without": without <= capacity},
-        "items_per_token": [{"part": part, "tensor": name, "elements": n, "bytes_per_element": b}
-                            for part, name, n, b in act_items(m, m.is_moe, head) if n],
+        "without_gate_grad_rows": without,
+        "items_per_token": [{"part": part, "tensor": n, "elements": e, "bytes_per_element": b}
+                            for part, n, e, b in act_items(m, m.is_moe, head) if e],
     }

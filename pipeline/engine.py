@@ -40,9 +40,11 @@ class Costs:
 
     ``stages`` (optional): one ``Costs`` per stage, for pipelines whose stages differ (``hai plan``: embedding, dense
     layers, head and MTP). An action then costs what its stage's entry says; an FB pair of forward stage f and
-    backward stage b costs ``FB_f * F_f / (F_f + B_f) + FB_b * B_b / (F_b + B_b)`` (each stage's F&B split in
-    proportion to its F and B: exact when F&B is compute-bound). The uniform fields then only summarize (``hai
-    plan`` puts the slowest stage there) and feed the published bubble formulas.
+    backward stage b costs ``FB_f * a_f + FB_b * (1 - a_b)`` with ``a = Fc / (Fc + Bc)`` the forward's share of a
+    stage's compute (``Fc = F - F_comm``, ``Bc = B - B_comm``: ``F_comm`` / ``B_comm`` are the parts of F and B that
+    are communication, which an F&B pair can hide). That is exact when each stage's F&B is its compute (``FB = Fc +
+    Bc``, communication hidden) and an approximation otherwise. The uniform fields then only summarize (``hai plan``
+    puts the slowest stage there) and feed the published bubble formulas.
     """
 
     F: float = 1.0
@@ -50,30 +52,40 @@ class Costs:
     W: float = 1.0
     FB: float = 2.5
     p2p: float = 0.0
+    F_comm: float = 0.0
+    B_comm: float = 0.0
     stages: tuple = ()
 
     def __post_init__(self) -> None:
-        for k in ("F", "B", "W", "FB", "p2p"):
+        for k in ("F", "B", "W", "FB", "p2p", "F_comm", "B_comm"):
             if getattr(self, k) < 0:
                 raise ValueError(f"cost {k}={getattr(self, k)} must be >= 0")
         if self.W > self.B:
             raise ValueError(f"cost W={self.W} is part of the full backward B={self.B}: need W <= B")
-        if self.stages and not all(isinstance(c, Costs) for c in self.stages):  # e.g. from JSON: dicts
-            object.__setattr__(self, "stages", tuple(c if isinstance(c, Costs) else Costs(**c) for c in self.stages))
+        if self.F_comm > self.F or self.B_comm > self.B:
+            raise ValueError(f"communication F_comm={self.F_comm}, B_comm={self.B_comm} is part of F={self.F}, "
+                             f"B={self.B}: need F_comm <= F and B_comm <= B")
+        # from JSON the stages arrive as a list of dicts
+        object.__setattr__(self, "stages", tuple(c if isinstance(c, Costs) else Costs(**c) for c in self.stages))
+
+    def _fwd_share(self) -> float:
+        fc, bc = self.F - self.F_comm, self.B - self.B_comm
+        return fc / (fc + bc) if fc + bc > 0 else 0.5
 
     def of(self, a: Action) -> float:
         if self.stages and a.is_compute:
             if a.kind is Kind.FB:
                 f, b = self.stages[a.stage], self.stages[a.b_stage]
-                return f.FB * f.F / ((f.F + f.B) or 1.0) + b.FB * b.B / ((b.F + b.B) or 1.0)
+                return f.FB * f._fwd_share() + b.FB * (1.0 - b._fwd_share())
             return self.stages[a.stage].of(a)
         return {Kind.F: self.F, Kind.B: self.B - self.W, Kind.W: self.W, Kind.BW: self.B,
                 Kind.FB: self.FB}.get(a.kind, 0.0)
 
     def with_floor(self, eps: float) -> "Costs":
         """These costs with zero durations raised to ``eps`` (so every action takes time in a timing run)."""
-        return Costs(F=self.F or eps, B=max(self.B, self.W + eps), W=self.W or eps, FB=self.FB or eps, p2p=self.p2p,
-                     stages=tuple(c.with_floor(eps) for c in self.stages))
+        W = self.W or eps
+        return Costs(F=self.F or eps, B=max(self.B, W + eps), W=W, FB=self.FB or eps, p2p=self.p2p,
+                     F_comm=self.F_comm, B_comm=self.B_comm, stages=tuple(c.with_floor(eps) for c in self.stages))
 
 
 # ---------------------------------------------------------------- data flow

@@ -119,7 +119,8 @@ def peak_activations(acts: list[Action]) -> int:
 
 def simulate(schedules: list[list[Action]], costs: Optional[Costs] = None,
              wait_batches: bool = False) -> SimResult:
-    """Validate, then time the schedule under ``costs`` (default ``Costs()``); see the module docstring."""
+    """Validate, then time the schedule under ``costs`` (default ``Costs()``); the timing model is described in
+    ``hai.pipeline.engine``."""
     costs = costs or Costs()
     validate(schedules, wait_batches)
     engine = _Engine(schedules, costs, wait_batches)

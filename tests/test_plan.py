@@ -2,6 +2,7 @@
 the pipeline section / pictures of a pp=8 DualPipe plan."""
 
 import json
+from dataclasses import asdict
 import time
 
 import pytest
@@ -84,8 +85,13 @@ def test_v3_plan(tmp_path):
     assert 5.0e9 < dense + expert < 5.6e9
     assert isinstance(mem["fits"], bool) and mem["capacity"] == 80e9 and mem["policy"] == "v3"
     a = mem["activations"]
-    assert 0 < a["v3"]["bytes"] < a["bf16_recompute"]["bytes"] < a["bf16"]["bytes"]
-    assert mem["gate_grad_rows"]["total_without"] < mem["total"] == mem["total_per_policy"]["v3"]
+    assert 0 < a["v3"]["peak"] < a["bf16_recompute"]["peak"] < a["bf16"]["peak"]
+    assert mem["without_gate_grad_rows"]["total"] < mem["total"] == a["v3"]["total"]
+    from hai.plan_memory import _static_bytes, rank_params
+
+    for x in [*a.values(), mem["without_gate_grad_rows"]]:  # every total is one rank's static bytes + its own peak
+        static = sum(_static_bytes(cfg, rank_params(cfg, x["rank"])).values())
+        assert x["static"] == pytest.approx(static) and x["total"] == pytest.approx(static + x["activations"])
     assert r["topology"] == {"built": True, "backend": "fake", "world_size": 2048,
                              "mesh": {"pp": 16, "edp": 2, "ep": 64}}
     assert r["pipeline"]["peak_activations"] == 17  # DualPipe: PP + 1
@@ -117,7 +123,9 @@ def test_pp8_dualpipe_json_pipeline_section_and_pictures(tmp_path, capsys):
                 "published_check", "assumptions", "files"):
         assert key in r, key
     sec = r["pipeline"]
-    ref = report("dualpipe", 8, 20, Costs(**sec["costs"], stages=sec["stage_costs"]))
+    costs = Costs(**sec["costs"])  # the JSON round-trips, per-stage costs included
+    assert len(costs.stages) == 8 and costs == Costs(**json.loads(json.dumps(asdict(costs))))
+    ref = report("dualpipe", 8, 20, costs)
     for key in ("step_time", "bubble", "bubble_formula", "peak_activations", "peak_activations_per_rank", "stages",
                 "param_copies", "bubble_per_rank", "busy_per_rank"):
         assert sec[key] == pytest.approx(ref[key]), key
@@ -176,7 +184,8 @@ def test_local_plan_memory_matches_a_real_local_run(tmp_path):
     r = plan(compose(["model=tiny", "train=test", f"out_dir={tmp_path}"]))
     mem = r["memory"]
     measured = run_ranks(_measured_rank, 4, str(tmp_path))
-    act_plan = mem["activations"]["bf16"]["bytes"]  # HAI's eager path: no recompute, fp32 storage for fp32 models
+    assert mem["policy"] == "bf16"  # an fp32 model: HAI's eager path, no recompute, fp32 storage
+    act_plan = mem["activations"]["bf16"]["peak"]
     ratios = []
     for params, opt_bytes, param_bytes, grad_bytes, act_bytes in measured:
         assert params == mem["params_per_gpu"]["total"]
@@ -208,3 +217,13 @@ def test_v3_activation_bytes_per_token_by_hand():
     }
     for policy, parts in want.items():
         assert layer_act_parts(m, True, policy) == pytest.approx(parts), policy
+
+
+def test_memory_policy_is_the_models_or_the_callers():
+    from hai.plan_memory import memory_report
+
+    cfg = compose(PP8)  # a bf16 model: HAI's eager storage unless asked otherwise
+    own, v3 = memory_report(cfg, 20), memory_report(cfg, 20, "v3")
+    assert (own["policy"], v3["policy"]) == ("bf16", "v3")
+    assert own["total"] == own["activations"]["bf16"]["total"] and v3["total"] == v3["activations"]["v3"]["total"]
+    assert v3["total"] < own["total"]

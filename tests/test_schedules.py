@@ -413,3 +413,17 @@ def test_per_stage_costs():
 
     fb = Action(Kind.FB, 0, 1, b_stage=1, b_micro_batch=0)
     assert staged.of(fb) == pytest.approx(3 * 1 / 3 + 9 * 6 / 9)
+
+
+def test_fb_pair_of_two_stages_is_their_compute_when_communication_hides():
+    """F&B of stage f's forward and stage b's backward = Fc_f + Bc_b when each stage's F&B is its compute."""
+    from hai.pipeline import Costs
+    from hai.pipeline.schedules import Action, Kind
+
+    f = Costs(F=3, B=4, W=2, FB=6, F_comm=1, B_comm=0)  # Fc 2, Bc 4
+    b = Costs(F=1, B=6, W=2, FB=5, F_comm=0, B_comm=2)  # Fc 1, Bc 4
+    staged = Costs(stages=(f, b))
+    assert staged.of(Action(Kind.FB, 0, 1, b_stage=1, b_micro_batch=0)) == pytest.approx(2 + 4)
+    assert staged.of(Action(Kind.FB, 1, 1, b_stage=0, b_micro_batch=0)) == pytest.approx(1 + 4)
+    with pytest.raises(ValueError, match="F_comm"):
+        Costs(F=1, F_comm=2)
