@@ -20,7 +20,7 @@ from hai.config import Config, ConfigError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["Topology", "stage_layer_split", "AXES"]
+__all__ = ["Topology", "Meshes", "stage_layer_split", "AXES"]
 
 AXES = ("pp", "dp", "edp", "ep")
 
@@ -139,13 +139,27 @@ class Topology:
         raise ValueError(f"axis {axis!r} is not one of {AXES}")
 
     # ------------------------------------------------------------------ process groups
-    def build_meshes(self) -> "DeviceMesh":
+    def build_meshes(self) -> "Meshes":
         """3-D mesh ("pp", "edp", "ep") plus the flattened "dp" axis; call after init_process_group."""
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(self.device, (self.pp, self.edp, self.ep), mesh_dim_names=("pp", "edp", "ep"))
-        mesh["edp", "ep"]._flatten("dp")
-        return mesh
+        return Meshes(mesh, mesh["edp", "ep"]._flatten("dp"))
+
+
+class Meshes:
+    """The 3-D device mesh and its flattened "dp" mesh: ``meshes[axis]`` for any of pp, dp, edp, ep; other
+    attributes are the 3-D mesh's. (The flattened mesh is kept here: torch deprecates slicing a flattened dim back
+    out of the root mesh.)"""
+
+    def __init__(self, root, dp):
+        self.root, self.dp = root, dp
+
+    def __getitem__(self, axis):
+        return self.dp if axis == "dp" else self.root[axis]
+
+    def __getattr__(self, name):
+        return getattr(self.root, name)
 
 
 def _resolve_backend(backend: str, device: str) -> str:
