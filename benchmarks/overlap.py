@@ -10,8 +10,10 @@ On CPU gloo the all-to-alls of a few KB take well under a millisecond, far less 
 each raw seam also gets an injected *link latency*: its ``wait()`` returns no earlier than ``latency`` after it was
 issued (the collective itself still runs). Sequential FB waits out every seam: 4 per MoE block (dispatch, combine and
 their two gradients). Interleaved FB hides a seam's latency behind the other chunk's compute until the next seam.
-Printed per latency: median FB time for each mode, the time each mode added over the same mode at 0 ms (sequential
-should add about 4 x blocks x latency), and the fraction of the sequential addition that the interleaving hid. A
+Three modes: ``sequential``; ``interleaved``; ``interleaved+W``, which also defers the backward chunk's weight
+gradients (as the executor's FB actions do) and runs one whenever a collective is in flight with no other chunk left
+to compute (the pair's tail), the rest right after the pair. Printed per latency: median FB time for each mode and
+the fraction of the time sequential mode added over 0 ms (about 4 x blocks x latency) that each other mode hid. A
 seam's latency can only hide behind the other chunk's compute up to that chunk's next seam, so at large latencies
 the hidden fraction falls.
 """
@@ -29,9 +31,13 @@ import torch.distributed as dist
 
 from hai.config import compose
 from hai.model.moe import Pending
+from hai.model.wgrad import WeightGradStore
 from hai.model.transformer import build_model
 from hai.parallel.expert import EPDispatcher, shard_experts
 from hai.pipeline.overlap import Tape, block_forward, run_fb
+
+
+MODES = ("sequential", "interleaved", "interleaved+W")
 
 
 class _Slow(Pending):
@@ -90,17 +96,29 @@ def _rank(rank: int, world: int, args) -> dict:
     xs = [torch.randn(args.batch, args.seq, args.hidden, generator=g) for _ in range(2)]
     grad = torch.randn(args.batch, args.seq, args.hidden, generator=g)
 
+    store = WeightGradStore()  # as the executor does: linear layers can defer their weight gradients
+    for m in model.modules():
+        if hasattr(m, "wgrad_store"):
+            m.wgrad_store = store
+
     def forward(x, tape, out):
         h = x
         for b in blocks:
             h = yield from block_forward(b, h, tape)
         out.append(h)
 
+    def backward(tape, roots, defer):
+        store.recording = defer
+        try:
+            yield from tape.backward(roots)
+        finally:
+            store.recording = False
+
     results = {}
     for latency in args.latency_ms:
         for moe, d in zip(model.moe_layers(), inner):
             moe.dispatcher = SlowLink(d, latency / 1e3)
-        for mode in ("sequential", "interleaved"):
+        for mode in MODES:
             times = []
             for _ in range(args.warmup + args.iters):
                 t0_tape, out0 = Tape(), []
@@ -108,8 +126,11 @@ def _rank(rank: int, world: int, args) -> dict:
                 t1_tape, out1 = Tape(), []
                 dist.barrier()
                 t0 = time.perf_counter()
-                run_fb(forward(xs[1].requires_grad_(), t1_tape, out1), t0_tape.backward([(out0[0], grad)]),
-                       sequential=mode == "sequential")
+                defer = mode == "interleaved+W"
+                run_fb(forward(xs[1].requires_grad_(), t1_tape, out1), backward(t0_tape, [(out0[0], grad)], defer),
+                       sequential=mode == "sequential", fill=store.run_one if defer else None)
+                store.close("fb")
+                store.run("fb")  # the deferred weight gradients the pair's tail did not absorb
                 times.append(time.perf_counter() - t0)
                 run_fb(iter(()), t1_tape.backward([(out1[0], grad)]))
                 model.zero_grad(set_to_none=True)
@@ -135,14 +156,14 @@ def main(argv=None) -> None:
     per_rank = run_ranks(_rank, args.ep, args, timeout=1800)
     print(f"FB pair on {args.ep} gloo ranks: {args.layers} MoE blocks, hidden {args.hidden}, {args.batch}x{args.seq} "
           f"tokens per micro-batch; median of {args.iters}, max over ranks")
-    print(f"{'latency ms':>10s} {'sequential s':>13s} {'interleaved s':>14s} {'seq added s':>12s} "
-          f"{'inter added s':>14s} {'hidden':>7s}")
     t = {key: max(r[key] for r in per_rank) for key in per_rank[0]}
+    print(f"{'latency ms':>10s} " + " ".join(f"{m + ' s':>16s}" for m in MODES) + " " +
+          " ".join(f"{'hidden ' + m:>18s}" for m in MODES[1:]))
     for lat in args.latency_ms:
-        seq, inter = t[lat, "sequential"], t[lat, "interleaved"]
-        add_s, add_i = seq - t[0.0, "sequential"], inter - t[0.0, "interleaved"]
-        hidden = f"{1 - max(add_i, 0.0) / add_s:7.0%}" if lat and add_s > 0 else f"{'-':>7s}"
-        print(f"{lat:10.1f} {seq:13.3f} {inter:14.3f} {add_s:12.3f} {add_i:14.3f} {hidden}")
+        added = {m: t[lat, m] - t[0.0, m] for m in MODES}
+        hidden = [f"{1 - max(added[m], 0.0) / added['sequential']:18.0%}" if lat and added["sequential"] > 0
+                  else f"{'-':>18s}" for m in MODES[1:]]
+        print(f"{lat:10.1f} " + " ".join(f"{t[lat, m]:16.3f}" for m in MODES) + " " + " ".join(hidden))
 
 
 if __name__ == "__main__":

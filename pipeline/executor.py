@@ -194,10 +194,14 @@ class PipelineExecutor:
         elif a.kind is Kind.W:
             self.store.run((a.stage, a.micro_batch))
         elif a.kind is Kind.FB:
+            # the backward half defers its weight gradients: they fill the pair's tail, where one chunk has finished
+            # and the other's collectives would otherwise be waited out idle; the rest runs right after the pair
             self.seam_log.append([])
             run_fb(self._forward_gen(a.stage, a.micro_batch, slots, tokens),
-                   self._backward_gen(a.b_stage, a.b_micro_batch, slots, split=False),
-                   sequential=self.fb_sequential, log=self.seam_log[-1])
+                   self._backward_gen(a.b_stage, a.b_micro_batch, slots, split=True),
+                   sequential=self.fb_sequential, log=self.seam_log[-1],
+                   fill=None if self.fb_sequential else self.store.run_one)
+            self.store.run((a.b_stage, a.b_micro_batch))
         else:
             raise ValueError(f"unexpected action {a}")
 

@@ -268,9 +268,12 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape) -> Iterator
 
 
 def run_fb(forward: Iterator[str], backward: Iterator[str], *, sequential: bool = False,
-           log: list | None = None) -> None:
+           log: list | None = None, fill: Callable[[], bool] | None = None) -> None:
     """Drive a forward chunk and a backward chunk: in turn, switching whenever one has issued a collective (or,
-    with ``sequential``, the forward to its end and then the backward). ``log`` receives (chunk, seam, time)."""
+    with ``sequential``, the forward to its end and then the backward). ``log`` receives (chunk, seam, time).
+
+    ``fill`` runs one unit of other work (DualPipe's deferred weight gradients) and says whether there was any: once
+    one chunk has finished, each collective the other issues is covered by one call, instead of waiting idle."""
     chunks = [("F", forward), ("B", backward)]
     if sequential:
         for name, gen in chunks:
@@ -284,5 +287,8 @@ def run_fb(forward: Iterator[str], backward: Iterator[str], *, sequential: bool 
             seam = next(gen, None)
             if seam is None:
                 chunks.remove(item)
-            elif log is not None:
+                continue
+            if log is not None:
                 log.append((name, seam, time.perf_counter()))
+            if len(chunks) == 1 and fill is not None:  # nobody else to compute while this collective is in flight
+                fill()

@@ -38,6 +38,14 @@ class WeightGradStore:
         for fn in self._queued.pop(key, []):
             fn()
 
+    def run_one(self) -> bool:
+        """Run the oldest closure recorded since the last close (gap filler inside an overlapped F&B pair; the rest
+        keeps its order). Returns False when there is none."""
+        if not self._pending:
+            return False
+        self._pending.pop(0)()
+        return True
+
     def empty(self) -> bool:
         return not self._pending and not self._queued
 
