@@ -402,7 +402,7 @@ def save_checkpoint(trainer, out_dir: str | None = None) -> str:
         meta = {"format": FORMAT, "step": trainer.step, "optimizer_steps": trainer.optimizer.step_count,
                 "world_size": world, "pp": trainer.topo.pp, "dp": trainer.topo.dp, "ep": trainer.topo.ep,
                 "time": time.time(), "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
-                "files": files}
+                "run_id": getattr(trainer, "run_id", None), "files": files}
         _commit(tmp, final, root, meta, cfg.train.keep_last)
     _barrier()
     return final

@@ -2,7 +2,7 @@
 
 Only rank 0 constructs a :class:`MetricsSink`; metrics arriving here are already global (reduced by the trainer).
 The wandb API key is never written anywhere by HAI: online mode reads it from the environment / wandb's own login.
-A run that resumes from a checkpoint continues the same wandb run: its id is kept in ``out_dir/wandb_run_id``.
+The run id (``run_id``) travels in checkpoints, so a run resumed from one continues the same wandb run.
 """
 
 from __future__ import annotations
@@ -17,32 +17,25 @@ __all__ = ["MetricsSink", "read_metrics"]
 
 class MetricsSink:
     def __init__(self, out_dir: str, config: dict, wandb_cfg, total_steps: int, start_step: int = 0,
-                 progress: bool = True, resumed: bool = False):
+                 progress: bool = True, run_id: str | None = None):
         self.out_dir = out_dir
+        self.run_id = run_id or uuid.uuid4().hex[:12]  # a new run unless continuing a checkpoint's
         os.makedirs(out_dir, exist_ok=True)
         self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1)
-        self._wandb = self._init_wandb(config, wandb_cfg, resumed)
+        self._wandb = self._init_wandb(config, wandb_cfg)
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _init_wandb(self, config: dict, wcfg, resumed: bool):
+    def _init_wandb(self, config: dict, wcfg):
         if wcfg.mode == "disabled":
             return None
         import wandb
 
-        id_file = os.path.join(self.out_dir, "wandb_run_id")
-        if resumed and os.path.exists(id_file):
-            with open(id_file) as f:
-                run_id = f.read().strip()
-        else:
-            run_id = uuid.uuid4().hex[:12]
-            with open(id_file, "w") as f:
-                f.write(run_id + "\n")
         return wandb.init(project=wcfg.project, entity=wcfg.entity, name=wcfg.name, tags=list(wcfg.tags),
-                          config=config, dir=self.out_dir, mode=wcfg.mode, id=run_id, resume="allow",
+                          config=config, dir=self.out_dir, mode=wcfg.mode, id=self.run_id, resume="allow",
                           settings=wandb.Settings(x_disable_stats=True, console="off", silent=True))
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -78,6 +78,7 @@ class Trainer:
         self.sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed)
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
+        self.run_id: str | None = None  # the metrics/wandb run this training continues (from a checkpoint)
 
     def _parallelize(self):
         """Apply parallelism to the single-device model, in a fixed order: expert sharding over "ep", pipeline split
@@ -199,7 +200,8 @@ class Trainer:
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             sink = MetricsSink(cfg.out_dir, asdict(cfg), cfg.wandb, cfg.train.steps, self.step, cfg.train.progress,
-                               resumed=resumed is not None)
+                               run_id=self.run_id)
+            self.run_id = sink.run_id  # saved with every checkpoint (rank 0 writes the metadata)
             if resumed is not None:
                 sink.event("resumed", **resumed)
         first = last = None
@@ -237,6 +239,7 @@ class Trainer:
             return None
         t0 = time.perf_counter()
         meta = load_checkpoint(self, path)
+        self.run_id = meta.get("run_id")
         return {"step": self.step, "path": path, "saved_dp": meta.get("dp"),
                 "saved_world_size": meta.get("world_size"), "seconds": time.perf_counter() - t0}
 

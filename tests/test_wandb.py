@@ -125,20 +125,24 @@ def test_api_key_is_written_nowhere(offline_run):
 
 
 def test_resumed_training_continues_the_same_wandb_run(tmp_path):
-    """A run restarted from its checkpoint (resume=auto) logs into the same wandb run id; a fresh run gets a new id."""
+    """The run id travels in the checkpoint: resuming from it logs into the same wandb run, whatever out_dir; a fresh
+    run gets a new id."""
     pytest.importorskip("wandb")
-    out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_CONFIG_DIR=str(tmp_path / "cfg"),
                WANDB_CACHE_DIR=str(tmp_path / "cache"), WANDB_DATA_DIR=str(tmp_path / "data"))
     base = [sys.executable, "-m", "hai.cli", "train", "model=tiny", "train=test", "cluster=cpu1", "parallel=single",
-            "wandb.mode=offline", "train.save_every=2", "train.progress=false", f"out_dir={out}"]
+            "wandb.mode=offline", "train.save_every=2", "train.progress=false"]
 
-    def run_ids(*extra):
-        res = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=300)
+    def run_ids(out, *extra):
+        res = subprocess.run([*base, f"out_dir={out}", *extra], env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         return sorted({r.run.run_id for f in out.glob("wandb/offline-run-*/run-*.wandb")
                        for r in read_wandb_records(f) if r.WhichOneof("record_type") == "run"})
 
-    (first,) = run_ids("train.steps=2")
-    assert run_ids("train.steps=3", "resume=auto") == [first]  # resumed at step 2: the same run
-    assert len(run_ids("train.steps=1", "resume=none")) == 2  # a fresh run: a new id
+    a, b = tmp_path / "a", tmp_path / "b"
+    (first,) = run_ids(a, "train.steps=2")
+    (other,) = run_ids(b, "train.steps=1", "train.save_every=0")  # a fresh run: a new id
+    assert other != first
+    ckpt = a / "checkpoints" / "step_00000002"
+    assert run_ids(b, "train.steps=3", f"resume={ckpt}") == sorted([first, other])  # continued run a, not b's
+    assert run_ids(a, "train.steps=3", "resume=auto") == [first]
