@@ -21,7 +21,7 @@ commands:
 
 overrides are Hydra's: group=option (model=deepseek_v3_671b cluster=h800_2048 parallel=v3_2048 train=demo)
 and key=value (train.steps=50 parallel.dp=2 out_dir=runs/x wandb.mode=disabled output=json).
-flags: --slurm (launcher.kind=slurm), --dry-run (dry_run=true), --json (output=json)."""
+flags: launch --slurm (launcher.kind=slurm) --dry-run (dry_run=true); plan/account --json (output=json)."""
 
 
 def _under_torchrun() -> bool:
@@ -85,8 +85,12 @@ def cmd_plan(cfg, overrides: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "plan": cmd_plan, "account": cmd_account, "prepare": cmd_prepare}
 
 
-# Flag spellings of common overrides (DESIGN: `hai launch --slurm`, `--dry-run`); anything else is Hydra syntax.
-FLAGS = {"--slurm": "launcher.kind=slurm", "--dry-run": "dry_run=true", "--json": "output=json"}
+# Flag spellings of common overrides, per command (DESIGN: `hai launch --slurm`, `--dry-run`); the rest is Hydra's.
+FLAGS = {
+    "launch": {"--slurm": "launcher.kind=slurm", "--dry-run": "dry_run=true"},
+    "plan": {"--json": "output=json"},
+    "account": {"--json": "output=json"},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    cmd, overrides = argv[0], [FLAGS.get(a, a) for a in argv[1:]]
+    cmd = argv[0]
     if cmd not in COMMANDS:
         print(f"hai: unknown command {cmd!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
+    flags = FLAGS.get(cmd, {})
+    bad = [a for a in argv[1:] if a.startswith("--") and a not in flags]
+    if bad:
+        print(f"hai {cmd}: error: unknown flag {bad[0]!r}; `hai {cmd}` takes "
+              f"{', '.join(flags) or 'no flags'} (and key=value / group=option overrides)", file=sys.stderr)
+        return 2
+    overrides = [flags.get(a, a) for a in argv[1:]]
     try:
         cfg = compose(overrides)
         return COMMANDS[cmd](cfg, overrides)

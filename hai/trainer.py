@@ -84,13 +84,17 @@ class Trainer:
         """Apply parallelism to the single-device model, in a fixed order: expert sharding over "ep", pipeline split
         over "pp" (then the caller wraps the optimizer in ZeRO-1 over "dp"/"edp")."""
         topo, t, p = self.topo, self.cfg.train, self.cfg.parallel
+        self._ep_clocks = []
         if topo.ep > 1:
             from hai.parallel.expert import EPDispatcher, shard_experts
 
+            group = self.mesh["ep"].get_group()
             for moe in self.model.moe_layers():
                 shard_experts(moe, self.coords["ep"], topo.ep)
-                moe.dispatcher = EPDispatcher(self.mesh["ep"].get_group(), self.cfg.model.n_routed_experts,
+                moe.dispatcher = EPDispatcher(group, self.cfg.model.n_routed_experts,
                                               gpus_per_node=topo.gpus_per_node, mode=p.dispatch, fp8=p.fp8_dispatch)
+                if dist.get_backend(group) == "gloo":
+                    self._ep_clocks.append(moe.dispatcher.links)
         if topo.pp == 1:
             return None, None
         from hai.pipeline.executor import PipelineExecutor, split_model
@@ -145,12 +149,12 @@ class Trainer:
         return {"expert_load_max_violation": violation, "router_bias_spread": spread}
 
     def _ep_blocked_s(self) -> float | None:
-        """Host seconds this rank spent blocked in expert-parallel collectives since the last call (None: no EP)."""
-        clocks = [m.dispatcher.links for m in self.model.moe_layers() if hasattr(m.dispatcher, "links")]
-        if not clocks:
+        """Host seconds this rank spent blocked in expert-parallel collectives since the last call. None without EP,
+        and on NCCL, whose collectives do not block the host (the number would only be launch time)."""
+        if not self._ep_clocks:
             return None
-        total = sum(c.blocked_s for c in clocks)
-        for c in clocks:
+        total = sum(c.blocked_s for c in self._ep_clocks)
+        for c in self._ep_clocks:
             c.blocked_s = 0.0
         return total
 
@@ -172,7 +176,7 @@ class Trainer:
         rec = {"step": self.step, "loss": sums[0].item() / n, "mtp_loss": sums[1].item() / n, "lr": lr,
                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
                "optimizer_s": t2 - t1, **balance}
-        if ep_blocked is not None:  # host time blocked in EP all-to-alls (gloo: exposed comm; NCCL: launch only)
+        if ep_blocked is not None:  # host time blocked in EP all-to-alls: the exposed comm on gloo
             rec["ep_comm_blocked_s"] = ep_blocked
         if self.pipeline is not None:  # this rank's idle share of the pipelined forward/backward
             busy = sum(e.end - e.start for e in self.pipeline.timeline)

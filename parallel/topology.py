@@ -152,13 +152,15 @@ class Meshes:
     attributes are the 3-D mesh's. (The flattened mesh is kept here: torch deprecates slicing a flattened dim back
     out of the root mesh.)"""
 
-    def __init__(self, root, dp):
+    def __init__(self, root: "DeviceMesh", dp: "DeviceMesh"):
         self.root, self.dp = root, dp
 
     def __getitem__(self, axis):
         return self.dp if axis == "dp" else self.root[axis]
 
     def __getattr__(self, name):
+        if name in ("root", "dp"):  # not set yet (copy, unpickle): no recursion through self.root
+            raise AttributeError(name)
         return getattr(self.root, name)
 
 

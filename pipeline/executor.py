@@ -285,8 +285,8 @@ class PipelineExecutor:
     def write_timeline(self, out_dir: str | None) -> None:
         """Gather every pp rank's timeline (collective over the pp group); write trace.json and schedule.png to
         ``out_dir`` on the rank that passes one. The trace also marks where each FB chunk issued a collective."""
-        marks = [(self.pp_rank, t - self._t_base, f"{chunk} {seam} issued")
-                 for fb in self.seam_log for chunk, seam, t in fb] if self.seam_log else []
+        marks = [(self.pp_rank, t - self._t_base, f"{chunk} {seam} issued") for fb in self.seam_log
+                 for chunk, seam, t in fb]
         gathered: list = [None] * self.pp
         dist.all_gather_object(gathered, (self.timeline, marks), group=self.group)
         if out_dir is None or self.group is None or dist.get_rank(self.group) != 0:

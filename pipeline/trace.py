@@ -55,6 +55,8 @@ def to_chrome_trace(timeline: Sequence[Event], unit_us: float = 1000.0,
             "tid": 1 if e.action.is_comm else 0,
             "ts": e.start * unit_us, "dur": (e.end - e.start) * unit_us, "args": _args(e.action),
         })
+    for rank in sorted({r for r, _, _ in marks}):
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 2, "args": {"name": "seams"}})
     for rank, t, name in marks:
         events.append({"name": name, "cat": "seam", "ph": "i", "s": "t", "pid": rank, "tid": 2, "ts": t * unit_us})
     return {"traceEvents": events, "displayTimeUnit": "ms"}

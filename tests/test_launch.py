@@ -113,8 +113,10 @@ def test_slurm_script_quotes_every_user_value(tmp_path):
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
+    # A long node list (more than a pipe buffer) from one process, as the real scontrol: a reader that stops after the
+    # first line kills it with SIGPIPE, and under pipefail that fails the script (`head -n 1` did, at random).
     _stub(bindir / "scontrol", """
-if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-a17\\ngpu-a18\\n'; exit 0; fi
+if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-a17\\ngpu-a18\\n'; exec head -c 1000000 /dev/zero; fi
 if [ "$1 $2" = "show node" ]; then echo "NodeName=$3 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=$3 Port=0"; exit 0; fi
 exit 1
 """)
@@ -190,3 +192,11 @@ def test_flag_spellings_equal_their_overrides(capsys):
     flags = capsys.readouterr().out
     assert main(["launch", *ov, "launcher.kind=slurm", "dry_run=true"]) == 0
     assert flags == capsys.readouterr().out and "#SBATCH --nodes=256" in flags
+
+
+def test_unknown_or_misplaced_flags_fail_with_the_flags_that_exist(capsys):
+    assert main(["launch", "--dryrun"]) == 2
+    assert "unknown flag '--dryrun'" in capsys.readouterr().err
+    assert main(["train", "--dry-run"]) == 2  # a training run has no dry run: refused, not silently ignored
+    err = capsys.readouterr().err
+    assert "hai train" in err and "no flags" in err
