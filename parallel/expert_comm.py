@@ -190,7 +190,7 @@ class Route:
         for h in self.hops:
             out, work = self.send(b.index_select(0, h.send_idx), h.send_splits, h.recv_splits, phase, True)
             del b
-            yield
+            yield work
             with self.links.blocking():
                 work.wait()
             b = out
@@ -201,7 +201,7 @@ class Route:
         for h in reversed(self.hops):
             out, work = self.send(codec.encode(b), h.recv_splits, h.send_splits, phase, True)
             del b
-            yield
+            yield work
             with self.links.blocking():
                 work.wait()
             b = _sum_rows(codec.decode(out), h)

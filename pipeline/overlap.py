@@ -9,9 +9,9 @@ own (``torch.autograd.backward`` on its outputs, then read the leaves' ``.grad``
 autograd: its forward and its backward are the dispatcher's raw seams (``dispatch_start`` / ``combine_start`` and
 their ``*_backward_start``), each issued asynchronously and returning a ``Pending``.
 
-Forward and backward of a chunk are generators that yield right after issuing a collective. :func:`run_fb` drives
-the forward chunk of one micro-batch and the backward chunk of another in turn, so each chunk's all-to-all is in
-flight while the other chunk computes:
+Forward and backward of a chunk are generators that yield (seam, Pending) right after issuing a collective.
+:func:`run_fb` drives the forward chunk of one micro-batch and the backward chunk of another in turn, so each chunk's
+all-to-all is in flight while the other chunk computes:
 
     F: attn_0 -> [dispatch_0 issued]            B: tail_L -> [combine_bwd_L issued]
     F: wait, experts_0 -> [combine_0 issued]     B: wait, experts_bwd_L -> [dispatch_bwd_L issued]
@@ -197,9 +197,9 @@ class Tape:
                      for (_, shape, dt, dev), g in zip(node.outputs, grads)]
             pending = node.backward(grads)
             del grads
-            yield f"{node.name}_bwd"
+            yield f"{node.name}_bwd", pending
             while pending.step():
-                yield f"{node.name}_bwd"
+                yield f"{node.name}_bwd", pending
             got = pending.wait()
             for (serial, dtype, diff), g in zip(node.inputs, (got,) if isinstance(got, torch.Tensor) else got):
                 if diff:
@@ -237,9 +237,9 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape) -> Iterator
     handle, pending = disp.dispatch_start(x_TD.detach(), route.topk_idx, w_TK.detach())
     node = tape.comm("dispatch", [x_TD, w_TK], lambda g: disp.dispatch_backward_start(*g, handle))
     del h, route, x_TD, w_TK
-    yield "dispatch"
+    yield "dispatch", pending
     while pending.step():  # a hierarchical route: the next hop
-        yield "dispatch"
+        yield "dispatch", pending
     x_ND, w_NK = pending.wait()
     tape.comm_done(node, [x_ND, w_NK])
     del pending
@@ -253,9 +253,9 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape) -> Iterator
     pending = disp.combine_start(z_ND.detach(), handle)
     node = tape.comm("combine", [z_ND], lambda g: disp.combine_backward_start(g[0], handle))
     del z_ND
-    yield "combine"
+    yield "combine", pending
     while pending.step():
-        yield "combine"
+        yield "combine", pending
     out_TD = pending.wait()
     tape.comm_done(node, [out_TD])
     del pending
@@ -267,28 +267,34 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape) -> Iterator
     return out
 
 
-def run_fb(forward: Iterator[str], backward: Iterator[str], *, sequential: bool = False,
-           log: list | None = None, fill: Callable[[], bool] | None = None) -> None:
+def run_fb(forward: Iterator, backward: Iterator, *, sequential: bool = False, log: list | None = None,
+           fill: Callable[[], bool] | None = None) -> None:
     """Drive a forward chunk and a backward chunk: in turn, switching whenever one has issued a collective (or,
-    with ``sequential``, the forward to its end and then the backward). ``log`` receives (chunk, seam, time).
+    with ``sequential``, the forward to its end and then the backward). The chunks yield (seam name, Pending).
+    ``log`` receives (chunk, seam, time).
 
-    ``fill`` runs one unit of other work (DualPipe's deferred weight gradients) and says whether there was any: once
-    one chunk has finished, each collective the other issues is covered by one call, instead of waiting idle."""
+    ``fill`` runs one unit of other work (DualPipe's deferred weight gradients) and says whether there was any: before
+    a chunk resumes, it is called while that chunk's collective is still in flight, so the wait is spent computing.
+    """
     chunks = [("F", forward), ("B", backward)]
     if sequential:
         for name, gen in chunks:
-            for seam in gen:
+            for seam, _ in gen:
                 if log is not None:
                     log.append((name, seam, time.perf_counter()))
         return
+    waiting: dict[str, Pending] = {}
     while chunks:
         for item in list(chunks):
             name, gen = item
-            seam = next(gen, None)
-            if seam is None:
+            pending = waiting.pop(name, None)
+            if fill is not None and pending is not None:
+                while not pending.ready() and fill():
+                    pass
+            got = next(gen, None)
+            if got is None:
                 chunks.remove(item)
                 continue
+            seam, waiting[name] = got
             if log is not None:
                 log.append((name, seam, time.perf_counter()))
-            if len(chunks) == 1 and fill is not None:  # nobody else to compute while this collective is in flight
-                fill()

@@ -120,6 +120,10 @@ class Pending:
     def step(self) -> bool:
         return False
 
+    def ready(self) -> bool:
+        """Whether the part in flight has arrived (``wait``/``step`` would not block on it)."""
+        return True
+
     def wait(self) -> Any:
         if self._finish is not None:
             self._result, self._finish = self._finish(), None
@@ -127,23 +131,26 @@ class Pending:
 
 
 class Chain(Pending):
-    """A multi-hop transfer driven by a generator that yields right after issuing each hop asynchronously and
-    returns the result; the first hop is issued on construction."""
+    """A multi-hop transfer driven by a generator that yields the work handle of each hop right after issuing it
+    asynchronously and returns the result; the first hop is issued on construction."""
 
     def __init__(self, gen):
         super().__init__(None)
         self._gen = gen
-        next(gen)
+        self._work = next(gen)
 
     def step(self) -> bool:
         if self._gen is None:
             return False
         try:
-            next(self._gen)
+            self._work = next(self._gen)
             return True
         except StopIteration as stop:
-            self._gen, self._result = None, stop.value
+            self._gen, self._work, self._result = None, None, stop.value
             return False
+
+    def ready(self) -> bool:
+        return self._work is None or self._work.is_completed()
 
     def wait(self) -> Any:
         while self.step():
@@ -161,6 +168,9 @@ class Joint(Pending):
 
     def step(self) -> bool:
         return any([p.step() for p in self.parts])  # a list: every part advances
+
+    def ready(self) -> bool:
+        return all(p.ready() for p in self.parts)
 
     def wait(self) -> tuple:
         return tuple(p.wait() for p in self.parts)
