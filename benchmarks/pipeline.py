@@ -65,9 +65,10 @@ def _sleep_executor(name: str, pp_rank: int, pp: int, n_micro: int, costs: Costs
             self.actions = add_send_recv(build_schedule(name, pp, n_micro), costs)[pp_rank]
             self.owner = self._stage_owners(build_schedule(name, pp, n_micro))
             self.store, self.timeline = WeightGradStore(), []
-            self.overlap, self.seam_log = False, []  # sleep stages have no seams; FB = F then B here
+            self.overlap, self.fb_sequential, self.seam_log = False, True, []  # no seams: FB = F then B here
 
-        def _forward(self, stage, mb, slots, tokens):
+        def _forward_gen(self, stage, mb, slots, tokens):
+            yield from ()
             time.sleep(costs.F)
             slot = slots.setdefault((stage, mb), _Slot())
             slot.out = torch.zeros(self.act_shape)
@@ -76,7 +77,8 @@ def _sleep_executor(name: str, pp_rank: int, pp: int, n_micro: int, costs: Costs
             elif self.owner.get((stage + 1, mb)) == self.pp_rank:
                 slots.setdefault((stage + 1, mb), _Slot()).inp = slot.out
 
-        def _backward(self, stage, mb, slots, split):
+        def _backward_gen(self, stage, mb, slots, split):
+            yield from ()
             time.sleep(costs.B - costs.W if split else costs.B)
             slots[(stage, mb)].inp_grad = torch.zeros(self.act_shape)
             if stage > 0 and self.owner.get((stage - 1, mb)) == self.pp_rank:

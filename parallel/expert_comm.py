@@ -164,19 +164,11 @@ class Route:
 
     def gather(self, x_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Copy rows forward; the first hop is issued now (async if asked), the returned call finishes the rest."""
-        chain = self.gather_chain(x_ND, codec, phase)
-        if async_op:
-            return chain.wait
-        out = chain.wait()
-        return lambda: out
+        return _finisher(self.gather_chain(x_ND, codec, phase), async_op)
 
     def reduce(self, z_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Send rows back along the hops, summing the copies of each row (in ``codec.out``) after every hop."""
-        chain = self.reduce_chain(z_ND, codec, phase)
-        if async_op:
-            return chain.wait
-        out = chain.wait()
-        return lambda: out
+        return _finisher(self.reduce_chain(z_ND, codec, phase), async_op)
 
     def gather_chain(self, x_ND: torch.Tensor, codec, phase: str) -> Chain:
         """``gather`` as a :class:`Chain`: every hop issued asynchronously once the previous one has arrived."""
@@ -206,6 +198,14 @@ class Route:
                 work.wait()
             b = _sum_rows(codec.decode(out), h)
         return b
+
+
+def _finisher(chain: Chain, async_op: bool) -> Callable[[], torch.Tensor]:
+    """``chain.wait`` to call later (async), or its result now, behind the same call."""
+    if async_op:
+        return chain.wait
+    out = chain.wait()
+    return lambda: out
 
 
 def _sum_rows(rows_SW: torch.Tensor, hop: Hop) -> torch.Tensor:

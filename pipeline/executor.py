@@ -11,14 +11,15 @@ identical.
 Actions: F runs a stage forward and keeps (input, output) for the backward; B runs the input-gradient backward with
 the stage's linear layers recording their weight-gradient GEMMs in a :class:`WeightGradStore`, which the later W
 action runs (zero-bubble split); BW is a full backward; FB is the forward of one micro-batch and the full backward of
-another. Consecutive SEND/RECV actions are issued as one ``batch_isend_irecv`` and waited before the next compute
+another (its weight gradients deferred, then run before the next action). Consecutive SEND/RECV actions are issued as one ``batch_isend_irecv`` and waited before the next compute
 action. Every action is recorded in ``timeline``.
 
 With ``overlap=True`` (the default), when the schedule has FB actions and the stages hold expert-parallel MoE blocks,
 every stage forward is recorded on a :class:`~hai.pipeline.overlap.Tape` cut at the MoE all-to-all seams, and an FB
 action interleaves the two chunks so that each one's dispatch/combine (or their gradients) is in flight while the
 other computes (``hai.pipeline.overlap``); ``fb_sequential=True`` runs the same segments one chunk after the other
-(bitwise the same results: the identity test). Otherwise each stage runs as one autograd graph.
+(bitwise the same results: the identity test). Otherwise each stage runs as one autograd graph (a
+:class:`~hai.pipeline.overlap.PlainTape`, the same code path without cuts).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore
 from hai.parallel.topology import stage_layer_split
 from hai.model.moe import LocalDispatcher
-from hai.pipeline.overlap import Tape, block_forward, run_fb, supports_seams
+from hai.pipeline.overlap import PlainTape, Tape, block_forward, run_fb, supports_seams
 from hai.pipeline.schedules import Action, Kind, build_schedule, num_stages, rank_stages
 from hai.pipeline.simulate import add_send_recv
 from hai.pipeline.trace import Event, save_chrome_trace, save_gantt_png
@@ -71,7 +72,7 @@ class _Slot:
     grad_out: torch.Tensor | None = None  # gradient received for `out`
     losses: tuple | None = None  # (main, mtp) detached, at the last stage
     inp_grad: torch.Tensor | None = None  # gradient of `inp`, to send to the previous stage
-    tape: Tape | None = None  # the forward's segments (overlap mode)
+    tape: Tape | PlainTape | None = None  # the forward's record until its backward
 
 
 class PipelineExecutor:
@@ -110,44 +111,10 @@ class PipelineExecutor:
         return owner
 
     # ------------------------------------------------------------------ stage compute
-    def _forward(self, stage: int, mb: int, slots, tokens) -> None:
-        slot = slots.setdefault((stage, mb), _Slot())
-        if stage == 0:
-            h = self.model.embed(tokens[mb][:, :-1])
-        else:
-            h = slot.inp
-        for i in self.layers[stage]:
-            h = self.model.layers[i](h)
-        slot.out = self.model.head_loss(h, tokens[mb]) if stage == self.n_stages - 1 else h
-        if stage == self.n_stages - 1:
-            slot.losses = (slot.out.main_loss, slot.out.mtp_loss)
-        nxt = (stage + 1, mb)
-        if stage < self.n_stages - 1 and self.owner.get(nxt) == self.pp_rank:  # next stage is local (V turn)
-            slots.setdefault(nxt, _Slot()).inp = h.detach().requires_grad_()
-
-    def _backward(self, stage: int, mb: int, slots, split: bool) -> None:
-        slot = slots[(stage, mb)]
-        self.store.recording = split
-        try:
-            if stage == self.n_stages - 1:
-                torch.autograd.backward(slot.out.loss * self.loss_scale)
-            else:
-                torch.autograd.backward(slot.out, grad_tensors=slot.grad_out)
-        finally:
-            self.store.recording = False
-        if split:
-            self.store.close((stage, mb))
-        prev = (stage - 1, mb)
-        if stage > 0:
-            slot.inp_grad = slot.inp.grad
-            if self.owner.get(prev) == self.pp_rank:
-                slots[prev].grad_out = slot.inp.grad
-        slot.out = slot.inp = None  # free the activations
-
-    # ------------------------------------------------------------------ stage compute on a tape (overlap mode)
     def _forward_gen(self, stage: int, mb: int, slots, tokens):
+        """A stage chunk's forward, on a tape cut at the MoE seams (overlap: yields at each) or as one graph."""
         slot = slots.setdefault((stage, mb), _Slot())
-        tape = slot.tape = Tape()
+        tape = slot.tape = Tape() if self.overlap else PlainTape()
         if stage == 0:
             tape.begin()
             h = self.model.embed(tokens[mb][:, :-1])
@@ -168,6 +135,7 @@ class PipelineExecutor:
             slots.setdefault(nxt, _Slot()).inp = h.detach().requires_grad_()
 
     def _backward_gen(self, stage: int, mb: int, slots, split: bool):
+        """A stage chunk's backward; ``split``: weight gradients deferred to the store under (stage, mb)."""
         slot = slots[(stage, mb)]
         if stage == self.n_stages - 1:
             root = (slot.out.loss, torch.full_like(slot.out.loss, self.loss_scale))
@@ -186,7 +154,7 @@ class PipelineExecutor:
                 slots[(stage - 1, mb)].grad_out = slot.inp_grad
         slot.out = slot.inp = slot.tape = None  # free the activations
 
-    def _compute_overlapped(self, a: Action, slots, tokens) -> None:
+    def _compute(self, a: Action, slots, tokens) -> None:
         if a.kind is Kind.F:
             run_fb(self._forward_gen(a.stage, a.micro_batch, slots, tokens), iter(()))
         elif a.kind in (Kind.B, Kind.BW):
@@ -194,13 +162,13 @@ class PipelineExecutor:
         elif a.kind is Kind.W:
             self.store.run((a.stage, a.micro_batch))
         elif a.kind is Kind.FB:
-            # the backward half defers its weight gradients: they fill the pair's tail, where one chunk has finished
-            # and the other's collectives would otherwise be waited out idle; the rest runs right after the pair
+            # the backward half defers its weight gradients: they run while the chunk about to resume still waits
+            # for its collective (overlap), the rest right after the pair
+            sequential = self.fb_sequential or not self.overlap
             self.seam_log.append([])
             run_fb(self._forward_gen(a.stage, a.micro_batch, slots, tokens),
                    self._backward_gen(a.b_stage, a.b_micro_batch, slots, split=True),
-                   sequential=self.fb_sequential, log=self.seam_log[-1],
-                   fill=None if self.fb_sequential else self.store.run_one)
+                   sequential=sequential, log=self.seam_log[-1], fill=None if sequential else self.store.run_one)
             self.store.run((a.b_stage, a.b_micro_batch))
         else:
             raise ValueError(f"unexpected action {a}")
@@ -242,7 +210,6 @@ class PipelineExecutor:
         pending: list[Action] = []
         self.timeline, self.seam_log, t_base = [], [], time.perf_counter()
         self._t_base = t_base
-        compute = self._compute_overlapped if self.overlap else self._compute
         for a in self.actions:
             if a.is_comm:
                 pending.append(a)
@@ -251,28 +218,13 @@ class PipelineExecutor:
                 self._p2p(pending, slots)
                 pending = []
             t0 = time.perf_counter()
-            compute(a, slots, micro_batches)
+            self._compute(a, slots, micro_batches)
             self.timeline.append(Event(self.pp_rank, t0 - t_base, time.perf_counter() - t_base, a))
         if pending:
             self._p2p(pending, slots)
         if not self.store.empty():
             raise RuntimeError("weight-gradient work left over after the schedule: a B without its W")
         return self._loss_sums(slots)
-
-    def _compute(self, a: Action, slots, tokens) -> None:
-        if a.kind is Kind.F:
-            self._forward(a.stage, a.micro_batch, slots, tokens)
-        elif a.kind is Kind.B:
-            self._backward(a.stage, a.micro_batch, slots, split=True)
-        elif a.kind is Kind.W:
-            self.store.run((a.stage, a.micro_batch))
-        elif a.kind is Kind.BW:
-            self._backward(a.stage, a.micro_batch, slots, split=False)
-        elif a.kind is Kind.FB:
-            self._forward(a.stage, a.micro_batch, slots, tokens)
-            self._backward(a.b_stage, a.b_micro_batch, slots, split=False)
-        else:
-            raise ValueError(f"unexpected action {a}")
 
     def _loss_sums(self, slots) -> torch.Tensor:
         sums = torch.zeros(2, dtype=torch.float64)

@@ -37,7 +37,7 @@ from torch import nn
 
 from hai.model.moe import MoE, Pending
 
-__all__ = ["Tape", "block_forward", "run_fb", "supports_seams"]
+__all__ = ["Tape", "PlainTape", "block_forward", "run_fb", "supports_seams"]
 
 
 class _Box:
@@ -103,6 +103,8 @@ class Tape:
     Values are known by a serial number (``id`` plus a weak reference, so a freed tensor's reused ``id`` is a new
     value); the tape itself holds no activation: gradients cross cuts through :class:`_Cut` / :class:`_Exit`.
     """
+
+    cuts = True
 
     def __init__(self) -> None:
         self.nodes: list[_Compute | _Comm] = []
@@ -211,14 +213,34 @@ class Tape:
         return self._grads.pop(self._serial(value), None)
 
 
+class PlainTape:
+    """The tape's interface over one ordinary autograd graph: no cuts, no seams, nothing yielded (the executor's
+    path when there is nothing to overlap)."""
+
+    cuts = False
+
+    def begin(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        return list(values)
+
+    def end(self, *outputs, seeds=()) -> None:
+        pass
+
+    def backward(self, roots: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator:
+        torch.autograd.backward([t for t, _ in roots], [g for _, g in roots])
+        yield from ()
+
+    def grad(self, value: torch.Tensor) -> torch.Tensor | None:
+        return value.grad
+
+
 # -------------------------------------------------------------------------------------------- the model's seams
 def supports_seams(block: nn.Module) -> bool:
     return isinstance(getattr(block, "ffn", None), MoE)
 
 
-def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape) -> Iterator[str]:
+def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape | PlainTape) -> Iterator:
     """Run one transformer block on the tape (generator; its return value is the block's output)."""
-    if not supports_seams(block):
+    if not tape.cuts or not supports_seams(block):
         (h,) = tape.begin(h_BSD)
         out = block(h)
         tape.end(out)
