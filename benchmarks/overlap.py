@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from hai.config import compose
-from hai.model.moe import Pending
+from hai.parallel.pending import Pending
 from hai.model.wgrad import WeightGradStore
 from hai.model.transformer import build_model
 from hai.parallel.expert import EPDispatcher, shard_experts

@@ -43,9 +43,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from hai.checkpoint_files import (FORMAT, META_FILE, CheckpointError, _check_model, _clean_stale, _commit,
-                                  _crc32, _fail, _file_info, _read_meta, checkpoint_root, latest_checkpoint,
-                                  list_checkpoints, resolve_resume)
+from hai.checkpoint_files import (FORMAT, META_FILE, CheckpointError, check_model, checkpoint_error, checkpoint_root,
+                                  clean_stale, commit_checkpoint, crc32, file_info, latest_checkpoint, list_checkpoints,
+                                  read_meta, resolve_resume)
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "resolve_resume", "resume_path", "verify_checkpoint", "checkpoint_root"]
@@ -96,7 +96,7 @@ class _Layout:
         coords = getattr(trainer, "coords", {}) or {}
         self.ep, self.ep_rank, self.pp_rank = trainer.topo.ep, coords.get("ep", 0), coords.get("pp", 0)
         self.experts = trainer.cfg.model.n_routed_experts
-        holders = getattr(getattr(trainer, "pipeline", None), "holders", None) or {}
+        holders = trainer.placement.holders
         self.secondary = {n for n, h in holders.items() if h and h[0] != self.pp_rank}
 
     def expert_rows(self, name: str, t: torch.Tensor) -> tuple[int, int] | None:
@@ -185,7 +185,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
-class _SafeReader(FileSystemReader):
+class SafeReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any):
         with open(os.path.join(self.path, ".metadata"), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -273,7 +273,7 @@ def save_checkpoint(trainer, out_dir: str | None = None) -> str:
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        _clean_stale(root)
+        clean_stale(root)
         os.makedirs(tmp)
     _barrier()
     state = _state(trainer, saving=True)
@@ -283,14 +283,14 @@ def save_checkpoint(trainer, out_dir: str | None = None) -> str:
         dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
                                                         thread_count=1), planner=_SavePlanner())
     mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
-    files = {k: v for part in _gather(_file_info(tmp, mine)) for k, v in part.items()}
+    files = {k: v for part in _gather(file_info(tmp, mine)) for k, v in part.items()}
     if rank == 0:
-        files.update(_file_info(tmp, [".metadata"]))
+        files.update(file_info(tmp, [".metadata"]))
         meta = {"format": FORMAT, "step": trainer.step, "optimizer_steps": trainer.optimizer.step_count,
                 "world_size": world, "pp": trainer.topo.pp, "dp": trainer.topo.dp, "ep": trainer.topo.ep,
                 "time": time.time(), "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
                 "run_id": getattr(trainer, "run_id", None), "files": files}
-        _commit(tmp, final, root, meta, cfg.train.keep_last)
+        commit_checkpoint(tmp, final, root, meta, cfg.train.keep_last)
     _barrier()
     return final
 
@@ -303,7 +303,7 @@ def _check_files(path: str, meta: dict) -> None:
     """Sizes of every file (each rank); CRC-32 of a 1/world share of them per rank, results gathered."""
     files = meta.get("files") or {}
     if ".metadata" not in files:
-        raise _fail(path, f"lists no DCP .metadata in {META_FILE}")
+        raise checkpoint_error(path, f"lists no DCP .metadata in {META_FILE}")
     bad = []
     for name, info in sorted(files.items()):
         p = os.path.join(path, name)
@@ -312,21 +312,21 @@ def _check_files(path: str, meta: dict) -> None:
         elif os.path.getsize(p) != info["size"]:
             bad.append(f"{name} is truncated or padded ({os.path.getsize(p)} bytes, {info['size']} written)")
     if bad:
-        raise _fail(path, "is damaged: " + "; ".join(bad))
+        raise checkpoint_error(path, "is damaged: " + "; ".join(bad))
     rank, world = _rank_world()
     mine = [n for i, n in enumerate(sorted(files)) if i % world == rank]
-    bad = [f"{n} fails its CRC-32 check" for n in mine if _crc32(os.path.join(path, n)) != files[n]["crc32"]]
+    bad = [f"{n} fails its CRC-32 check" for n in mine if crc32(os.path.join(path, n)) != files[n]["crc32"]]
     bad = [b for part in _gather(bad) for b in part]
     if bad:
-        raise _fail(path, "is corrupt: " + "; ".join(bad))
+        raise checkpoint_error(path, "is corrupt: " + "; ".join(bad))
 
 
 def verify_checkpoint(path: str, model_cfg=None) -> dict:
     """Check marker, metadata, file sizes and checksums (and the model config); returns hai.json's content."""
     path = os.path.abspath(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if model_cfg is not None:
-        _check_model(path, meta, model_cfg)
+        check_model(path, meta, model_cfg)
     _check_files(path, meta)
     return meta
 
@@ -336,11 +336,11 @@ def load_checkpoint(trainer, path: str) -> dict:
     path = os.path.abspath(path)
     meta = verify_checkpoint(path, trainer.cfg.model)
     rank, _ = _rank_world()
-    reader = _SafeReader(path)
+    reader = SafeReader(path)
     try:
         saved = reader.read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is reported with the path and the fix
-        raise _fail(path, f"has unreadable DCP metadata ({type(e).__name__}: {e})") from None
+        raise checkpoint_error(path, f"has unreadable DCP metadata ({type(e).__name__}: {e})") from None
     state = _state(trainer, saving=False)
     rng = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype)
            for k in _rng_state(rank, trainer.device) if k in saved}
@@ -353,11 +353,11 @@ def load_checkpoint(trainer, path: str) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load(state, storage_reader=_SafeReader(path), planner=_LoadPlanner())
+            dcp.load(state, storage_reader=SafeReader(path), planner=_LoadPlanner())
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; report them with the path and the fix
-        raise _fail(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
+        raise checkpoint_error(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
     trainer.step = int(state["trainer.step"])
     trainer.optimizer.step_count = int(state["optim.step_count"])
     if len(rng) == len(_rng_state(rank, trainer.device)):

@@ -10,7 +10,9 @@ import re
 import shutil
 import zlib
 
-__all__ = ["CheckpointError", "checkpoint_root", "list_checkpoints", "latest_checkpoint", "resolve_resume"]
+__all__ = ["CheckpointError", "checkpoint_root", "list_checkpoints", "latest_checkpoint", "resolve_resume", "FORMAT",
+           "META_FILE", "check_model", "checkpoint_error", "clean_stale", "commit_checkpoint", "crc32", "file_info",
+           "read_meta"]
 
 FORMAT = "hai-checkpoint-1"
 META_FILE, MARKER = "hai.json", "COMPLETE"
@@ -77,7 +79,7 @@ def resolve_resume(resume: str, out_dir: str) -> str | None:
 # atomic commit and file integrity
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _crc32(path: str) -> int:
+def crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -85,8 +87,8 @@ def _crc32(path: str) -> int:
     return crc
 
 
-def _file_info(directory: str, names: list[str]) -> dict[str, dict]:
-    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "crc32": _crc32(os.path.join(directory, n))}
+def file_info(directory: str, names: list[str]) -> dict[str, dict]:
+    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "crc32": crc32(os.path.join(directory, n))}
             for n in names}
 
 
@@ -105,13 +107,13 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _clean_stale(root: str) -> None:
+def clean_stale(root: str) -> None:
     for name in os.listdir(root):
         if name.startswith(".tmp-") or name.startswith(".trash-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _commit(tmp: str, final: str, root: str, meta: dict, keep_last: int) -> None:
+def commit_checkpoint(tmp: str, final: str, root: str, meta: dict, keep_last: int) -> None:
     """Rank 0, after every rank's data is on disk: hai.json, COMPLETE, fsync, rename into place, prune."""
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
@@ -134,30 +136,30 @@ def _commit(tmp: str, final: str, root: str, meta: dict, keep_last: int) -> None
 # checks
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _fail(path: str, problem: str) -> CheckpointError:
+def checkpoint_error(path: str, problem: str) -> CheckpointError:
     root = os.path.dirname(path)
     return CheckpointError(
         f"checkpoint {path} {problem}: delete it (rm -r {path}) so resume=auto takes the previous complete one "
         f"under {root}, point resume=PATH at another checkpoint, or start fresh with resume=none")
 
 
-def _read_meta(path: str) -> dict:
+def read_meta(path: str) -> dict:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check resume=PATH, or use resume=auto / resume=none")
     if not os.path.isfile(os.path.join(path, MARKER)):
-        raise _fail(path, f"is incomplete (no {MARKER} marker: its save was interrupted)")
+        raise checkpoint_error(path, f"is incomplete (no {MARKER} marker: its save was interrupted)")
     try:
         with open(os.path.join(path, META_FILE)) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise _fail(path, f"has an unreadable {META_FILE} ({e})") from None
+        raise checkpoint_error(path, f"has an unreadable {META_FILE} ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise _fail(path, f"is not a {FORMAT} checkpoint (format {found!r})")
+        raise checkpoint_error(path, f"is not a {FORMAT} checkpoint (format {found!r})")
     return meta
 
 
-def _check_model(path: str, meta: dict, model_cfg) -> None:
+def check_model(path: str, meta: dict, model_cfg) -> None:
     now = dataclasses.asdict(model_cfg)
     saved = meta.get("model", {})
     diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now

@@ -48,7 +48,7 @@ def cmd_train(cfg, overrides: list[str]) -> int:
 
 
 def cmd_account(cfg, overrides: list[str]) -> int:
-    from hai.accounting import account
+    from hai.plan.accounting import account
 
     report = account(cfg.model, cfg.train.seq_len)
     if cfg.output == "json":

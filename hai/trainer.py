@@ -18,10 +18,11 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from hai.accounting import train_flops_per_token
+from hai.plan.accounting import train_flops_per_token
 from hai.config import Config, ConfigError, to_yaml
 from hai.data import Sampler, TokenFile, ensure_token_file
-from hai.model import build_model
+from hai.model import Router, build_model, materialize, param_dtype
+from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW
 
@@ -66,47 +67,36 @@ class Trainer:
             torch.device("cpu")
         t = cfg.train
         self.n_micro = t.global_batch_size // (topo.dp * t.micro_batch_size)
-        self.model = build_model(cfg.model, seed=t.seed, device=self.device)
-        self.model.set_aux_grad_scale(1.0 / self.n_micro)
         self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
-        self.pipeline, copies = self._parallelize()
+        # per-rank construction: the architecture on meta, this rank's layout, then only its share materialized
+        self.model = build_model(cfg.model, device="meta")
+        self.placement = parallelize(self.model, topo, cfg, mesh, self.rank)
+        materialize(self.model, self.device, param_dtype(cfg.model), t.seed, cfg.model.init_std)
+        self.model.set_aux_grad_scale(1.0 / self.n_micro)
+        self._ep_clocks = [m.dispatcher.links for m in self.model.moe_layers()
+                           if hasattr(m.dispatcher, "links") and dist.get_backend(m.dispatcher.group) == "gloo"]
+        self.pipeline = self._pipeline()
         self.optimizer = ZeroAdamW(
             self.model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
             weight_decay=t.weight_decay, dp_group=self.dp_group, edp_group=_group(mesh, "edp"),
             grad_divisor=topo.dp, norm_groups=[self.dp_group, self.pp_group], bf16_moments=t.bf16_moments,
-            max_grad_norm=t.grad_clip, copies=copies)
+            max_grad_norm=t.grad_clip,
+            copies={n: (self.placement.copies(n), self.placement.copy_group(n)) for n in self.placement.holders})
         self.sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed)
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
         self.run_id: str | None = None  # the metrics/wandb run this training continues (from a checkpoint)
 
-    def _parallelize(self):
-        """Apply parallelism to the single-device model, in a fixed order: expert sharding over "ep", pipeline split
-        over "pp" (then the caller wraps the optimizer in ZeRO-1 over "dp"/"edp")."""
-        topo, t, p = self.topo, self.cfg.train, self.cfg.parallel
-        self._ep_clocks = []
-        if topo.ep > 1:
-            from hai.parallel.expert import EPDispatcher, shard_experts
+    def _pipeline(self):
+        if self.topo.pp == 1:
+            return None
+        from hai.pipeline.executor import PipelineExecutor
 
-            group = self.mesh["ep"].get_group()
-            for moe in self.model.moe_layers():
-                shard_experts(moe, self.coords["ep"], topo.ep)
-                moe.dispatcher = EPDispatcher(group, self.cfg.model.n_routed_experts,
-                                              gpus_per_node=topo.gpus_per_node, mode=p.dispatch, fp8=p.fp8_dispatch)
-                if dist.get_backend(group) == "gloo":
-                    self._ep_clocks.append(moe.dispatcher.links)
-        if topo.pp == 1:
-            return None, None
-        from hai.pipeline.executor import PipelineExecutor, split_model
-        from hai.pipeline.schedules import num_stages, rank_stages
-
-        name = self.cfg.parallel.schedule
-        split_model(self.model, rank_stages(name, topo.pp, self.coords["pp"]), num_stages(name, topo.pp))
-        ex = PipelineExecutor(self.model, name, self.coords["pp"], topo.pp, self.n_micro, self.pp_group,
-                              topo.group_ranks("pp", self.rank),
-                              (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro,
-                              overlap=p.overlap)
-        return ex, ex.build_copy_groups(topo.dp, self.coords["dp"])
+        t = self.cfg.train
+        return PipelineExecutor(self.model, self.placement.layout, self.coords["pp"], self.n_micro, self.pp_group,
+                                self.topo.group_ranks("pp", self.rank),
+                                (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro,
+                                overlap=self.cfg.parallel.overlap)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -119,7 +109,6 @@ class Trainer:
         if self.pipeline is not None:
             with self._autocast():
                 sums = self.pipeline.run([mb.to(self.device) for mb in micro_batches])
-            self.pipeline.sync_copies()
             dist.all_reduce(sums, group=self.pp_group)  # the losses were computed at the last stage(s)
             return sums
         sums = torch.zeros(2, dtype=torch.float64)
@@ -135,6 +124,10 @@ class Trainer:
         routers = self.model.routers()
         if not routers:
             return {"expert_load_max_violation": 0.0, "router_bias_spread": 0.0}
+        for name, m in self.model.named_modules():  # a router held by two pipeline ranks saw half the tokens on each
+            group = self.placement.copy_group(f"{name}.weight") if isinstance(m, Router) else None
+            if group is not None:
+                dist.all_reduce(m.load, group=group)
         loads = torch.stack([r.load for r in routers])  # (layers, E) this rank's counts
         if self.dp_group is not None:
             dist.all_reduce(loads, group=self.dp_group)
@@ -213,8 +206,7 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                with self._fault_injection():
-                    rec = self.train_step()
+                rec = self.train_step()
                 rec = self._throughput(rec, time.perf_counter() - t0)
                 first = first if first is not None else rec["loss"]
                 last = rec["loss"]
@@ -233,7 +225,7 @@ class Trainer:
                 sink.close(summary)
         return summary
 
-    # ------------------------------------------------------------------ checkpoints and fault injection
+    # ------------------------------------------------------------------ checkpoints
     def resume(self) -> dict | None:
         """Load the checkpoint ``resume`` names (none | auto | PATH): model, ZeRO-1 state (any dp size), step, RNG."""
         from hai.checkpoint import load_checkpoint, resume_path
@@ -256,28 +248,6 @@ class Trainer:
         if sink is not None:
             sink.event("checkpoint", step=self.step, path=path, seconds=time.perf_counter() - t0)
         return path
-
-    def _fault_injection(self):
-        """Test hook: with HAI_INJECT_NAN_STEP=k[,k2...] rank HAI_INJECT_NAN_RANK (default 0) turns one parameter's
-        gradient into HAI_INJECT_NAN_VALUE (default nan; inf works too) on step k (1-based, as logged), so the
-        optimizer's non-finite-norm skip can be exercised end to end. Unset: nothing happens."""
-        spec = os.environ.get("HAI_INJECT_NAN_STEP", "")
-        steps = {int(s) for s in spec.split(",") if s.strip()}
-        if self.step + 1 not in steps or self.rank != int(os.environ.get("HAI_INJECT_NAN_RANK", "0")):
-            return contextlib.nullcontext()
-        value = float(os.environ.get("HAI_INJECT_NAN_VALUE", "nan"))
-        opt = self.optimizer
-
-        def poisoned_step(*args, **kwargs):  # whatever produced the gradients, poison one right before the step
-            param = next((p for p in opt.params() if p.grad is not None), None)
-            if param is not None:
-                param.grad.fill_(value)
-            return type(opt).step(opt, *args, **kwargs)
-
-        opt.step = poisoned_step
-        stack = contextlib.ExitStack()
-        stack.callback(delattr, opt, "step")
-        return stack
 
 
 def _memory_bytes(device: torch.device) -> int:

@@ -38,11 +38,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hai.model.moe import Joint, Pending, gather_rows, scatter_rows
+from hai.model.moe import gather_rows, scatter_rows
+from hai.parallel.pending import Joint, Pending
 from hai.parallel.expert_comm import (CastCodec, Fp8Codec, GatherFn, Hop, Links, ReduceFn, Route, a2a,
                                       new_traffic, resolve_quant_1x128)
 
-__all__ = ["EPDispatcher", "EPHandle", "Pending", "check_ep_config", "shard_experts", "expert_range"]
+__all__ = ["EPDispatcher", "EPHandle", "check_ep_config", "shard_experts", "expert_range"]
 
 _MODES = ("flat", "hierarchical")
 _FP32 = CastCodec(None, torch.float32)
@@ -70,7 +71,8 @@ def expert_range(num_experts: int, ep_rank: int, ep: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def shard_experts(moe: nn.Module, ep_rank: int, ep: int) -> nn.Module:
-    """Keep rows [e0:e1) of ``moe.experts``' stacked w1/w2/w3 (new Parameters, so build optimizers afterwards)."""
+    """Keep rows [e0:e1) of ``moe.experts``' stacked w1/w2/w3 (new Parameters, so build optimizers afterwards; on
+    ``meta`` this allocates nothing). ``experts.expert_offset`` records e0 (global expert id of local row 0)."""
     experts = moe.experts
     check_ep_config(experts.num_experts, ep, 1)
     e0, e1 = expert_range(experts.num_experts, ep_rank, ep)
@@ -78,6 +80,7 @@ def shard_experts(moe: nn.Module, ep_rank: int, ep: int) -> nn.Module:
         full = getattr(experts, name)
         setattr(experts, name, nn.Parameter(full[e0:e1].clone(), requires_grad=full.requires_grad))
     experts.num_experts = e1 - e0
+    experts.expert_offset += e0
     return moe
 
 

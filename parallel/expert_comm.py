@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hai.model.moe import Chain
+from hai.parallel.pending import Chain
 
 __all__ = ["Hop", "Route", "Links", "CastCodec", "Fp8Codec", "GatherFn", "ReduceFn", "quant_1x128_torch",
            "resolve_quant_1x128", "new_traffic", "TRAFFIC_PHASES"]

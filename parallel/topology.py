@@ -16,35 +16,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hai.config import Config, ConfigError
+from hai.parallel.layout import check_schedule, num_stages, stage_layer_split
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["Topology", "Meshes", "stage_layer_split", "AXES"]
+__all__ = ["Topology", "Meshes", "AXES"]
 
 AXES = ("pp", "dp", "edp", "ep")
 
 
 def _fail(msg: str) -> None:
     raise ConfigError(msg)
-
-
-def stage_layer_split(num_layers: int, pp: int) -> list[int]:
-    """Layers per pipeline stage, as even as possible, extra layers to the middle stages' neighbours last.
-
-    The first and last stages also carry the embedding and the head/MTP, so when the split is uneven the *first and
-    last* stages get the smaller share (V3's 61 layers on 16 stages: 3, 4 x 14, 3 plus embedding/head/MTP).
-    """
-    if num_layers < pp:
-        _fail(f"pp={pp} needs at least one layer per stage but the model has num_layers={num_layers}: "
-              f"lower parallel.pp to <= {num_layers}")
-    base, extra = divmod(num_layers, pp)
-    counts = [base] * pp
-    # hand the extra layers to the inner stages first (outer stages hold embedding / head / MTP)
-    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
-    for s in order[:extra]:
-        counts[s] += 1
-    return counts
 
 
 @dataclass(frozen=True)
@@ -184,10 +167,8 @@ def _check_batch(cfg: Config) -> None:
               f"(parallel.dp={p.dp} x train.micro_batch_size={t.micro_batch_size}) gives {n_micro} micro-batches "
               f"per rank: set parallel.micro_batches={n_micro} (or 0) or change the batch sizes")
     if p.pp > 1:
-        from hai.pipeline.schedules import build_schedule, num_stages
-
         try:
-            build_schedule(p.schedule, p.pp, n_micro)
+            check_schedule(p.schedule, p.pp, n_micro)
         except ValueError as e:
             raise ConfigError(f"parallel.schedule={p.schedule} with parallel.pp={p.pp} and {n_micro} micro-batches "
                               f"per rank (train.global_batch_size / (dp x micro_batch_size)): {e}") from None

@@ -1,16 +1,29 @@
-"""ZeRO-1 AdamW: fp32 master weights and moments sharded over the data-parallel group.
+"""ZeRO-1 AdamW with Megatron's distributed-optimizer layout: flat buffers, fp32 gradients, sharded fp32 state.
 
-Parameters are packed (in ``named_parameters`` order) into flat buckets keyed by (kind, weight decay): dense
-parameters shard over the "dp" group, routed-expert parameters over "edp" (the ranks that hold the same experts).
+Parameters are packed (in ``named_parameters`` order) into buckets keyed by (routed expert or not, weight decay,
+pipeline holders). Dense buckets shard over the "dp" group, routed-expert buckets over "edp" (the ranks that hold
+the same experts). A bucket owns, for its ``numel`` elements padded to ``shard * world``:
+
+- ``params``: one flat buffer in the model's weight dtype (bf16 under V3's recipe); every module parameter is a
+  view into it, so the all-gather of the updated weights writes straight into the modules;
+- ``grad``: one flat fp32 buffer; every parameter's ``main_grad`` is a view into it. Gradients are accumulated there
+  in fp32 across micro-batches (a post-accumulate hook adds each autograd gradient and frees it; deferred
+  weight-gradient GEMMs add into ``main_grad`` directly);
+- this rank's shard of the fp32 master weights and of both AdamW moments (fp32, or bf16 with ``bf16_moments``).
+
 Each step:
 
-1. the flat gradient of a bucket is reduce-scattered (sum) into the owner's shard and divided by dp — for experts too,
-   since the all-to-all already summed the ep ranks' contributions into the expert's owner;
-2. the global gradient norm is the square root of the sum of every shard's squares over ``norm_groups``
-   (dp, then pp), gradients are clipped by it (torch's ``clip_grad_norm_`` rule) and a non-finite norm skips the step;
-3. each shard takes the AdamW step (the same arithmetic as ``torch.optim.AdamW``, decoupled weight decay), with the
-   moments in fp32 or bf16;
-4. the updated shards are all-gathered back into the (replicated) model parameters.
+1. parameters held by several pipeline ranks (DualPipe's two copies of a stage, an embedding shared by the first and
+   last stage) all-reduce their bucket's gradient buffer over their copy group, in place;
+2. each bucket's gradient buffer is reduce-scattered in place (sum) into this rank's shard of it and divided by dp —
+   for experts too, since the all-to-all already summed the ep ranks' contributions into the expert's owner;
+3. the global gradient norm is the square root of the sum of every shard's squares over ``norm_groups`` (dp, then
+   pp; copies counted once), gradients are clipped by it (torch's ``clip_grad_norm_`` rule) and a non-finite norm
+   skips the step;
+4. each shard takes the AdamW step on its fp32 master (``torch.optim.AdamW``'s arithmetic, decoupled weight decay);
+5. the master shard is cast into this rank's slice of the parameter buffer and the buffer is all-gathered in place.
+
+No step allocates anything the size of a bucket: the collectives work on the persistent buffers.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ZeroAdamW", "StepResult", "is_expert_param"]
+__all__ = ["ZeroAdamW", "StepResult", "is_expert_param", "bucket_layout"]
 
 # torch 2.13 renamed the flat collectives (*_single); older versions only have the *_tensor names
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -33,10 +46,20 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
+def bucket_layout(numel: int, world: int) -> tuple[int, int]:
+    """(shard elements per rank, padded buffer elements) of a bucket of ``numel`` elements over ``world`` ranks."""
+    shard = -(-numel // world)
+    return shard, shard * world
+
+
 @dataclass
 class StepResult:
     grad_norm: float
     skipped: bool
+
+
+def _world_rank(group) -> tuple[int, int]:
+    return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
 
 
 @dataclass
@@ -45,70 +68,92 @@ class _Bucket:
     params: list[nn.Parameter]
     group: object  # process group or None (one rank)
     decay: bool
-    copies: int = 1  # pp ranks holding this parameter (DualPipe: 2); the global norm counts it once
+    copies: int = 1  # pp ranks holding these parameters (DualPipe: 2); the global norm counts them once
+    copy_group: object = None  # the group summing gradients over those copies
     numel: int = 0
     shard: int = 0
     rank: int = 0
     world: int = 1
+    param_buffer: torch.Tensor = field(default=None)
+    grad: torch.Tensor = field(default=None)
     master: torch.Tensor = field(default=None)
     exp_avg: torch.Tensor = field(default=None)
     exp_avg_sq: torch.Tensor = field(default=None)
 
     def setup(self, moment_dtype: torch.dtype) -> None:
-        self.world = dist.get_world_size(self.group) if self.group is not None else 1
-        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        self.world, self.rank = _world_rank(self.group)
         self.numel = sum(p.numel() for p in self.params)
-        self.shard = -(-self.numel // self.world)
-        flat = self._flat([p.detach() for p in self.params])
-        self.master = flat[self.rank * self.shard:(self.rank + 1) * self.shard].float().clone()
+        self.shard, padded = bucket_layout(self.numel, self.world)
+        p0 = self.params[0]
+        self.param_buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device)
+        self.grad = torch.zeros(padded, dtype=torch.float32, device=p0.device)
+        offset = 0
+        for p in self.params:  # adopt: the module parameters become views of the flat buffer
+            n = p.numel()
+            view = self.param_buffer[offset:offset + n].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            p.main_grad = self.grad[offset:offset + n].view_as(p)
+            if getattr(p, "main_grad_hook", None) is not None:  # adopted again (a new optimizer): one hook only
+                p.main_grad_hook.remove()
+            p.main_grad_hook = p.register_post_accumulate_grad_hook(_to_main_grad)
+            offset += n
+        self.master = self.param_shard().float().clone()
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
 
-    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        pad = self.shard * self.world - self.numel
-        parts = [t.reshape(-1).float() for t in tensors]
-        if pad:
-            parts.append(parts[0].new_zeros(pad))
-        return torch.cat(parts)  # one copy: no separate padding pass
+    def param_shard(self) -> torch.Tensor:
+        return self.param_buffer[self.rank * self.shard:(self.rank + 1) * self.shard]
 
     def grad_shard(self) -> torch.Tensor:
-        flat = self._flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
-        if self.world == 1:
-            return flat
-        out = torch.empty(self.shard, dtype=flat.dtype, device=flat.device)
-        _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group)
+        """Sum this bucket's gradients over its copies and its data-parallel group; returns this rank's shard (a
+        view of the gradient buffer)."""
+        if self.copy_group is not None:
+            dist.all_reduce(self.grad, group=self.copy_group)
+        out = self.grad[self.rank * self.shard:(self.rank + 1) * self.shard]
+        if self.world > 1:
+            _reduce_scatter(out, self.grad, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
     @torch.no_grad()
     def gather_into_params(self) -> None:
-        if self.world == 1:
-            full = self.master
-        else:
-            full = torch.empty(self.shard * self.world, dtype=self.master.dtype, device=self.master.device)
-            _all_gather(full, self.master, group=self.group)
-        offset = 0
-        for p in self.params:
-            p.copy_(full[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        self.param_shard().copy_(self.master)
+        if self.world > 1:
+            _all_gather(self.param_buffer, self.param_shard(), group=self.group)
+
+
+def _to_main_grad(p: torch.Tensor) -> None:
+    """Post-accumulate hook: move an autograd gradient into the fp32 flat buffer and free it (autograd also calls it
+    when a Function returned no gradient for the parameter: the deferred weight-gradient GEMMs write main_grad
+    themselves)."""
+    if p.grad is None:
+        return
+    p.main_grad.add_(p.grad)
+    p.grad = None
 
 
 class ZeroAdamW:
+    """``named_params``: the module parameters (materialized); ``copies``: name -> (number of pipeline copies, group
+    summing their gradients or None)."""
+
     def __init__(self, named_params, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  dp_group=None, edp_group=None, grad_divisor: int = 1, norm_groups=(), bf16_moments: bool = False,
-                 max_grad_norm: float = 0.0, copies: dict[str, int] | None = None):
+                 max_grad_norm: float = 0.0, copies: dict[str, tuple[int, object]] | None = None):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.grad_divisor, self.norm_groups, self.max_grad_norm = grad_divisor, list(norm_groups), max_grad_norm
         self.step_count = 0
         self.buckets: list[_Bucket] = []
-        groups: dict[tuple[bool, bool, int], _Bucket] = {}
+        groups: dict[tuple, _Bucket] = {}
+        order: dict[object, int] = {}
         for name, p in named_params:
             if not p.requires_grad:
                 continue
             expert, decay = is_expert_param(name), p.dim() >= 2
-            n_copies = (copies or {}).get(name, 1)
-            key = (expert, decay, n_copies)
+            n_copies, copy_group = (copies or {}).get(name, (1, None))
+            gid = order.setdefault(copy_group, len(order))  # groups are not orderable: key by first appearance
+            key = (expert, decay, n_copies, gid)
             if key not in groups:
-                groups[key] = _Bucket([], [], edp_group if expert else dp_group, decay, n_copies)
+                groups[key] = _Bucket([], [], edp_group if expert else dp_group, decay, n_copies, copy_group)
             groups[key].names.append(name)
             groups[key].params.append(p)
         moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
@@ -118,12 +163,19 @@ class ZeroAdamW:
 
     def zero_grad(self) -> None:
         for b in self.buckets:
+            b.grad.zero_()
             for p in b.params:
                 p.grad = None
 
     def state_bytes(self) -> int:
         """Optimizer-state bytes held by this rank (master shard + both moments)."""
         return sum(t.numel() * t.element_size() for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))
+
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes of the flat parameter and gradient buffers (padding included) and of the optimizer state."""
+        return {"parameters": sum(b.param_buffer.numel() * b.param_buffer.element_size() for b in self.buckets),
+                "gradients": sum(b.grad.numel() * b.grad.element_size() for b in self.buckets),
+                "optimizer": self.state_bytes()}
 
     def params(self) -> list[nn.Parameter]:
         return [p for b in self.buckets for p in b.params]
@@ -132,13 +184,17 @@ class ZeroAdamW:
     def step(self, lr: float | None = None) -> StepResult:
         lr = self.lr if lr is None else lr
         grads = [b.grad_shard().div_(self.grad_divisor) for b in self.buckets]
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = None
         for b, g in zip(self.buckets, grads):
-            sq += torch.linalg.vector_norm(g, dtype=torch.float64).square() / b.copies
+            part = torch.linalg.vector_norm(g, dtype=torch.float64).square() / b.copies
+            sq = part if sq is None else sq + part
+        if sq is None:
+            return StepResult(0.0, skipped=False)
         for group in self.norm_groups:
             if group is not None:
                 dist.all_reduce(sq, group=group)
-        norm = math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("inf")
+        total = sq.item()
+        norm = math.sqrt(total) if math.isfinite(total) else float("inf")
         if not math.isfinite(norm):
             return StepResult(norm, skipped=True)
         if self.max_grad_norm > 0:

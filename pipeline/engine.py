@@ -129,16 +129,16 @@ def _comm_key(a: Action) -> tuple[str, int, int]:
     return ("B", a.stage + 1, a.micro_batch)
 
 
-def _recv_for(key: tuple[str, int, int], src: int) -> Action:
+def recv_for(key: tuple[str, int, int], src: int) -> Action:
     kind, s, m = key
     return Action(Kind.RECV_F, s + 1, m, peer=src) if kind == "F" else Action(Kind.RECV_B, s - 1, m, peer=src)
 
 
-def _send_for(key: tuple[str, int, int], dst: int) -> Action:
+def send_for(key: tuple[str, int, int], dst: int) -> Action:
     return Action(Kind.SEND_F if key[0] == "F" else Kind.SEND_B, key[1], key[2], peer=dst)
 
 
-def _cross_edges(base: list[list[Action]]) -> list[tuple[tuple, int, int, int, int]]:
+def cross_edges(base: list[list[Action]]) -> list[tuple[tuple, int, int, int, int]]:
     """(value key, src rank, src step, dst rank, dst step) for every value consumed on another rank."""
     own, last = _owners(base), _last_stage(base)
     where = {_key(p): (r, i) for r, acts in enumerate(base) for i, a in enumerate(acts) for p in a.parts}
@@ -155,7 +155,7 @@ def _cross_edges(base: list[list[Action]]) -> list[tuple[tuple, int, int, int, i
 # ---------------------------------------------------------------- the engine
 
 
-class _Engine:
+class Engine:
     """Runs every rank's list in order; an action runs once what it waits for is done (times under ``costs``)."""
 
     def __init__(self, schedules: list[list[Action]], costs: Costs, wait_batches: bool = False) -> None:
@@ -274,9 +274,9 @@ def _check_structure(schedules: list[list[Action]]) -> None:
 def _check_comm_sets(schedules: list[list[Action]]) -> None:
     """SEND/RECV are exactly those the cross-rank data flow needs (right peers, none missing, extra or doubled)."""
     want: dict[int, set[Action]] = {r: set() for r in range(len(schedules))}
-    for key, src, _, dst, _ in _cross_edges(compute_only(schedules)):
-        want[src].add(_send_for(key, dst))
-        want[dst].add(_recv_for(key, src))
+    for key, src, _, dst, _ in cross_edges(compute_only(schedules)):
+        want[src].add(send_for(key, dst))
+        want[dst].add(recv_for(key, src))
     for r, acts in enumerate(schedules):
         have = Counter(a for a in acts if a.is_comm)
         bad = [i for i, a in enumerate(acts) if a.is_comm and (a not in want[r] or have[a] > 1)]
@@ -306,7 +306,7 @@ def _check_comm_order(schedules: list[list[Action]]) -> None:
 
 
 def _check_deadlock(schedules: list[list[Action]], wait_batches: bool) -> None:
-    stuck = _Engine(schedules, Costs(), wait_batches).run()
+    stuck = Engine(schedules, Costs(), wait_batches).run()
     if stuck:
         lines = [f"rank {r} step {i} ({schedules[r][i]})" for r, i in sorted(stuck.items())]
         how = " (each rank waits for its whole SEND/RECV batch)" if wait_batches else ""

@@ -1,12 +1,11 @@
 """Pipeline executor: runs any schedule from ``hai.pipeline.schedules`` on real stage modules with batched P2P.
 
-The single-device model is cut into stages (``split_model``): every rank builds the whole model from the same seed
-(so stages start identical to the single-process reference), keeps the layers of the stages it holds and drops the
-rest. Stage 0 embeds; the last stage computes the main and MTP losses and needs the embedding too, so the embedding
-lives on the rank(s) holding stage 0 *and* those holding the last stage. DualPipe puts stage r and stage PP-1-r on
-rank r, so embedding, head and MTP share one rank physically, as in DeepSeek-V3; every stage then exists on two
-ranks, and the copies' gradients are summed before the optimizer step (``PipelineExecutor.sync_copies``) so they stay
-identical.
+The model arrives laid out for this rank (``hai.parallel.parallelize``: only the modules of the rank's stages exist,
+per ``hai.parallel.layout.PipelineLayout``). Stage 0 embeds; the last stage computes the main and MTP losses and
+needs the embedding too, so the embedding lives on the rank(s) holding stage 0 *and* those holding the last stage.
+DualPipe puts stage r and stage PP-1-r on rank r, so embedding, head and MTP share one rank physically, as in
+DeepSeek-V3; every stage then exists on two ranks, and the copies' gradients are summed by the optimizer
+(``hai.parallel.zero``) so they stay identical.
 
 Actions: F runs a stage forward and keeps (input, output) for the backward; B runs the input-gradient backward with
 the stage's linear layers recording their weight-gradient GEMMs in a :class:`WeightGradStore`, which the later W
@@ -33,36 +32,14 @@ from torch import nn
 
 from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore
-from hai.parallel.topology import stage_layer_split
+from hai.parallel.layout import PipelineLayout
 from hai.model.moe import LocalDispatcher
 from hai.pipeline.overlap import PlainTape, Tape, block_forward, run_fb, supports_seams
-from hai.pipeline.schedules import Action, Kind, build_schedule, num_stages, rank_stages
+from hai.pipeline.schedules import Action, Kind, build_schedule
 from hai.pipeline.simulate import add_send_recv
 from hai.pipeline.trace import Event, save_chrome_trace, save_gantt_png
 
-__all__ = ["PipelineExecutor", "split_model", "stage_layers"]
-
-
-def stage_layers(num_layers: int, n_stages: int) -> list[range]:
-    bounds, start = [], 0
-    for n in stage_layer_split(num_layers, n_stages):
-        bounds.append(range(start, start + n))
-        start += n
-    return bounds
-
-
-def split_model(model: Transformer, stages: tuple[int, ...], n_stages: int) -> None:
-    """Drop (in place) every module this rank's stages do not use; parameter names stay the reference's."""
-    layers = stage_layers(len(model.layers), n_stages)
-    keep = {i for s in stages for i in layers[s]}
-    for i in range(len(model.layers)):
-        if i not in keep:
-            model.layers[i] = nn.Identity()
-    has_first, has_last = 0 in stages, n_stages - 1 in stages
-    if not has_last:
-        model.norm, model.head, model.mtp = None, None, nn.ModuleList()
-    if not has_first and not (has_last and model.cfg.mtp_depth > 0):
-        model.embed = None
+__all__ = ["PipelineExecutor"]
 
 
 @dataclass
@@ -76,16 +53,19 @@ class _Slot:
 
 
 class PipelineExecutor:
-    def __init__(self, model: Transformer, schedule: str, pp_rank: int, pp: int, n_micro: int, pp_group,
+    """Runs ``schedule`` on the stages of a model already laid out for pipeline rank ``pp_rank``
+    (:func:`hai.parallel.parallelize`)."""
+
+    def __init__(self, model: Transformer, layout: PipelineLayout, pp_rank: int, n_micro: int, pp_group,
                  pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float, overlap: bool = True):
-        self.model, self.name, self.pp_rank, self.pp, self.n_micro = model, schedule, pp_rank, pp, n_micro
+        self.model, self.name, self.pp_rank, self.pp, self.n_micro = model, layout.schedule, pp_rank, layout.pp, n_micro
         self.fb_sequential = False
         self.seam_log: list[list] = []  # per FB action of the last step: (chunk "F"/"B", seam, time) (overlap mode)
         self.group, self.pp_ranks, self.act_shape, self.loss_scale = pp_group, pp_ranks, act_shape, loss_scale
-        self.n_stages = num_stages(schedule, pp)
-        self.stages = rank_stages(schedule, pp, pp_rank)
-        self.layers = stage_layers(len(model.layers), self.n_stages)
-        schedules = build_schedule(schedule, pp, n_micro)
+        self.n_stages = layout.n_stages
+        self.stages = layout.rank_stages(pp_rank)
+        self.layers = layout.layers
+        schedules = build_schedule(self.name, self.pp, n_micro)
         self.actions = add_send_recv(schedules)[pp_rank]
         self.owner = self._stage_owners(schedules)
         # the tape pays only where an FB pair has all-to-alls to overlap: FB actions and expert parallelism
@@ -246,44 +226,3 @@ class PipelineExecutor:
         events = [e for part, _ in gathered for e in part]
         save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6, marks=[m for _, ms in gathered for m in ms])
         save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step (s)")
-
-    # ------------------------------------------------------------------ stage copies
-    def build_copy_groups(self, dp: int, dp_rank: int) -> dict[str, int]:
-        """Find which pp ranks hold each parameter and create one group per set of holders (collective over the
-        world: every rank creates every group, in the same order). Returns {name: number of copies}."""
-        names = [n for n, _ in self.model.named_parameters()]
-        gathered: list = [None] * self.pp
-        dist.all_gather_object(gathered, names, group=self.group)
-        held = [set(g) for g in gathered]
-        all_names = set().union(*held)  # every rank must see every holder set to create the same groups
-        holders = {n: tuple(p for p in range(self.pp) if n in held[p]) for n in all_names}
-        self.copy_groups = {}
-        for h in sorted({h for h in holders.values() if len(h) > 1}):
-            for d in range(dp):
-                ranks = [p * dp + d for p in h]
-                g = dist.new_group(ranks)
-                if d == dp_rank and self.pp_rank in h:
-                    self.copy_groups[h] = g
-        self.holders = {n: holders[n] for n in names}
-        return {n: len(holders[n]) for n in names}
-
-    @torch.no_grad()
-    def sync_copies(self) -> None:
-        """Sum the gradients of parameters held by several pp ranks (DualPipe's two copies of every stage; the
-        embedding shared by the first and last stage), so every copy takes the same optimizer step."""
-        params = dict(self.model.named_parameters())
-        for h, group in self.copy_groups.items():
-            ps = [params[n] for n, hh in self.holders.items() if hh == h]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            offset = 0
-            for p in ps:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
-        # routers held twice also see half the tokens each: sum their expert loads the same way
-        for name, m in self.model.named_modules():
-            if hasattr(m, "load") and hasattr(m, "bias") and f"{name}.weight" in self.holders:
-                group = self.copy_groups.get(self.holders[f"{name}.weight"])
-                if group is not None:
-                    dist.all_reduce(m.load, group=group)

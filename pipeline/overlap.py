@@ -35,7 +35,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from hai.model.moe import MoE, Pending
+from hai.model.moe import MoE
+from hai.parallel.pending import Pending
 
 __all__ = ["Tape", "PlainTape", "block_forward", "run_fb", "supports_seams"]
 

@@ -38,6 +38,8 @@ from enum import Enum
 from functools import cached_property
 from typing import Callable, Iterable, Optional
 
+from hai.parallel.layout import SCHEDULE_NAMES, check_schedule, num_stages, param_copies, rank_stages
+
 __all__ = [
     "Kind",
     "Action",
@@ -155,31 +157,11 @@ def _f(stage: int, mb: int) -> Action:
     return Action(Kind.F, stage, mb)
 
 
-# ---------------------------------------------------------------- argument checks
-
-SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+# ---------------------------------------------------------------- argument checks (rules in hai.parallel.layout)
 
 
 def _check_common(name: str, pp: int, rank: int, n_micro: int) -> None:
-    if pp < 2:
-        raise ValueError(f"schedule {name} needs parallel.pp >= 2, got pp={pp}: with one stage there is no "
-                         f"pipeline, set parallel.pp >= 2")
-    if not 0 <= rank < pp:
-        raise ValueError(f"rank={rank} is outside the pipeline of pp={pp}: pass 0 <= rank < {pp}")
-    if n_micro < 1:
-        raise ValueError(f"parallel.micro_batches={n_micro} must be >= 1")
-
-
-def _check_dual(name: str, pp: int, n_micro: int, need_even_pp: bool) -> None:
-    if need_even_pp and pp % 2:
-        raise ValueError(f"{name} needs an even parallel.pp (rank r pairs with rank pp-1-r), got pp={pp}: "
-                         f"use pp={pp + 1} or pp={pp - 1}, or schedule=dualpipev")
-    if need_even_pp and n_micro % 2:
-        raise ValueError(f"{name} needs an even parallel.micro_batches (half enter from each end), got "
-                         f"micro_batches={n_micro}: use {n_micro + 1}")
-    if n_micro < 2 * pp:
-        raise ValueError(f"{name} needs parallel.micro_batches >= 2*pp = {2 * pp}, got micro_batches={n_micro}: "
-                         f"set parallel.micro_batches={2 * pp} or more")
+    check_schedule(name, pp, n_micro, rank)
 
 
 # ---------------------------------------------------------------- 1F1B and ZB1P
@@ -322,7 +304,6 @@ def _dual_steps(b: _DualBuilder, half: int, h: int, per_dir: int, middle: bool) 
 def schedule_dualpipe(pp: int, rank: int, n_micro: int) -> list[Action]:
     """DualPipe (DeepSeek-V3): rank r holds stages r and pp-1-r; micro-batches enter from both ends."""
     _check_common("dualpipe", pp, rank, n_micro)
-    _check_dual("dualpipe", pp, n_micro, need_even_pp=True)
     half, per_dir = pp // 2, n_micro // 2
     second = int(rank >= half)
     chunks = ((rank, range(0, per_dir)), (pp - 1 - rank, range(per_dir, n_micro)))
@@ -334,7 +315,6 @@ def schedule_dualpipe(pp: int, rank: int, n_micro: int) -> list[Action]:
 def schedule_dualpipev(pp: int, rank: int, n_micro: int) -> list[Action]:
     """DualPipeV ("cut-in-half" DualPipe): 2*pp stages on pp ranks in a V; rank r holds stages r and 2*pp-1-r."""
     _check_common("dualpipev", pp, rank, n_micro)
-    _check_dual("dualpipev", pp, n_micro, need_even_pp=False)
     chunks = ((rank, range(n_micro)), (2 * pp - 1 - rank, range(n_micro)))
     return _dual_steps(_DualBuilder(chunks, flip=0), pp, rank, n_micro, middle=(rank == pp - 1))
 
@@ -357,28 +337,6 @@ def build_schedule(name: str, pp: int, n_micro: int) -> list[list[Action]]:
     """Compute actions of every rank: ``[schedule_<name>(pp, r, n_micro) for r in range(pp)]``."""
     fn = _schedule_fn(name)
     return [fn(pp, r, n_micro) for r in range(pp)]
-
-
-def num_stages(name: str, pp: int) -> int:
-    """Model stages (chunks of layers) the schedule splits the model into on ``pp`` ranks."""
-    _schedule_fn(name)
-    return 2 * pp if name == "dualpipev" else pp
-
-
-def rank_stages(name: str, pp: int, rank: int) -> tuple[int, ...]:
-    """The stages a rank holds, in local chunk order (chunk 0 first)."""
-    _schedule_fn(name)
-    if name == "dualpipe":
-        return (rank, pp - 1 - rank)
-    if name == "dualpipev":
-        return (rank, 2 * pp - 1 - rank)
-    return (rank,)
-
-
-def param_copies(name: str) -> int:
-    """How many copies of each stage's parameters the pipeline holds (DualPipe duplicates every stage)."""
-    _schedule_fn(name)
-    return 2 if name == "dualpipe" else 1
 
 
 # ---------------------------------------------------------------- helpers

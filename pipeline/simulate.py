@@ -17,7 +17,7 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from hai.pipeline.engine import Costs, _cross_edges, _Engine, _recv_for, _send_for, validate
+from hai.pipeline.engine import Costs, cross_edges, Engine, recv_for, send_for, validate
 from hai.pipeline.schedules import Action, Kind, build_schedule, compute_only, num_stages, param_copies
 from hai.pipeline.trace import Event
 
@@ -65,7 +65,7 @@ def add_send_recv(schedules: list[list[Action]], costs: Optional[Costs] = None) 
     c = costs or Costs()
     eps = 1e-6 * max(c.F, c.B, c.FB, *(max(x.F, x.B, x.FB) for x in c.stages), 1.0)
     timing = c.with_floor(eps)
-    engine = _Engine(base, timing)
+    engine = Engine(base, timing)
     if engine.run():
         validate(base)  # raises with the grid
     starts: list[list[float]] = [[] for _ in base]
@@ -73,7 +73,7 @@ def add_send_recv(schedules: list[list[Action]], costs: Optional[Costs] = None) 
     for e in engine.events:  # each rank's events come in program order
         starts[e.rank].append(e.start)
         ends[e.rank].append(e.end)
-    return _place(base, _cross_edges(base), starts, ends)
+    return _place(base, cross_edges(base), starts, ends)
 
 
 def _place(base, edges, starts, ends) -> list[list[Action]]:
@@ -89,8 +89,8 @@ def _place(base, edges, starts, ends) -> list[list[Action]]:
     for r, acts in enumerate(base):
         new: list[Action] = []
         for g in range(len(acts) + 1):  # per producer: activation before gradient, on both ends
-            new += [_send_for(k, d) for k, d in sorted(sends.get((r, g), []), key=lambda x: (x[1], x[0][0] != "F"))]
-            new += [_recv_for(k, s) for _, s, _, k in sorted(recvs.get((r, g), []), key=_order)]
+            new += [send_for(k, d) for k, d in sorted(sends.get((r, g), []), key=lambda x: (x[1], x[0][0] != "F"))]
+            new += [recv_for(k, s) for _, s, _, k in sorted(recvs.get((r, g), []), key=_order)]
             if g < len(acts):
                 new.append(acts[g])
         out.append(new)
@@ -123,7 +123,7 @@ def simulate(schedules: list[list[Action]], costs: Optional[Costs] = None,
     ``hai.pipeline.engine``."""
     costs = costs or Costs()
     validate(schedules, wait_batches)
-    engine = _Engine(schedules, costs, wait_batches)
+    engine = Engine(schedules, costs, wait_batches)
     engine.run()
     step = max((e.end for e in engine.events if e.action.is_compute), default=0.0)
     busy = [sum(costs.of(a) for a in acts) for acts in schedules]

@@ -54,7 +54,7 @@ def install_slurm() -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = []
     try:
         for _ in range(n):
@@ -161,7 +161,7 @@ class SlurmCluster:
                       f"--seed-file={self.root / 'munge' / 'munged.seed'}"], pid)
 
     def _write_conf(self) -> None:
-        ctld, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld, *node_ports = free_ports(1 + len(self.nodes))
         r = self.root
         lines = [
             "ClusterName=haitest", "SlurmctldHost=localhost", f"SlurmctldPort={ctld}",

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hai.accounting import account, param_counts
+from hai.plan.accounting import account, param_counts
 from hai.cli import main
 from hai.config import compose
 from hai.model import build_model

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.checkpoint import (CheckpointError, _SafeReader, latest_checkpoint, list_checkpoints, resolve_resume,
+from hai.checkpoint import (CheckpointError, SafeReader, latest_checkpoint, list_checkpoints, resolve_resume,
                             verify_checkpoint)
 from hai.config import compose
 from hai.data import TokenFile, ensure_token_file
@@ -33,7 +33,7 @@ def overrides(dp: int, out_dir, *extra: str, pp: int = 1) -> list[str]:
             f"train.steps={STEPS}", *extra]
 
 
-def _trainer(ov: list[str]) -> Trainer:
+def make_trainer(ov: list[str]) -> Trainer:
     cfg = compose(ov)
     topo = Topology.from_config(cfg)
     return Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
@@ -41,7 +41,7 @@ def _trainer(ov: list[str]) -> Trainer:
 
 def fit_rank(rank: int, world: int, ov: list[str]):
     """Train in a gloo rank; rank 0 returns the final parameters, router biases and Adam's step count."""
-    trainer = _trainer(ov)
+    trainer = make_trainer(ov)
     trainer.fit()
     if rank:
         return None
@@ -54,7 +54,7 @@ def load_error_rank(rank: int, world: int, ov: list[str], path: str):
     from hai.checkpoint import load_checkpoint
 
     try:
-        load_checkpoint(_trainer(ov), path)
+        load_checkpoint(make_trainer(ov), path)
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return type(e).__name__, isinstance(e, ValueError), str(e)
     return None
@@ -82,7 +82,7 @@ def test_layout_atomic_and_keep_last(dp2):
     assert meta["step"] == 4 and meta["dp"] == 2 and meta["world_size"] == 2 and meta["optimizer_steps"] == 4
     assert meta["model"]["hidden_size"] == 64 and meta["train"]["seq_len"] == 32
     assert set(meta["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
-    md = _SafeReader(str(ck)).read_metadata().state_dict_metadata
+    md = SafeReader(str(ck)).read_metadata().state_dict_metadata
     assert "model.layers.1.ffn.router.bias" in md  # router biases (buffers) are saved
     assert int(md["trainer.step"].size.numel()) == 1
     # ZeRO-1 state: one flat tensor per parameter, written as the pieces the dp ranks' shards hold
@@ -196,9 +196,9 @@ def test_loading_never_unpickles_arbitrary_objects(dp2, tmp_path, monkeypatch):
     shutil.copytree(out / "checkpoints" / "step_00000006", ck)
     (ck / ".metadata").write_bytes(pickle.dumps(_Evil()))
     meta = json.loads((ck / "hai.json").read_text())
-    from hai.checkpoint import _file_info
+    from hai.checkpoint_files import file_info
 
-    meta["files"].update(_file_info(str(ck), [".metadata"]))
+    meta["files"].update(file_info(str(ck), [".metadata"]))
     (ck / "hai.json").write_text(json.dumps(meta))
     monkeypatch.chdir(tmp_path)
     err = run_ranks(load_error_rank, 1, overrides(1, tmp_path / "run"), str(ck))[0]

@@ -22,7 +22,7 @@ import torch
 from dist_utils import run_ranks
 from hai.checkpoint import latest_checkpoint, verify_checkpoint
 from hai.metrics import read_metrics
-from test_checkpoint import _trainer, fit_rank, losses, overrides
+from test_checkpoint import make_trainer, fit_rank, losses, overrides
 
 pytestmark = pytest.mark.multiproc
 
@@ -104,14 +104,14 @@ def _die_during_save(ov: list[str], mode: str, die_at: int) -> None:
     import hai.checkpoint as ck
 
     if mode == "before_commit":  # every byte of data written, nothing committed yet
-        commit = ck._commit
+        commit = ck.commit_checkpoint
 
-        def _commit(tmp, final, root, meta, keep_last):
+        def commit_checkpoint(tmp, final, root, meta, keep_last):
             if meta["step"] == die_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return commit(tmp, final, root, meta, keep_last)
 
-        ck._commit = _commit
+        ck.commit_checkpoint = commit_checkpoint
     else:  # mid_write: a data file half written, no DCP .metadata yet
         class _Writer(ck.FileSystemWriter):
             def write_data(self, plan, planner):
@@ -126,7 +126,7 @@ def _die_during_save(ov: list[str], mode: str, die_at: int) -> None:
                 return fut
 
         ck.FileSystemWriter = _Writer
-    _trainer(ov).fit()
+    make_trainer(ov).fit()
 
 
 @pytest.mark.parametrize("mode", ["mid_write", "before_commit"])
@@ -150,18 +150,31 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, mode):
     assert sorted(os.listdir(root)) == ["step_00000006"]  # the stale temp dir is gone, keep_last=1
 
 
-def fit_counting(rank: int, world: int, ov: list[str]):
-    trainer = _trainer(ov)
+def _poison_gradient(trainer, step: int, value: float, rank: int) -> None:
+    """Test-side fault injection: on ``step`` (1-based, as logged) rank ``rank`` turns one gradient element into
+    ``value`` right before the optimizer step, whatever produced the gradients."""
+    opt, real_step = trainer.optimizer, trainer.optimizer.step
+
+    def step_fn(*args, **kwargs):
+        if trainer.step + 1 == step and trainer.rank == rank:
+            opt.buckets[0].grad[0] = value  # the flat fp32 gradient buffer the step reduces
+        return real_step(*args, **kwargs)
+
+    opt.step = step_fn
+
+
+def fit_counting(rank: int, world: int, ov: list[str], poison: tuple):
+    trainer = make_trainer(ov)
+    _poison_gradient(trainer, *poison)
     trainer.fit()
     return trainer.optimizer.step_count, all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
 
 
 @pytest.mark.parametrize("value, rank", [("nan", 0), ("inf", 1)])
 def test_nonfinite_gradient_skips_the_step(tmp_path, value, rank):
-    """HAI_INJECT_NAN_STEP=3 poisons one gradient on one rank: every rank skips step 3 (the norm is global), it is
+    """A gradient poisoned (by the test) on step 3 on one rank: every rank skips step 3 (the norm is global), it is
     logged, and training goes on."""
-    env = {"HAI_INJECT_NAN_STEP": "3", "HAI_INJECT_NAN_VALUE": value, "HAI_INJECT_NAN_RANK": str(rank)}
-    results = run_ranks(fit_counting, 2, overrides(2, tmp_path), env=env)
+    results = run_ranks(fit_counting, 2, overrides(2, tmp_path), (3, float(value), rank))
     assert results == [(5, True), (5, True)]  # 6 steps, one skipped, on both ranks; parameters stay finite
     rows = _rows(tmp_path)
     events = [r for r in rows if r.get("event") == "skipped_step"]

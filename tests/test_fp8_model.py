@@ -75,7 +75,7 @@ def test_forward_backward_runs_exactly_the_intended_gemms_in_fp8(monkeypatch):
     """Count the calls: each intended weight goes through fp8_linear / fp8_grouped_linear once per forward; head and
     router go through plain F.linear in fp32; norms and the attention core see fp32 and never call an FP8 op."""
     cfg = tiny(precision="fp8")
-    model = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=0, dtype=torch.float32)
     name_of = {id(p): n for n, p in model.named_parameters()}
     fp8_calls, grouped_calls, plain_calls = [], [], []
     real_lin, real_grouped, real_F = hai.kernels.fp8_linear, hai.kernels.fp8_grouped_linear, F.linear
@@ -139,7 +139,7 @@ def test_fp8_loss_and_gradients_close_to_fp32_same_weights():
         flipped token moves its whole gradient contribution to another expert (observed >= 0.87).
     A missing or wrong scale gives errors of order 1 (or inf), far outside these bounds."""
     cfg32, cfg8 = tiny(), tiny(precision="fp8")
-    m32, m8 = build_model(cfg32, seed=0), build_model(cfg8, seed=0)
+    m32, m8 = build_model(cfg32, seed=0), build_model(cfg8, seed=0, dtype=torch.float32)
     m8.load_state_dict(m32.state_dict())
     tokens = _tokens(cfg32)
     outs = []

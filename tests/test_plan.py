@@ -1,6 +1,7 @@
 """`hai plan`: memory arithmetic against a meta-device model, the V3 production plan, bad layouts, JSON output and
 the pipeline section / pictures of a pp=8 DualPipe plan."""
 
+import dataclasses
 import json
 from dataclasses import asdict
 import time
@@ -12,25 +13,25 @@ from hai.cli import main
 from hai.config import compose
 from hai.model.transformer import build_model
 from hai.parallel.zero import is_expert_param
-from hai.pipeline.executor import split_model
-from hai.pipeline.schedules import num_stages, rank_stages
+from hai.parallel import Topology
+from hai.parallel.parallelize import parallelize
 from hai.pipeline.simulate import Costs, report
 from hai.plan import plan
-from hai.plan_memory import rank_params
+from hai.plan.memory import rank_params
 
 V3 = ["model=deepseek_v3_671b", "cluster=h800_2048", "parallel=v3_2048", "train=v3_pretrain"]
 PP8 = ["experiment=dualpipe_pp8"]  # model=small on one 8-GPU node, DualPipe pp=8, 20 micro-batches
 
 
-def _meta_rank_params(cfg, rank):
-    """(dense, expert/ep) parameter elements a pipeline rank holds, summed over a meta model split like the executor."""
-    p = cfg.parallel
+def _meta_rank_params(cfg, pp_rank):
+    """(dense, expert) parameter elements of a pipeline rank, counted on the real construction path on meta."""
+    topo = Topology.from_config(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, node_limit=0)))
     model = build_model(cfg.model, device="meta")
-    split_model(model, rank_stages(p.schedule, p.pp, rank), num_stages(p.schedule, p.pp))
+    parallelize(model, topo, cfg, rank=topo.rank_of(pp_rank, 0, 0))
     dense = expert = 0
     for name, prm in model.named_parameters():
         if is_expert_param(name):
-            expert += prm.numel() // p.ep
+            expert += prm.numel()
         else:
             dense += prm.numel()
     return dense, expert
@@ -87,10 +88,10 @@ def test_v3_plan(tmp_path):
     a = mem["activations"]
     assert 0 < a["v3"]["peak"] < a["bf16_recompute"]["peak"] < a["bf16"]["peak"]
     assert mem["without_gate_grad_rows"]["total"] < mem["total"] == a["v3"]["total"]
-    from hai.plan_memory import _static_bytes, rank_params
+    from hai.plan.memory import static_bytes, rank_params
 
     for x in [*a.values(), mem["without_gate_grad_rows"]]:  # every total is one rank's static bytes + its own peak
-        static = sum(_static_bytes(cfg, rank_params(cfg, x["rank"])).values())
+        static = sum(static_bytes(cfg, rank_params(cfg, x["rank"])).values())
         assert x["static"] == pytest.approx(static) and x["total"] == pytest.approx(static + x["activations"])
     assert r["topology"] == {"built": True, "backend": "fake", "world_size": 2048,
                              "mesh": {"pp": 16, "edp": 2, "ep": 64}}
@@ -172,7 +173,7 @@ def _measured_rank(rank, world, out_dir):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(tokens)
     out.loss.backward()
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    grad_bytes = sum(p.main_grad.numel() * p.main_grad.element_size() for p in model.parameters())
     return params, trainer.optimizer.state_bytes(), param_bytes, grad_bytes, sum(kept.values())
 
 
@@ -202,7 +203,7 @@ def test_local_plan_memory_matches_a_real_local_run(tmp_path):
 
 def test_v3_activation_bytes_per_token_by_hand():
     """Each storage policy's bytes per token of a V3 MoE layer, written out from the paper's dimensions."""
-    from hai.plan_memory import layer_act_parts
+    from hai.plan.memory import layer_act_parts
 
     m = compose(V3).model
     D, H, N, R, V, C, Q, E, k, F = 7168, 128, 128, 64, 128, 512, 1536, 256, 8, 2048
@@ -220,7 +221,7 @@ def test_v3_activation_bytes_per_token_by_hand():
 
 
 def test_memory_policy_is_the_models_or_the_callers():
-    from hai.plan_memory import memory_report
+    from hai.plan.memory import memory_report
 
     cfg = compose(PP8)  # a bf16 model: HAI's eager storage unless asked otherwise
     own, v3 = memory_report(cfg, 20), memory_report(cfg, 20, "v3")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from slurm_cluster import SlurmCluster, _free_ports, install_slurm, unavailable_reason
+from slurm_cluster import SlurmCluster, free_ports, install_slurm, unavailable_reason
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
 
@@ -34,7 +34,7 @@ def cluster(tmp_path_factory):
 
 def test_two_node_slurm_job_trains(cluster, tmp_path):
     out = tmp_path / "run dir"  # a space: the script must quote the paths
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     overrides = ["model=tiny", "train=test", "train.steps=4", "train.save_every=2", "cluster=local_cpu",
                  "cluster.nodes=2", "cluster.gpus_per_node=2", "parallel=single", "parallel.dp=4",
                  "wandb.mode=disabled", f"out_dir='{out}'", "launcher.kind=slurm",

@@ -6,7 +6,7 @@ The forward pass is split at the seams the parallel layer needs:
 
 ``LocalDispatcher`` keeps everything on one device; ``hai.parallel`` provides the expert-parallel all-to-all one with
 the same interface. Each dispatcher also exposes the seams *without* autograd (``dispatch_start``,
-``combine_start`` and their backward counterparts, each returning a :class:`Pending`), which the pipeline's
+``combine_start`` and their backward counterparts, each returning a pending result), which the pipeline's
 overlapped F&B (``hai.pipeline.overlap``) uses to keep one micro-batch's all-to-all in flight while another
 micro-batch computes; ``MoE.front`` / ``MoE.expert_rows`` are the compute between those seams.
 
@@ -17,7 +17,7 @@ locally), F expert width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,7 @@ from torch import nn
 from hai.config import ModelConfig
 from hai.model.layers import SwiGLU
 
-__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Pending", "Chain", "Joint",
-           "route_reference",
+__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Ready", "route_reference",
            "gather_rows", "scatter_rows"]
 
 
@@ -106,74 +105,21 @@ def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Te
     return torch.tensor(idx_out), torch.tensor(w_out, dtype=torch.float64)
 
 
-class Pending:
-    """An in-flight seam (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns its result.
+class Ready:
+    """A seam result that is already there: the local dispatcher's answer to the ``Pending`` protocol of
+    ``hai.parallel.pending`` (``step()`` -> False, ``ready()`` -> True, ``wait()`` -> the value)."""
 
-    A transfer of several hops (hierarchical dispatch) can only issue hop k+1 once hop k has arrived; ``step()`` waits
-    for the hop in flight and issues the next one, returning True while one is in flight, so a caller with other work
-    can interleave it between the hops. ``wait()`` runs the remaining steps.
-    """
-
-    def __init__(self, finish: Callable[[], Any]):
-        self._finish, self._result = finish, None
+    def __init__(self, value: Any):
+        self._value = value
 
     def step(self) -> bool:
         return False
 
     def ready(self) -> bool:
-        """Whether the part in flight has arrived (``wait``/``step`` would not block on it)."""
         return True
 
     def wait(self) -> Any:
-        if self._finish is not None:
-            self._result, self._finish = self._finish(), None
-        return self._result
-
-
-class Chain(Pending):
-    """A multi-hop transfer driven by a generator that yields the work handle of each hop right after issuing it
-    asynchronously and returns the result; the first hop is issued on construction."""
-
-    def __init__(self, gen):
-        super().__init__(None)
-        self._gen = gen
-        self._work = next(gen)
-
-    def step(self) -> bool:
-        if self._gen is None:
-            return False
-        try:
-            self._work = next(self._gen)
-            return True
-        except StopIteration as stop:
-            self._gen, self._work, self._result = None, None, stop.value
-            return False
-
-    def ready(self) -> bool:
-        return self._work is None or self._work.is_completed()
-
-    def wait(self) -> Any:
-        while self.step():
-            pass
-        return self._result
-
-
-class Joint(Pending):
-    """Several transfers advanced together (each step advances every part, in order); ``wait()`` gives their results
-    as a tuple."""
-
-    def __init__(self, *parts: Pending):
-        super().__init__(None)
-        self.parts = parts
-
-    def step(self) -> bool:
-        return any([p.step() for p in self.parts])  # a list: every part advances
-
-    def ready(self) -> bool:
-        return all(p.ready() for p in self.parts)
-
-    def wait(self) -> tuple:
-        return tuple(p.wait() for p in self.parts)
+        return self._value
 
 
 class Dispatcher(Protocol):
@@ -183,7 +129,8 @@ class Dispatcher(Protocol):
     The same seams without autograd, for code that drives the backward itself (the pipeline's overlapped F&B): the
     dispatch moves N buffer rows of x and of the K gates; ``gather_rows`` picks the R expert rows out of them;
     ``scatter_rows`` gates and pre-sums the expert outputs back into N rows, which the combine returns to the tokens.
-    Each ``*_start`` issues its communication and returns a :class:`Pending`.
+    Each ``*_start`` issues its communication and returns a pending result (``hai.parallel.pending.Pending``; the
+    local dispatcher's :class:`Ready`).
     """
 
     num_local_experts: int
@@ -193,13 +140,13 @@ class Dispatcher(Protocol):
 
     def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor: ...
 
-    def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK) -> tuple[Any, Pending]: ...  # -> (x_ND, w_NK)
+    def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK) -> tuple[Any, Any]: ...  # -> (x_ND, w_NK)
 
-    def dispatch_backward_start(self, g_x_ND, g_w_NK, handle) -> Pending: ...  # -> (g_x_TD, g_w_TK)
+    def dispatch_backward_start(self, g_x_ND, g_w_NK, handle) -> Any: ...  # -> (g_x_TD, g_w_TK)
 
-    def combine_start(self, z_ND, handle) -> Pending: ...  # -> out_TD
+    def combine_start(self, z_ND, handle) -> Any: ...  # -> out_TD
 
-    def combine_backward_start(self, g_out_TD, handle) -> Pending: ...  # -> g_z_ND
+    def combine_backward_start(self, g_out_TD, handle) -> Any: ...  # -> g_z_ND
 
 
 def gather_rows(x_ND: torch.Tensor, w_NK: torch.Tensor, handle) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,10 +158,6 @@ def scatter_rows(y_RD: torch.Tensor, w_R: torch.Tensor, handle) -> torch.Tensor:
     """Gate the expert outputs and sum them per buffer row: z_N = sum_{r -> N} w_r y_r (autograd ops)."""
     weighted_RD = y_RD * w_R.unsqueeze(-1).to(y_RD.dtype)
     return y_RD.new_zeros(handle.num_rows, y_RD.shape[1]).index_add(0, handle.row_R, weighted_RD)
-
-
-def _done(value) -> Pending:
-    return Pending(lambda: value)
 
 
 @dataclass
@@ -249,16 +192,16 @@ class LocalDispatcher:
     # seams without autograd: nothing moves on one device
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
         w_TK = topk_weight_TK.detach()
-        return self._plan(topk_idx_TK, w_TK), _done((x_TD.detach(), w_TK))
+        return self._plan(topk_idx_TK, w_TK), Ready((x_TD.detach(), w_TK))
 
     def dispatch_backward_start(self, g_x_ND, g_w_NK, handle):
-        return _done((g_x_ND, g_w_NK))
+        return Ready((g_x_ND, g_w_NK))
 
     def combine_start(self, z_ND, handle):
-        return _done(z_ND.detach())
+        return Ready(z_ND.detach())
 
     def combine_backward_start(self, g_out_TD, handle):
-        return _done(g_out_TD)
+        return Ready(g_out_TD)
 
 
 class GroupedExperts(nn.Module):
@@ -267,6 +210,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, inter: int, fp8: bool = False):
         super().__init__()
         self.num_experts, self.fp8 = num_experts, fp8
+        self.expert_offset = 0  # global id of local expert 0 (set by hai.parallel.shard_experts)
         self.wgrad_store = None  # set by the pipeline for the zero-bubble weight-gradient split
         self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))

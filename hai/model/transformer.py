@@ -19,6 +19,7 @@ from torch import nn
 
 from hai.config import ModelConfig
 from hai.model.attention import MLA, KVCache
+from hai.model.init import materialize, param_dtype
 from hai.model.layers import Linear, RMSNorm, SwiGLU
 from hai.model.moe import MoE, Router
 
@@ -116,34 +117,20 @@ class Transformer(nn.Module):
             moe.aux_grad_scale = scale
 
 
-def init_weights(model: nn.Module, std: float) -> None:
-    """Normal(0, std) for every matrix (V3 used std 0.006), ones for norms, zeros for router biases."""
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            nn.init.normal_(p, mean=0.0, std=std)
-        else:
-            nn.init.ones_(p)
-    for r in (m for m in model.modules() if isinstance(m, Router)):
-        r.bias.zero_()
-        r.load.zero_()
+def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> Transformer:
+    """Build the whole model on ``meta`` and, unless ``device='meta'``, materialize it on ``device`` with weights in
+    ``dtype`` (default: :func:`~hai.model.init.param_dtype`) initialized from ``seed`` (:mod:`hai.model.init`).
 
-
-def build_model(cfg: ModelConfig, seed: int | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Build and initialize a model deterministically (``device='meta'`` builds it without memory)."""
+    A parallel run builds on ``meta``, applies its layout (``hai.parallel.parallelize``) and materializes only then."""
     if cfg.precision == "fp8" and str(device) != "meta":
         import hai.kernels as k
 
         if not hasattr(k, "fp8_linear"):
             raise ValueError("model.precision=fp8 needs hai.kernels.fp8_linear, which this build lacks: "
                              "use model.precision=bf16 or fp32")
-    with torch.device(device):
+    with torch.device("meta"):
         model = Transformer(cfg)
     if str(device) != "meta":
-        gen_state = torch.random.get_rng_state()
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.no_grad():
-            init_weights(model, cfg.init_std)
-        if seed is not None:
-            torch.random.set_rng_state(gen_state)
+        materialize(model, device, dtype or param_dtype(cfg), seed, cfg.init_std)
     return model

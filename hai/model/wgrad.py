@@ -3,8 +3,8 @@
 When a :class:`WeightGradStore` is attached to a layer (``layer.wgrad_store = store``, done by the pipeline) and the
 store is recording, the layer's backward computes only the input gradient dx = dy·W and queues the closure
 dW += dyᵀ·x; the pipeline's W action runs the queued closures later (DualPipe's ``WeightGradStore`` idea). Without a
-store, or when it is not recording, the weight gradient is computed at once. Either way it is accumulated into
-``weight.grad`` directly, which is what the optimizer reads.
+store, or when it is not recording, the weight gradient is computed at once. Either way it is accumulated (fp32)
+into the parameter's ``main_grad`` (the optimizer's flat buffer) or, without an optimizer, into ``weight.grad``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Optional
 
 import torch
 
-__all__ = ["WeightGradStore", "deferred_linear"]
+__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad"]
 
 
 class WeightGradStore:
@@ -50,10 +50,17 @@ class WeightGradStore:
         return not self._pending and not self._queued
 
 
-def _accumulate(weight: torch.Tensor, index: Optional[int], g: torch.Tensor) -> None:
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    target = weight.grad if index is None else weight.grad[index]
+@torch.no_grad()
+def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int] = None) -> None:
+    """Add a weight gradient computed outside autograd: into the optimizer's fp32 ``main_grad`` when the parameter
+    has one (``hai.parallel.zero``), else into ``weight.grad``."""
+    target = getattr(weight, "main_grad", None)
+    if target is None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        target = weight.grad
+    if index is not None:
+        target = target[index]
     target.add_(g.to(target.dtype))
 
 
@@ -73,7 +80,7 @@ class _DeferredLinear(torch.autograd.Function):
         dx = dy @ w.to(dy.dtype)
 
         def wgrad(dy=dy, x=x):
-            _accumulate(weight, index, dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float())
+            accumulate_wgrad(weight, dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float(), index)
 
         if not ctx.store.put(wgrad):
             wgrad()

@@ -2,7 +2,8 @@
 run DeepSeek published for V3. Pure arithmetic plus the pipeline simulator; the only process group is the fake
 backend's, used to build the layout's device meshes in one process.
 
-Memory lives in :mod:`hai.plan_memory`, the compute/communication cost model in :mod:`hai.plan_cost`; this module
+Memory lives in :mod:`hai.plan.memory`, the compute/communication cost model in :mod:`hai.plan.cost`, the text
+rendering in :mod:`hai.plan.format`; this module
 turns per-chunk costs into ``pipeline.simulate`` costs, runs the schedule, and writes the report, ``schedule.png`` and
 ``trace.json``. Every assumption is a module constant (printed in the report); none is tuned to the published number.
 """
@@ -13,17 +14,17 @@ import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
-from hai.accounting import train_flops_per_token
+from hai.plan.accounting import train_flops_per_token
 from hai.config import Config
 from hai.parallel.topology import Topology
 from hai.pipeline.schedules import num_stages, param_copies
 from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_schedule
 from hai.pipeline.trace import KIND_COLORS, save_chrome_trace
-from hai.plan_cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F, chunk_comm, chunk_compute_s,
+from hai.plan.cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F, chunk_comm, chunk_compute_s,
                            chunk_flops, p2p_bytes_per_chunk, zero1_bytes)
-from hai.plan_memory import ACT_BYTES, GB, GRAD_BYTES, headline_policy, memory_report
+from hai.plan.memory import ACT_BYTES, GB, GRAD_BYTES, headline_policy, memory_report
 
-__all__ = ["plan", "format_plan", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
+__all__ = ["plan", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
 
 # DeepSeek-V3 technical report: 180K H800 GPU-hours per trillion tokens on 2048 GPUs; 250 GFLOPs/token at 4K.
 PUBLISHED = {
@@ -40,7 +41,7 @@ ASSUMPTIONS = {
     "W_OVER_F": W_OVER_F,
     "ACT_BYTES": ACT_BYTES,
     "GRAD_BYTES": GRAD_BYTES,
-    "memory": "activations itemized per kept tensor (hai/plan_memory.py act_items); the total uses V3's storage "
+    "memory": "activations itemized per kept tensor (hai/plan/memory.py act_items); the total uses V3's storage "
               "(FP8 Linear and SwiGLU inputs with 1x128 scales, E5M6 attention output, RMSNorm / MLA up-projection "
               "and SwiGLU-output recompute) for fp8 models, otherwise what HAI's eager path keeps (no recompute); "
               "micro-batch of micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the "
@@ -317,5 +318,3 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
         "files": files,
     }
 
-
-from hai.plan_format import format_plan  # noqa: E402  (text rendering lives apart)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from math import comb
 
-from hai.accounting import attention_params
+from hai.plan.accounting import attention_params
 from hai.config import Config, ModelConfig
 from hai.pipeline.schedules import num_stages
-from hai.plan_memory import StageParams, _is_moe, rank_params, stage_layers
+from hai.parallel.layout import stage_layers
+from hai.plan.memory import StageParams, is_moe_layer, rank_params
 
 __all__ = ["GEMM_EFFICIENCY", "ATTENTION_EFFICIENCY", "B_OVER_F", "W_OVER_F", "expected_nodes", "ep_rows",
            "chunk_flops", "chunk_compute_s", "chunk_comm", "zero1_bytes", "p2p_bytes_per_chunk"]
@@ -68,7 +69,7 @@ def chunk_flops(cfg: Config, stage: int) -> dict:
     m, t = cfg.model, cfg.train
     S, T = t.seq_len, t.micro_batch_size * t.seq_len
     n_st = num_stages(cfg.parallel.schedule, cfg.parallel.pp)
-    blocks = [_is_moe(m, i) for i in stage_layers(m, n_st)[stage]]
+    blocks = [is_moe_layer(m, i) for i in stage_layers(m.num_layers, n_st)[stage]]
     gemm = bf16 = 0.0
     if stage == n_st - 1:
         blocks += [m.is_moe] * m.mtp_depth

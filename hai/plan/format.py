@@ -140,7 +140,7 @@ def _published(pc: dict) -> str:
 
 def format_plan(r: dict) -> str:
     a = r["assumptions"]
-    assumptions = _table("assumptions (module constants, hai/plan_cost.py, hai/plan_memory.py)",
+    assumptions = _table("assumptions (module constants, hai/plan/cost.py, hai/plan/memory.py)",
                          [(k, str(v)) for k, v in a.items()])
     parts = [_layout(r), _memory(r["memory"]), _comm(r["communication"]), _step(r), _comparisons(r["comparisons"]),
              assumptions]

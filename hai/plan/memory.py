@@ -30,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from hai.accounting import attention_params, dense_mlp_params
+from hai.plan.accounting import attention_params, dense_mlp_params
 from hai.config import Config, ModelConfig
-from hai.parallel.topology import stage_layer_split
+from hai.parallel.layout import stage_layers
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies, rank_stages
 
 __all__ = ["ACT_BYTES", "ACT_POLICIES", "GRAD_BYTES", "StageParams", "stage_params", "rank_params",
@@ -72,23 +72,15 @@ def _block_params(m: ModelConfig, moe: bool, ep: int) -> StageParams:
     return StageParams(dense, m.n_routed_experts // ep * 3 * D * F)
 
 
-def _is_moe(m: ModelConfig, layer: int) -> bool:
+def is_moe_layer(m: ModelConfig, layer: int) -> bool:
     return m.is_moe and layer >= m.first_k_dense_replace
-
-
-def stage_layers(m: ModelConfig, n_stages: int) -> list[range]:
-    out, start = [], 0
-    for n in stage_layer_split(m.num_layers, n_stages):
-        out.append(range(start, start + n))
-        start += n
-    return out
 
 
 def stage_params(m: ModelConfig, n_stages: int, stage: int, ep: int) -> StageParams:
     """Layers of one stage (without embedding / head / MTP, which :func:`rank_params` places)."""
     total = StageParams(0, 0)
-    for i in stage_layers(m, n_stages)[stage]:
-        total = total + _block_params(m, _is_moe(m, i), ep)
+    for i in stage_layers(m.num_layers, n_stages)[stage]:
+        total = total + _block_params(m, is_moe_layer(m, i), ep)
     return total
 
 
@@ -175,7 +167,7 @@ def stage_act_bytes(cfg: Config, stage: int, policy: str, gate_rows: bool = True
     """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk."""
     m, p = cfg.model, cfg.parallel
     n_st = num_stages(p.schedule, p.pp)
-    per_token = sum(layer_act_bytes(m, _is_moe(m, i), policy, gate_rows) for i in stage_layers(m, n_st)[stage])
+    per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), policy, gate_rows) for i in stage_layers(m.num_layers, n_st)[stage])
     if stage == n_st - 1:
         a = 4 if m.precision == "fp32" else ACT_BYTES
         logits = m.vocab_size * a
@@ -220,7 +212,7 @@ def headline_policy(m: ModelConfig) -> str:
     return "v3" if m.precision == "fp8" else "bf16"
 
 
-def _static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
+def static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     wbytes = 4 if m.precision == "fp32" else 2
     opt_per_elem = 4 + 2 * (2 if t.bf16_moments else 4)  # fp32 master + two moments
@@ -233,9 +225,9 @@ def memory_report(cfg: Config, n_micro: int, policy: str | None = None) -> dict:
     :func:`headline_policy`). A policy's total is the largest over pipeline ranks of that rank's parameters, gradients
     and optimizer shard plus its own activation peak; each is reported with its rank and both parts."""
     m, p = cfg.model, cfg.parallel
-    static_r = [sum(_static_bytes(cfg, rank_params(cfg, r)).values()) for r in range(p.pp)]
+    static_r = [sum(static_bytes(cfg, rank_params(cfg, r)).values()) for r in range(p.pp)]
     rank, prm = worst_rank_params(cfg)
-    static = _static_bytes(cfg, prm)
+    static = static_bytes(cfg, prm)
     capacity = cfg.cluster.memory_gb * GB
     head = policy or headline_policy(m)
 

@@ -1,0 +1,82 @@
+"""Pending communication: the handles the expert-parallel seams return, so a caller can compute while a collective
+is in flight (``hai.pipeline.overlap``'s F&B) and only then wait.
+
+``Pending`` finishes a transfer lazily; ``Chain`` drives a multi-hop transfer (hierarchical dispatch: hop k+1 is
+issued once hop k arrived) from a generator of work handles; ``Joint`` advances several transfers together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["Pending", "Chain", "Joint"]
+
+
+class Pending:
+    """An in-flight seam (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns its result.
+
+    A transfer of several hops (hierarchical dispatch) can only issue hop k+1 once hop k has arrived; ``step()`` waits
+    for the hop in flight and issues the next one, returning True while one is in flight, so a caller with other work
+    can interleave it between the hops. ``wait()`` runs the remaining steps.
+    """
+
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish, self._result = finish, None
+
+    def step(self) -> bool:
+        return False
+
+    def ready(self) -> bool:
+        """Whether the part in flight has arrived (``wait``/``step`` would not block on it)."""
+        return True
+
+    def wait(self) -> Any:
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return self._result
+
+
+class Chain(Pending):
+    """A multi-hop transfer driven by a generator that yields the work handle of each hop right after issuing it
+    asynchronously and returns the result; the first hop is issued on construction."""
+
+    def __init__(self, gen):
+        super().__init__(None)
+        self._gen = gen
+        self._work = next(gen)
+
+    def step(self) -> bool:
+        if self._gen is None:
+            return False
+        try:
+            self._work = next(self._gen)
+            return True
+        except StopIteration as stop:
+            self._gen, self._work, self._result = None, None, stop.value
+            return False
+
+    def ready(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def wait(self) -> Any:
+        while self.step():
+            pass
+        return self._result
+
+
+class Joint(Pending):
+    """Several transfers advanced together (each step advances every part, in order); ``wait()`` gives their results
+    as a tuple."""
+
+    def __init__(self, *parts: Pending):
+        super().__init__(None)
+        self.parts = parts
+
+    def step(self) -> bool:
+        return any([p.step() for p in self.parts])  # a list: every part advances
+
+    def ready(self) -> bool:
+        return all(p.ready() for p in self.parts)
+
+    def wait(self) -> tuple:
+        return tuple(p.wait() for p in self.parts)
