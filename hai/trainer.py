@@ -69,7 +69,7 @@ class Trainer:
         self.n_micro = t.global_batch_size // (topo.dp * t.micro_batch_size)
         self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
         # per-rank construction: the architecture on meta, this rank's layout, then only its share materialized
-        self.model = build_model(cfg.model, device="meta")
+        self.model = build_model(cfg.model, device="meta", recompute=t.recompute)
         self.placement = parallelize(self.model, topo, cfg, mesh, self.rank)
         materialize(self.model, self.device, param_dtype(cfg.model), t.seed, cfg.model.init_std)
         self.model.set_aux_grad_scale(1.0 / self.n_micro)
@@ -96,11 +96,14 @@ class Trainer:
         return PipelineExecutor(self.model, self.placement.layout, self.coords["pp"], self.n_micro, self.pp_group,
                                 self.topo.group_ranks("pp", self.rank),
                                 (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro,
-                                overlap=self.cfg.parallel.overlap)
+                                overlap=self.cfg.parallel.overlap, act_dtype=param_dtype(self.cfg.model),
+                                device=self.device)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.cfg.model.precision == "bf16":
+        """bf16 autocast for bf16 and fp8 models (under fp8 the FP8 GEMMs turn it off inside; embedding, head, norms,
+        router and the attention softmax compute in the precision V3 states: bf16 weights, fp32 reductions)."""
+        if self.cfg.model.precision in ("bf16", "fp8"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

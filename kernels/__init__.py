@@ -6,11 +6,13 @@ the torch reference otherwise.
 """
 
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_k_grouped_gemm
-from .linear import fp8_grouped_linear, fp8_linear
+from .linear import (Fp8Rows, expert_counts, fp8_dgrad, fp8_fprop, fp8_grouped_dgrad, fp8_grouped_fprop,
+                     fp8_grouped_linear, fp8_grouped_wgrad, fp8_linear, fp8_wgrad, quantize_rows)
 from .quant import quant_1x128, quant_128x1, quant_128x128
 
 __all__ = [
     "quant_1x128", "quant_128x1", "quant_128x128",
     "fp8_gemm", "fp8_grouped_gemm", "fp8_k_grouped_gemm",
-    "fp8_linear", "fp8_grouped_linear",
+    "fp8_linear", "fp8_grouped_linear", "Fp8Rows", "quantize_rows", "fp8_fprop", "fp8_dgrad", "fp8_wgrad",
+    "fp8_grouped_fprop", "fp8_grouped_dgrad", "fp8_grouped_wgrad", "expert_counts",
 ]

@@ -1,21 +1,28 @@
-"""FP8 linear layers (autograd): all three GEMMs of y = x·Wᵀ in e4m3 with fine-grained scales, as DeepSeek-V3.
+"""FP8 linear layers: all three GEMMs of y = x·Wᵀ in e4m3 with fine-grained scales, as DeepSeek-V3.
 
   fprop  y  = x(1x128) · W(128x128)ᵀ
   dgrad  dx = dy(1x128) · W(128x128)          (W's bytes and transposed block scales, no re-quantization of Wᵀ)
   wgrad  dW = dy(128x1)ᵀ · x(128x1)           (both quantized in 128-token blocks along the reduced token dim)
 
-Saved for backward (per call): x quantized 128x1 along tokens in e4m3 (1 byte/element + one fp32 scale per 128
-tokens per channel), quantized once from the original x in forward — not re-quantized from the 1x128 copy, so wgrad
-sees a single rounding — and the weight by reference; W is re-quantized 128x128 in backward (deterministic, so the
-bytes equal forward's) instead of keeping an FP8 copy per micro-batch alive.
+The activation cache is V3's (§3.3.2, and its note on the transposed-GEMM workflow): the input is quantized once in
+1x128 tiles for fprop and that FP8 copy (1 byte per element + one fp32 scale per 128) is what the backward keeps
+(:class:`Fp8Rows`); the wgrad dequantizes it and re-quantizes in 128x1 tiles. The weight is kept by reference and
+re-quantized 128x128 in the backward (deterministic: the same bytes as forward's) instead of an FP8 copy per
+micro-batch.
+
+The functional pieces (``quantize_rows``, ``fp8_fprop``/``fp8_dgrad``/``fp8_wgrad`` and their grouped forms) are
+what the recompute regions of ``hai.model`` call directly; ``fp8_linear`` / ``fp8_grouped_linear`` are the autograd
+layers built from them.
 
 Any K, N and token count work: they are zero-padded to multiples of 128 internally (zero rows/columns add exact zeros
 to every product and do not change any non-zero block's amax), and outputs are sliced back. Inputs of any float dtype;
-y and dx come back in x's dtype, dW in the weight's dtype (computed in fp32).
+y and dx come back in x's dtype, dW in the weight's dtype (computed in fp32). Autocast is off inside: the FP8 GEMMs
+choose their own precision.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
@@ -24,7 +31,8 @@ from ._common import BLOCK, pad_2d, round_up
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_k_grouped_gemm
 from .quant import quant_1x128, quant_128x1, quant_128x128
 
-__all__ = ["fp8_linear", "fp8_grouped_linear"]
+__all__ = ["fp8_linear", "fp8_grouped_linear", "Fp8Rows", "quantize_rows", "fp8_fprop", "fp8_dgrad", "fp8_wgrad",
+           "fp8_grouped_fprop", "fp8_grouped_dgrad", "fp8_grouped_wgrad", "expert_counts"]
 
 Counts = Union[Sequence[int], torch.Tensor]
 
@@ -43,46 +51,103 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype} {tuple(t.shape)}")
 
 
-# --------------------------------------------------------------------------------------------------------- dense
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# ------------------------------------------------------------------------------------------------ cached inputs
+@dataclass
+class Fp8Rows:
+    """An activation x[M, K] kept as 1x128 e4m3 tiles: q[M, Kp] e4m3, s[M, Kp/128] fp32 (Kp = K padded to 128)."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+    K: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.s.numel() * self.s.element_size()
+
+    def dequant(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        M, Kp = self.q.shape
+        x = (self.q.float().view(M, Kp // BLOCK, BLOCK) * self.s[:, :, None]).view(M, Kp)[:, :self.K]
+        return x.to(dtype or self.dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> Fp8Rows:
+    """x[..., K] -> 1x128 tiles of x[M, K] (M = all leading dims)."""
+    x_MK = _quant_input(x.reshape(-1, x.shape[-1]))
+    M, K = x_MK.shape
+    q, s = quant_1x128(pad_2d(x_MK, M, round_up(K)))
+    return Fp8Rows(q, s, K, x.dtype)
+
+
+def _weight_blocks(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    N, K = w_NK.shape
+    return quant_128x128(pad_2d(_quant_input(w_NK), round_up(N), round_up(K)))
+
+
+def _tokens_128x1(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x1 tiles (weight-gradient operand) of x[M, K], rows and columns padded to 128."""
+    M, K = x_MK.shape
+    return quant_128x1(pad_2d(_quant_input(x_MK), round_up(M), round_up(K)))
+
+
+# --------------------------------------------------------------------------------------------- dense functional
+def fp8_fprop(x: Fp8Rows, w_NK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """y[M, N] = x · Wᵀ from the 1x128 tiles of x."""
+    w_q, w_s = _weight_blocks(w_NK)
+    return fp8_gemm(x.q, x.s, w_q, w_s, _gemm_dtype(out_dtype))[:, :w_NK.shape[0]].to(out_dtype)
+
+
+def fp8_dgrad(dy_MN: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dx[M, K] = dy · W: dy in 1x128 tiles, W's 128x128 blocks transposed."""
+    (N, K), M = w_NK.shape, dy_MN.shape[0]
+    dy_q, dy_s = quant_1x128(pad_2d(_quant_input(dy_MN), M, round_up(N)))
+    w_q, w_s = _weight_blocks(w_NK)
+    return fp8_gemm(dy_q, dy_s, w_q.t(), w_s.t(), _gemm_dtype(out_dtype))[:, :K].to(out_dtype).contiguous()
+
+
+def fp8_wgrad(dy_MN: torch.Tensor, x: Fp8Rows | torch.Tensor) -> torch.Tensor:
+    """dW[N, K] (fp32) = dyᵀ · x, both in 128x1 tiles (x re-quantized from its 1x128 cache when given one)."""
+    x_MK = x.dequant(torch.float32) if isinstance(x, Fp8Rows) else x.reshape(-1, x.shape[-1])
+    N, K = dy_MN.shape[1], x_MK.shape[1]
+    dyt_q, dyt_s = _tokens_128x1(dy_MN)
+    xt_q, xt_s = _tokens_128x1(x_MK)
+    return fp8_gemm(dyt_q.t(), dyt_s.t(), xt_q.t(), xt_s.t(), torch.float32)[:N, :K]
+
+
+# ------------------------------------------------------------------------------------------- dense autograd layer
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        (N, K), x_MK = weight.shape, _quant_input(x.reshape(-1, x.shape[-1]))
-        M, Kp, Np = x_MK.shape[0], round_up(K), round_up(N)
-        x_MKp = pad_2d(x_MK, M, Kp)
-        x_q, x_s = quant_1x128(x_MKp)
-        w_q, w_s = quant_128x128(pad_2d(_quant_input(weight), Np, Kp))
-        y_MN = fp8_gemm(x_q, x_s, w_q, w_s, _gemm_dtype(x.dtype))[:, :N]
-        xt_q = xt_s = None
-        if ctx.needs_input_grad[1]:
-            xt_q, xt_s = quant_128x1(pad_2d(x_MKp, round_up(M), Kp))  # saved for wgrad: FP8 + scales
-        ctx.save_for_backward(xt_q, xt_s, weight)
-        ctx.x_meta = (x.shape, x.dtype)
-        return y_MN.to(x.dtype).contiguous().reshape(*x.shape[:-1], N)
+        with _no_autocast(x):
+            cache = quantize_rows(x)
+            y = fp8_fprop(cache, weight, x.dtype)
+        keep = ctx.needs_input_grad[1]  # the cached input serves the weight gradient only
+        ctx.save_for_backward(cache.q if keep else None, cache.s if keep else None, weight)
+        ctx.x_meta = (x.shape, x.dtype, cache.K)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xt_q, xt_s, weight = ctx.saved_tensors
-        (x_shape, x_dtype), (N, K) = ctx.x_meta, weight.shape
-        dy_MN = _quant_input(dy.reshape(-1, N))
-        M, Kp, Np = dy_MN.shape[0], round_up(K), round_up(N)
+        q, s, weight = ctx.saved_tensors
+        x_shape, x_dtype, K = ctx.x_meta
+        dy_MN = dy.reshape(-1, weight.shape[0])
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quant_1x128(pad_2d(dy_MN, M, Np))
-            w_q, w_s = quant_128x128(pad_2d(_quant_input(weight), Np, Kp))
-            dx = fp8_gemm(dy_q, dy_s, w_q.t(), w_s.t(), _gemm_dtype(x_dtype))[:, :K]
-            dx = dx.to(x_dtype).contiguous().reshape(x_shape)
-        if ctx.needs_input_grad[1]:
-            dyt_q, dyt_s = quant_128x1(pad_2d(dy_MN, round_up(M), Np))
-            dw = fp8_gemm(dyt_q.t(), dyt_s.t(), xt_q.t(), xt_s.t(), torch.float32)[:N, :K]
-            dw = dw.to(weight.dtype).contiguous()
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                dx = fp8_dgrad(dy_MN, weight, x_dtype).reshape(x_shape)
+            if ctx.needs_input_grad[1]:
+                dw = fp8_wgrad(dy_MN, Fp8Rows(q, s, K, x_dtype)).to(weight.dtype).contiguous()
         return dx, dw
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y[..., N] = x[..., K] · weight[N, K]ᵀ (nn.Linear convention, no bias) with FP8 fprop, dgrad and wgrad.
 
-    Returns x's dtype. Saves x as e4m3 128x1 (+ fp32 scales) and the weight by reference (module docstring)."""
+    Returns x's dtype. Keeps x as 1x128 e4m3 tiles (+ fp32 scales) and the weight by reference (module docstring)."""
     _check_float("fp8_linear x", x)
     _check_float("fp8_linear weight", weight)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -91,7 +156,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _Fp8LinearFn.apply(x, weight)
 
 
-# ------------------------------------------------------------------------------------------------------- experts
+# ------------------------------------------------------------------------------------------- grouped functional
+def expert_counts(tokens_per_expert: Counts, experts: int, rows: int, name: str = "fp8_grouped_linear") -> tuple:
+    """Validated per-expert row counts as a tuple of ints (one host read for a device tensor)."""
+    counts = tuple(int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
+                                    else tokens_per_expert))
+    if len(counts) != experts or any(c < 0 for c in counts) or sum(counts) != rows:
+        raise ValueError(f"{name}: tokens_per_expert={list(counts)} must have E={experts} non-negative entries "
+                         f"summing to T={rows}")
+    return counts
+
+
 def _aligned_layout(counts: Sequence[int], device: torch.device) -> tuple[torch.Tensor, list[int], int]:
     """Row map from the packed per-expert layout to one where every expert starts on a 128-row boundary."""
     counts_E = torch.tensor(list(counts), dtype=torch.int64)
@@ -107,48 +182,63 @@ def _scatter_rows(t_TC: torch.Tensor, dst_T: torch.Tensor, rows: int) -> torch.T
     return out
 
 
-def _quant_experts(w_ENK: torch.Tensor, Np: int, Kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 quantization per expert: -> (w_q[E, Np, Kp], w_s[E, Np/128, Kp/128])."""
     E, N, K = w_ENK.shape
+    Np, Kp = round_up(N), round_up(K)
     w = torch.nn.functional.pad(_quant_input(w_ENK), (0, Kp - K, 0, Np - N)).reshape(E * Np, Kp)
     w_q, w_s = quant_128x128(w)
     return w_q.view(E, Np, Kp), w_s.view(E, Np // BLOCK, Kp // BLOCK)
 
 
+def fp8_grouped_fprop(x: Fp8Rows, w_ENK: torch.Tensor, counts: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
+    """y[T, N]: expert e's rows of x (1x128 tiles) times w[e]ᵀ."""
+    w_q, w_s = _quant_experts(w_ENK)
+    return fp8_grouped_gemm(x.q, x.s, w_q, w_s, counts, _gemm_dtype(out_dtype))[:, :w_ENK.shape[1]].to(out_dtype)
+
+
+def fp8_grouped_dgrad(dy_TN: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int],
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """dx[T, K]: expert e's rows of dy (1x128 tiles) times w[e]."""
+    (E, N, K), T = w_ENK.shape, dy_TN.shape[0]
+    dy_q, dy_s = quant_1x128(pad_2d(_quant_input(dy_TN), T, round_up(N)))
+    w_q, w_s = _quant_experts(w_ENK)
+    dx = fp8_grouped_gemm(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), counts, _gemm_dtype(out_dtype))
+    return dx[:, :K].to(out_dtype).contiguous()
+
+
+def fp8_grouped_wgrad(dy_TN: torch.Tensor, x: Fp8Rows | torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """dW[E, N, K] (fp32): per expert dy_eᵀ · x_e, both in 128x1 tiles with each expert's tokens padded to 128."""
+    x_TK = x.dequant(torch.float32) if isinstance(x, Fp8Rows) else x
+    N, K = dy_TN.shape[1], x_TK.shape[1]
+    dst_T, aligned, Tp = _aligned_layout(counts, dy_TN.device)
+    dyt_q, dyt_s = quant_128x1(_scatter_rows(pad_2d(_quant_input(dy_TN), dy_TN.shape[0], round_up(N)), dst_T, Tp))
+    xt_q, xt_s = quant_128x1(_scatter_rows(pad_2d(_quant_input(x_TK), x_TK.shape[0], round_up(K)), dst_T, Tp))
+    return fp8_k_grouped_gemm(dyt_q.t(), dyt_s.t(), xt_q.t(), xt_s.t(), aligned, torch.float32)[:, :N, :K]
+
+
+# ----------------------------------------------------------------------------------------- grouped autograd layer
 class _Fp8GroupedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TK: torch.Tensor, w_ENK: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-        (T, K), (E, N, _) = x_TK.shape, w_ENK.shape
-        Kp, Np = round_up(K), round_up(N)
-        x_TKp = pad_2d(_quant_input(x_TK), T, Kp)
-        x_q, x_s = quant_1x128(x_TKp)
-        w_q, w_s = _quant_experts(w_ENK, Np, Kp)
-        y_TN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, counts, _gemm_dtype(x_TK.dtype))[:, :N]
-        xt_q = xt_s = None
-        if ctx.needs_input_grad[1]:
-            dst_T, _, Tp = _aligned_layout(counts, x_TK.device)
-            xt_q, xt_s = quant_128x1(_scatter_rows(x_TKp, dst_T, Tp))  # 128-token blocks never span experts
-        ctx.save_for_backward(xt_q, xt_s, w_ENK)
-        ctx.meta = (counts, x_TK.dtype)
-        return y_TN.to(x_TK.dtype).contiguous()
+        with _no_autocast(x_TK):
+            cache = quantize_rows(x_TK)
+            y = fp8_grouped_fprop(cache, w_ENK, counts, x_TK.dtype)
+        keep = ctx.needs_input_grad[1]
+        ctx.save_for_backward(cache.q if keep else None, cache.s if keep else None, w_ENK)
+        ctx.meta = (counts, x_TK.dtype, cache.K)
+        return y.contiguous()
 
     @staticmethod
     def backward(ctx, dy_TN: torch.Tensor):
-        xt_q, xt_s, w_ENK = ctx.saved_tensors
-        (counts, x_dtype), (E, N, K) = ctx.meta, w_ENK.shape
-        Kp, Np, T = round_up(K), round_up(N), dy_TN.shape[0]
-        dy_TNp = pad_2d(_quant_input(dy_TN), T, Np)
+        q, s, w_ENK = ctx.saved_tensors
+        counts, x_dtype, K = ctx.meta
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quant_1x128(dy_TNp)
-            w_q, w_s = _quant_experts(w_ENK, Np, Kp)
-            dx = fp8_grouped_gemm(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), counts,
-                                  _gemm_dtype(x_dtype))[:, :K].to(x_dtype).contiguous()
-        if ctx.needs_input_grad[1]:
-            dst_T, aligned, Tp = _aligned_layout(counts, dy_TN.device)
-            dyt_q, dyt_s = quant_128x1(_scatter_rows(dy_TNp, dst_T, Tp))
-            dw = fp8_k_grouped_gemm(dyt_q.t(), dyt_s.t(), xt_q.t(), xt_s.t(), aligned, torch.float32)
-            dw = dw[:, :N, :K].to(w_ENK.dtype).contiguous()
+        with _no_autocast(dy_TN):
+            if ctx.needs_input_grad[0]:
+                dx = fp8_grouped_dgrad(dy_TN, w_ENK, counts, x_dtype)
+            if ctx.needs_input_grad[1]:
+                dw = fp8_grouped_wgrad(dy_TN, Fp8Rows(q, s, K, x_dtype), counts).to(w_ENK.dtype).contiguous()
         return dx, dw, None
 
 
@@ -161,9 +251,5 @@ def fp8_grouped_linear(x_TK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_exper
     if x_TK.dim() != 2 or w_ENK.dim() != 3 or x_TK.shape[1] != w_ENK.shape[2]:
         raise ValueError(f"fp8_grouped_linear needs x[T, K] and w[E, N, K]; got x {tuple(x_TK.shape)}, w "
                          f"{tuple(w_ENK.shape)}: flatten tokens to 2-D and match K")
-    counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
-                               else tokens_per_expert)]
-    if len(counts) != w_ENK.shape[0] or any(c < 0 for c in counts) or sum(counts) != x_TK.shape[0]:
-        raise ValueError(f"fp8_grouped_linear: tokens_per_expert={counts} must have E={w_ENK.shape[0]} "
-                         f"non-negative entries summing to T={x_TK.shape[0]}")
-    return _Fp8GroupedLinearFn.apply(x_TK, w_ENK, tuple(counts))
+    counts = expert_counts(tokens_per_expert, w_ENK.shape[0], x_TK.shape[0])
+    return _Fp8GroupedLinearFn.apply(x_TK, w_ENK, counts)

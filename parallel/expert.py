@@ -126,8 +126,8 @@ class EPDispatcher:
     def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
         return self.dispatch_async(x_TD, topk_idx_TK, topk_weight_TK, async_op=False).wait()
 
-    def combine(self, y_RD, handle: EPHandle):
-        return self.combine_async(y_RD, handle, async_op=False).wait()
+    def combine(self, y_RD, handle: EPHandle, gated: bool = False):
+        return self.combine_async(y_RD, handle, async_op=False, gated=gated).wait()
 
     def dispatch_async(self, x_TD, topk_idx_TK, topk_weight_TK, *, async_op: bool = True) -> Pending:
         """Exchange routing metadata now (small, blocking), issue the payload all-to-all (async); ``wait()`` gives
@@ -144,9 +144,10 @@ class EPDispatcher:
 
         return Pending(finish)
 
-    def combine_async(self, y_RD, handle: EPHandle, *, async_op: bool = True) -> Pending:
-        """Apply the gates, pre-sum per last-hop row, issue the return all-to-all; ``wait()`` gives ``out_TD``."""
-        z_ND = scatter_rows(y_RD, handle.weight_R, handle)
+    def combine_async(self, y_RD, handle: EPHandle, *, async_op: bool = True, gated: bool = False) -> Pending:
+        """Apply the gates (unless the rows are ``gated`` already), pre-sum per last-hop row, issue the return
+        all-to-all; ``wait()`` gives ``out_TD``."""
+        z_ND = scatter_rows(y_RD, None if gated else handle.weight_R, handle)
         codec = self._y_codec(y_RD.dtype)
         fin = handle.route.reduce(z_ND.detach(), codec, "combine", async_op)
         return Pending(lambda: ReduceFn.apply(z_ND, handle.route, fin, codec, "combine_bwd"))

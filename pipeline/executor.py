@@ -57,11 +57,13 @@ class PipelineExecutor:
     (:func:`hai.parallel.parallelize`)."""
 
     def __init__(self, model: Transformer, layout: PipelineLayout, pp_rank: int, n_micro: int, pp_group,
-                 pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float, overlap: bool = True):
+                 pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float, overlap: bool = True,
+                 act_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.model, self.name, self.pp_rank, self.pp, self.n_micro = model, layout.schedule, pp_rank, layout.pp, n_micro
         self.fb_sequential = False
         self.seam_log: list[list] = []  # per FB action of the last step: (chunk "F"/"B", seam, time) (overlap mode)
         self.group, self.pp_ranks, self.act_shape, self.loss_scale = pp_group, pp_ranks, act_shape, loss_scale
+        self.act_dtype, self.device = act_dtype, torch.device(device)  # the wire format of activations/gradients
         self.n_stages = layout.n_stages
         self.stages = layout.rank_stages(pp_rank)
         self.layers = layout.layers
@@ -168,7 +170,7 @@ class PipelineExecutor:
                 ops.append(dist.P2POp(dist.isend, slots[(a.stage, a.micro_batch)].inp_grad.contiguous(), peer,
                                       self.group, self._tag(Action(Kind.SEND_B, a.stage - 1, a.micro_batch, 0))))
             else:
-                buf = torch.empty(self.act_shape)
+                buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buf, peer, self.group, self._tag(a)))
                 recvs.append((a, buf))
         for work in dist.batch_isend_irecv(ops):

@@ -240,7 +240,9 @@ def supports_seams(block: nn.Module) -> bool:
 
 
 def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape | PlainTape) -> Iterator:
-    """Run one transformer block on the tape (generator; its return value is the block's output)."""
+    """Run one transformer block on the tape (generator; its return value is the block's output): the block's own
+    seams (``attention_part``, ``moe_front``, ``MoE.expert_rows``, ``MoE.finish``) as compute segments, the
+    dispatcher's raw seams between them."""
     if not tape.cuts or not supports_seams(block):
         (h,) = tape.begin(h_BSD)
         out = block(h)
@@ -250,9 +252,9 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape | PlainTape)
     disp = moe.dispatcher
     # attention, router, shared expert
     (h,) = tape.begin(h_BSD)
-    h1 = h + block.attn(block.attn_norm(h))
-    x_TD, route, aux = moe.front(block.ffn_norm(h1))
-    shared = moe.shared(x_TD) if moe.shared is not None else None
+    h1 = block.segment(block.attention_part, h)
+    x_TD, route, aux, shared = block.segment(block.moe_front, h1)
+    moe.router.count(route)
     w_TK = route.topk_weight
     seeds = [(aux, torch.full_like(aux, moe.aux_grad_scale))] if aux is not None else []
     tape.end(h1, x_TD, w_TK, shared, seeds=seeds)
@@ -282,9 +284,9 @@ def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape | PlainTape)
     out_TD = pending.wait()
     tape.comm_done(node, [out_TD])
     del pending
-    # residual
+    # shared expert + residual (the balance loss is a seed of the first segment, not injected here)
     ins = tape.begin(h1, out_TD, *([shared] if shared is not None else []))
-    y_TD = ins[1] + ins[2] if shared is not None else ins[1]
+    y_TD = moe.finish(ins[1], ins[2] if shared is not None else None, None)
     out = ins[0] + y_TD.view_as(ins[0])
     tape.end(out)
     return out

@@ -334,14 +334,15 @@ def test_gemm_rejects_bad_operands():
 # ---------------------------------------------------------------------------------------------------------- autograd
 def _emulated_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, dy_MN: torch.Tensor):
     """fp64 (y, dx, dW) of V3's recipe from _fake_quant: fprop x(1x128)·W(128x128)ᵀ, dgrad dy(1x128)·W(128x128),
-    wgrad dy(128x1)ᵀ·x(128x1); K, N and tokens zero-padded to multiples of 128."""
+    wgrad dy(128x1)ᵀ·x(128x1) where x is the cached 1x128 copy re-quantized in 128x1 tiles (V3's workflow); K, N
+    and tokens zero-padded to multiples of 128."""
     (M, K), N = x_MK.shape, w_NK.shape[0]
     Mp, Kp, Np = _up(M), _up(K), _up(N)
     x_p, w_p, dy_p = _pad(x_MK, Mp, Kp), _pad(w_NK, Np, Kp), _pad(dy_MN, Mp, Np)
     w_d = _fake_quant(w_p, 128, 128)
     y = _fake_quant(x_p, 1, 128) @ w_d.T
     dx = _fake_quant(dy_p, 1, 128) @ w_d
-    dw = _fake_quant(dy_p, 128, 1).T @ _fake_quant(x_p, 128, 1)
+    dw = _fake_quant(dy_p, 128, 1).T @ _fake_quant(_fake_quant(x_p, 1, 128), 128, 1)
     return y[:M, :N], dx[:M, :K], dw[:N, :K]
 
 

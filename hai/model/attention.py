@@ -6,6 +6,12 @@ qk_rope_head_dim shared by all heads. For inference only the latent and the RoPE
 ((kv_lora_rank + qk_rope_head_dim) values per token per layer), and decoding absorbs the key up-projection into the
 query and the value up-projection into the output, so the cache is never expanded.
 
+Training attention is flash-style (:func:`attention`): it keeps q, k, v, the output and one fp32 log-sum-exp per
+(query, head) and recomputes the probabilities in the backward, query block by query block, so no S x S matrix is
+ever kept. With ``recompute='v3'`` (DeepSeek-V3 §3.2.3) the block keeps even less: the attention RMSNorm and the
+down-projections keep only the block input, and :class:`_MLACore` keeps the two latents, the attention output and
+the log-sum-exp, recomputing the latent norms, the up-projections and RoPE in its backward.
+
 Legend: B batch, S query length, L key length, H heads, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim,
 V v_head_dim, D hidden.
 """
@@ -20,8 +26,9 @@ from torch import nn
 
 from hai.config import ModelConfig
 from hai.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin
+from hai.model.recompute import LinearOp, norm_linears
 
-__all__ = ["MLA", "KVCache"]
+__all__ = ["MLA", "KVCache", "attention", "attention_forward", "attention_backward"]
 
 
 @dataclass
@@ -47,6 +54,94 @@ class KVCache:
         return sum((c.shape[-1] + k.shape[-1]) * bytes_per_elem for c, k in zip(self.c_kv, self.k_pe))
 
 
+_Q_BLOCK = 256  # queries per block of the flash-style attention (bounds the transient scores to 256 x L per head)
+
+
+def attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q (B, S, H, K) over k (B, L, H, K), v (B, L, H, V) (queries are the last S positions):
+    (o (B, S, H, V) in v's dtype, lse (B, H, S) fp32). Scores, softmax and the weighted sum in fp32."""
+    B, S, H, _ = q.shape
+    L = k.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, S|L, .)
+        o = torch.empty(B, H, S, vh.shape[-1], dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+        keys = torch.arange(L, device=q.device)
+        for s0 in range(0, S, _Q_BLOCK):
+            s1 = min(S, s0 + _Q_BLOCK)
+            sc = (qh[:, :, s0:s1] @ kh.transpose(-1, -2)) * scale
+            sc.masked_fill_(keys[None, :] > torch.arange(s0, s1, device=q.device)[:, None] + (L - S), float("-inf"))
+            lse[:, :, s0:s1] = torch.logsumexp(sc, dim=-1)
+            o[:, :, s0:s1] = torch.exp(sc - lse[:, :, s0:s1, None]) @ vh
+    return o.transpose(1, 2).to(v.dtype), lse
+
+
+def attention_backward(q, k, v, o, lse, do, scale: float) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of :func:`attention_forward`, the probabilities recomputed from q, k and the log-sum-exp."""
+    S, L = q.shape[1], k.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, o, do))
+        delta = (doh * oh).sum(-1)  # (B, H, S): rowsum(dO * O)
+        dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+        keys = torch.arange(L, device=q.device)
+        for s0 in range(0, S, _Q_BLOCK):
+            s1 = min(S, s0 + _Q_BLOCK)
+            sc = (qh[:, :, s0:s1] @ kh.transpose(-1, -2)) * scale
+            sc.masked_fill_(keys[None, :] > torch.arange(s0, s1, device=q.device)[:, None] + (L - S), float("-inf"))
+            p = torch.exp(sc - lse[:, :, s0:s1, None])
+            do_b = doh[:, :, s0:s1]
+            dv += p.transpose(-1, -2) @ do_b
+            ds = p * (do_b @ vh.transpose(-1, -2) - delta[:, :, s0:s1, None])
+            dq[:, :, s0:s1] = (ds @ kh) * scale
+            dk += (ds.transpose(-1, -2) @ qh[:, :, s0:s1]) * scale
+    return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*attention_backward(q, k, v, o, lse, do, ctx.scale), None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal flash-style attention (module docstring): keeps q, k, v, o and the fp32 log-sum-exp."""
+    return _FlashAttention.apply(q, k, v, scale)
+
+
+class _MLACore(torch.autograd.Function):
+    """Latents -> up-projections + RoPE -> attention -> output projection, keeping the latents, o and lse."""
+
+    @staticmethod
+    def forward(ctx, mla, q_in, kv, *weights):
+        q, k, v = mla._qkv(q_in, kv)
+        o, lse = attention_forward(q, k, v, mla.softmax_scale)
+        y = mla.wo(o.flatten(2))
+        ctx.save_for_backward(q_in, kv, o, lse)
+        ctx.mla = mla
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q_in, kv, o, lse = ctx.saved_tensors
+        mla = ctx.mla
+        do = mla.wo.backward(o.flatten(2), dy).view_as(o)
+        with torch.enable_grad():
+            q_leaf, kv_leaf = q_in.detach().requires_grad_(), kv.detach().requires_grad_()
+            q, k, v = mla._qkv(q_leaf, kv_leaf)
+            grads = attention_backward(q, k, v, o, lse, do, mla.softmax_scale)
+            torch.autograd.backward([q, k, v], list(grads))
+        return (None, q_leaf.grad, kv_leaf.grad, *([None] * (len(ctx.needs_input_grad) - 3)))
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -65,48 +160,53 @@ class MLA(nn.Module):
         self.wo = Linear(H * V, cfg.hidden_size, fp8)
         self.softmax_scale = (N + R) ** -0.5
 
-    def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        if self.cfg.q_lora_rank is None:
-            q = self.wq(x_BSD)
-        else:
-            q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
-        B, S, _ = x_BSD.shape
-        return q.view(B, S, self.cfg.num_heads, self.cfg.qk_head_dim)
+    def _q_down(self) -> Linear:
+        return self.wq if self.cfg.q_lora_rank is None else self.wq_a
 
-    def _latent(self, x_BSD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        C = self.cfg.kv_lora_rank
-        kv = self.wkv_a(x_BSD)
-        c_kv_BSC = self.kv_norm(kv[..., :C])
-        k_pe_BSR = apply_rope(kv[..., C:].unsqueeze(2), cos, sin).squeeze(2)
-        return c_kv_BSC, k_pe_BSR
+    def _qkv(self, q_in: torch.Tensor, kv: torch.Tensor, offset: int = 0):
+        """From the down-projections' outputs (q latent, or q without q_lora; [c_kv | k_pe]) to the attention's
+        q (B, S, H, N+R), k (B, S, H, N+R) and v (B, S, H, V)."""
+        H, N, R, V, C = (self.cfg.num_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim,
+                         self.cfg.v_head_dim, self.cfg.kv_lora_rank)
+        B, S, _ = kv.shape
+        cos, sin = rope_cos_sin(S, R, self.cfg.rope_theta, kv.device, offset=offset)
+        q = q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))
+        q = q.view(B, S, H, N + R)
+        q = torch.cat([q[..., :N], apply_rope(q[..., N:], cos, sin)], dim=-1)
+        kvb = self.wkv_b(self.kv_norm(kv[..., :C])).view(B, S, H, N + V)
+        k_pe = apply_rope(kv[..., C:].unsqueeze(2), cos, sin)
+        k = torch.cat([kvb[..., :N], k_pe.expand(B, S, H, R)], dim=-1)
+        return q, k, kvb[..., N:]
 
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """Causal self-attention over x. With ``cache``, x continues the cached sequence (absorbed decode)."""
-        B, S, _ = x_BSD.shape
-        start = 0 if cache is None else cache.length(layer)
-        cos, sin = rope_cos_sin(S, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, x_BSD.device, offset=start)
-        N = self.cfg.qk_nope_head_dim
-        q_BSHK = self._queries(x_BSD)
-        q_nope, q_pe = q_BSHK[..., :N], apply_rope(q_BSHK[..., N:], cos, sin)
-        c_kv, k_pe = self._latent(x_BSD, cos, sin)
+        """Causal self-attention over x (already normed). With ``cache``, x continues the cached sequence (absorbed
+        decode)."""
+        q_in, kv = self._q_down()(x_BSD), self.wkv_a(x_BSD)
         if cache is not None:
-            c_kv, k_pe = cache.append(layer, c_kv, k_pe)
-            return self._absorbed(q_nope, q_pe, c_kv, k_pe, start)
-        return self._expanded(q_nope, q_pe, c_kv, k_pe)
+            return self._decode(q_in, kv, cache, layer)
+        q, k, v = self._qkv(q_in, kv)
+        o = attention(q, k, v, self.softmax_scale)
+        return self.wo(o.flatten(2))
 
-    def _expanded(self, q_nope, q_pe, c_kv_BLC, k_pe_BLR) -> torch.Tensor:
-        """Training path: up-project the latent to per-head keys/values and run causal SDPA."""
-        H, N, V = self.cfg.num_heads, self.cfg.qk_nope_head_dim, self.cfg.v_head_dim
-        B, L, _ = c_kv_BLC.shape
-        kv = self.wkv_b(c_kv_BLC).view(B, L, H, N + V)
-        k_nope, v_BLHV = kv[..., :N], kv[..., N:]
-        k_BLHK = torch.cat([k_nope, k_pe_BLR.unsqueeze(2).expand(B, L, H, -1)], dim=-1)
-        q_BSHK = torch.cat([q_nope, q_pe], dim=-1)
-        o = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2),
-            is_causal=True, scale=self.softmax_scale,
-        )  # (B, H, S, V)
-        return self.wo(o.transpose(1, 2).flatten(2))
+    def forward_recompute(self, x_BSD: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """attn(norm(x)) under V3's recipe: keeps x, the latents, the attention output and the log-sum-exp."""
+        ops = [LinearOp(m.forward, m.backward, m.weight) for m in (self._q_down(), self.wkv_a)]
+        q_in, kv = norm_linears([x_BSD], [norm], ops)
+        weights = [p for p in self.parameters() if p.requires_grad]
+        return _MLACore.apply(self, q_in, kv, *weights)
+
+    def _decode(self, q_in, kv, cache: KVCache, layer: int) -> torch.Tensor:
+        """Decode path: scores and outputs computed against the latent cache without expanding it."""
+        H, N, R, C = self.cfg.num_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim, self.cfg.kv_lora_rank
+        B, S, _ = kv.shape
+        start = cache.length(layer)
+        cos, sin = rope_cos_sin(S, R, self.cfg.rope_theta, kv.device, offset=start)
+        q = (q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))).view(B, S, H, N + R)
+        q_nope, q_pe = q[..., :N], apply_rope(q[..., N:], cos, sin)
+        c_kv = self.kv_norm(kv[..., :C])
+        k_pe = apply_rope(kv[..., C:].unsqueeze(2), cos, sin).squeeze(2)
+        c_kv, k_pe = cache.append(layer, c_kv, k_pe)
+        return self._absorbed(q_nope, q_pe, c_kv, k_pe, start)
 
     def _absorbed(self, q_nope, q_pe, c_kv_BLC, k_pe_BLR, start: int) -> torch.Tensor:
         """Decode path: scores and outputs computed against the latent cache without expanding it."""

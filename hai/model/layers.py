@@ -1,4 +1,9 @@
-"""Small building blocks: RMSNorm, rotary embeddings, SwiGLU MLP, and the linear layer that honours precision.
+"""Small building blocks: RMSNorm, SwiGLU, rotary embeddings, and the linear layer that honours precision.
+
+The elementwise pieces are fused autograd functions whose saved tensors are exactly their inputs (RMSNorm: the input
+and one fp32 rstd per row; SwiGLU: its two inputs), so what a block keeps for the backward is the short list
+``hai.plan.memory`` counts, on every device. ``Linear.backward`` is the layer's gradient for callers that keep (or
+recompute) its input themselves: the recompute regions of :mod:`hai.model.recompute`.
 
 Shape legend: B batch, S sequence, D hidden, H heads, F ffn width, T tokens (B*S).
 """
@@ -9,7 +14,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "Linear", "SwiGLU", "rope_cos_sin", "apply_rope"]
+from hai.model.wgrad import accumulate_wgrad, defer_or_run
+
+__all__ = ["RMSNorm", "Linear", "SwiGLU", "rope_cos_sin", "apply_rope", "rms_norm", "rms_norm_forward",
+           "rms_norm_backward", "swiglu", "swiglu_forward", "swiglu_backward", "cross_entropy"]
+
+
+# ------------------------------------------------------------------------------------------------------- RMSNorm
+def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y in x's dtype, rstd fp32 (..., 1)); computed in fp32."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * rstd * w.float()).to(x.dtype), rstd
+
+
+def rms_norm_backward(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
+    """(dx in x's dtype, dw fp32) of y = x * rstd * w."""
+    x_hat = x.float() * rstd
+    dy32 = dy.float()
+    dw = (dy32 * x_hat).reshape(-1, x.shape[-1]).sum(0)
+    g = dy32 * w.float()
+    dx = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        y, rstd = rms_norm_forward(x, w, eps)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(x, w, rstd, dy)
+        return dx, dw.to(w.dtype), None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, output in x's dtype; keeps x and one fp32 rstd per row for the backward."""
+    return _RMSNormFn.apply(x, w, eps)
 
 
 class RMSNorm(nn.Module):
@@ -19,16 +64,46 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
+# -------------------------------------------------------------------------------------------------------- SwiGLU
+def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.silu(a.float()) * b.float()).to(a.dtype)
+
+
+def swiglu_backward(a: torch.Tensor, b: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, db) of s = silu(a) * b, computed in fp32."""
+    a32, ds32 = a.float(), ds.float()
+    sig = torch.sigmoid(a32)
+    da = ds32 * b.float() * sig * (1 + a32 * (1 - sig))
+    db = ds32 * a32 * sig
+    return da.to(a.dtype), db.to(b.dtype)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return swiglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, ds):
+        return swiglu_backward(*ctx.saved_tensors, ds)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b (fp32 math), keeping only a and b for the backward."""
+    return _SwiGLUFn.apply(a, b)
+
+
+# -------------------------------------------------------------------------------------------------------- Linear
 class Linear(nn.Linear):
     """``nn.Linear`` without bias whose GEMM runs in FP8 (1x128 x 128x128 block scales) when ``fp8`` is set.
 
-    The FP8 path is V3's recipe: the weight stays in high precision (master copy in the optimizer), and the three
-    training GEMMs quantize their operands on the fly (see ``hai.kernels.fp8_linear``).
+    The FP8 path is V3's recipe: the weight stays in the module's precision (fp32 master copy in the optimizer), and
+    the three training GEMMs quantize their operands on the fly (``hai.kernels.fp8_linear``). With a
+    ``wgrad_store`` attached (the pipeline's zero-bubble split), the weight-gradient GEMM can be deferred.
     """
 
     def __init__(self, in_features: int, out_features: int, fp8: bool = False, dtype=None):
@@ -47,6 +122,22 @@ class Linear(nn.Linear):
             return deferred_linear(x, self.weight, self.wgrad_store)
         return F.linear(x, self.weight)
 
+    def backward(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """dx of y = self(x) given dy, for a caller that kept or recomputed x; the weight gradient goes into
+        ``main_grad`` (or ``.grad``) now, or into the wgrad store when it is recording."""
+        w = self.weight
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        if self.fp8:
+            from hai.kernels import fp8_dgrad, fp8_wgrad
+
+            with torch.autocast(dy.device.type, enabled=False):
+                dx = fp8_dgrad(dy2, w, x.dtype)
+            defer_or_run(self.wgrad_store, lambda: accumulate_wgrad(w, fp8_wgrad(dy2, x2)))
+        else:
+            dx = (dy2 @ w.to(dy2.dtype)).to(x.dtype)
+            defer_or_run(self.wgrad_store, lambda: accumulate_wgrad(w, dy2.t().float() @ x2.float()))
+        return dx.reshape(x.shape)
+
 
 class SwiGLU(nn.Module):
     """Dense gated MLP: w2(silu(w1 x) * w3 x)."""
@@ -58,9 +149,37 @@ class SwiGLU(nn.Module):
         self.w2 = Linear(inter, dim, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
+# ------------------------------------------------------------------------------------------------- cross-entropy
+class _CrossEntropy(torch.autograd.Function):
+    """Mean next-token cross-entropy from logits in their own dtype (bf16 under V3's recipe), softmax in fp32;
+    keeps the logits, one fp32 log-sum-exp and the target per row."""
+
+    @staticmethod
+    def forward(ctx, logits_TV, target_T):
+        with torch.autocast(logits_TV.device.type, enabled=False):
+            l32 = logits_TV.float()
+            lse = torch.logsumexp(l32, dim=-1)
+            loss = (lse - l32.gather(1, target_T[:, None]).squeeze(1)).mean()
+        ctx.save_for_backward(logits_TV, lse, target_T)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, lse, target = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False):
+            p = torch.exp(logits.float() - lse[:, None])
+            p[torch.arange(p.shape[0], device=p.device), target] -= 1.0
+            return (p * (g / p.shape[0])).to(logits.dtype), None
+
+
+def cross_entropy(logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
+    return _CrossEntropy.apply(logits_TV, target_T)
+
+
+# ---------------------------------------------------------------------------------------------------------- RoPE
 def rope_cos_sin(seq_len: int, dim: int, theta: float, device=None, offset: int = 0) -> tuple[torch.Tensor, ...]:
     """cos/sin tables of shape (S, dim/2) for positions offset..offset+seq_len-1 (computed in float64, returned f32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))

@@ -21,10 +21,13 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from hai.config import ModelConfig
-from hai.model.layers import SwiGLU
+from hai.model.layers import SwiGLU, swiglu
+from hai.model.recompute import LinearOp, expert_ffn, norm_linears, swiglu_down
+from hai.model.wgrad import accumulate_wgrad
 
 __all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Ready", "route_reference",
            "gather_rows", "scatter_rows"]
@@ -47,6 +50,29 @@ def group_limited_mask(biased_TE: torch.Tensor, n_group: int, topk_group: int, k
     return drop_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
 
 
+def _fp32_linear_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        dy32 = dy.reshape(-1, dy.shape[-1]).float()
+        accumulate_wgrad(w, dy32.t() @ x.reshape(-1, x.shape[-1]).float())
+        return (dy32 @ w.float()).to(x.dtype).reshape(x.shape)
+
+
+class _Fp32Linear(torch.autograd.Function):
+    """y = x Wᵀ computed in fp32; keeps x in its own dtype; W's gradient accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        ctx.weight = w  # the Parameter itself (a saved tensor may come back as another object, e.g. recomputed)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _fp32_linear_backward(x, ctx.weight, dy), None
+
+
 class Router(nn.Module):
     """Affinities s = sigmoid(x Wᵀ) (or softmax); top-k on s + bias; gates from unbiased s, normalized over the k."""
 
@@ -60,10 +86,17 @@ class Router(nn.Module):
         # Tokens routed to each expert since the last bias update (this rank's micro-batches only).
         self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> Route:
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ in fp32 whatever the autocast or weight dtype (routing in V3's precision); keeps x as given."""
+        return _Fp32Linear.apply(x_TD, self.weight)
+
+    def logits_backward(self, x_TD: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
+        """dx of :meth:`logits` for a recompute region (the weight gradient goes straight to main_grad / .grad)."""
+        return _fp32_linear_backward(x_TD, self.weight, d_logits)
+
+    def route(self, logits_TE: torch.Tensor) -> Route:
+        """Affinities, top-k on affinity + bias (group-limited), normalized gates."""
         cfg = self.cfg
-        with torch.autocast(x_TD.device.type, enabled=False):  # routing in fp32 even under bf16 autocast
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid() if cfg.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
         with torch.no_grad():
             biased = scores_TE.detach() + self.bias
@@ -71,12 +104,22 @@ class Router(nn.Module):
                 drop = group_limited_mask(biased, cfg.n_group, cfg.topk_group, cfg.n_activated_experts)
                 biased = biased.masked_fill(drop, float("-inf"))
             topk_idx_TK = biased.topk(cfg.n_activated_experts, dim=-1).indices
-            if self.training:
-                self.load += torch.bincount(topk_idx_TK.flatten(), minlength=cfg.n_routed_experts).float()
         w_TK = scores_TE.gather(1, topk_idx_TK)
         if cfg.norm_topk_prob:
             w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
         return Route(topk_idx_TK, w_TK * cfg.route_scale, scores_TE)
+
+    @torch.no_grad()
+    def count(self, route: Route) -> None:
+        """Add a routed micro-batch's tokens to the per-expert load (training only; once per forward, also when the
+        forward is recomputed)."""
+        if self.training:
+            self.load += torch.bincount(route.topk_idx.flatten(), minlength=self.cfg.n_routed_experts).float()
+
+    def forward(self, x_TD: torch.Tensor) -> Route:
+        route = self.route(self.logits(x_TD))
+        self.count(route)
+        return route
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor, gamma: float) -> None:
@@ -138,7 +181,7 @@ class Dispatcher(Protocol):
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
                  topk_weight_TK: torch.Tensor) -> tuple[torch.Tensor, list[int], Any]: ...
 
-    def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor: ...
+    def combine(self, y_RD: torch.Tensor, handle: Any, gated: bool = False) -> torch.Tensor: ...
 
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK) -> tuple[Any, Any]: ...  # -> (x_ND, w_NK)
 
@@ -154,9 +197,10 @@ def gather_rows(x_ND: torch.Tensor, w_NK: torch.Tensor, handle) -> tuple[torch.T
     return x_ND.index_select(0, handle.row_R), w_NK[handle.row_R, handle.slot_R]
 
 
-def scatter_rows(y_RD: torch.Tensor, w_R: torch.Tensor, handle) -> torch.Tensor:
-    """Gate the expert outputs and sum them per buffer row: z_N = sum_{r -> N} w_r y_r (autograd ops)."""
-    weighted_RD = y_RD * w_R.unsqueeze(-1).to(y_RD.dtype)
+def scatter_rows(y_RD: torch.Tensor, w_R: torch.Tensor | None, handle) -> torch.Tensor:
+    """Gate the expert outputs (unless ``w_R`` is None: rows already gated) and sum them per buffer row:
+    z_N = sum_{r -> N} w_r y_r (autograd ops)."""
+    weighted_RD = y_RD if w_R is None else y_RD * w_R.unsqueeze(-1).to(y_RD.dtype)
     return y_RD.new_zeros(handle.num_rows, y_RD.shape[1]).index_add(0, handle.row_R, weighted_RD)
 
 
@@ -186,8 +230,8 @@ class LocalDispatcher:
         handle = self._plan(topk_idx_TK, topk_weight_TK)
         return x_TD[handle.row_R], handle.tokens_per_local_expert, handle
 
-    def combine(self, y_RD, handle: _LocalHandle):
-        return scatter_rows(y_RD, handle.weight_R, handle)
+    def combine(self, y_RD, handle: _LocalHandle, gated: bool = False):
+        return scatter_rows(y_RD, None if gated else handle.weight_R, handle)
 
     # seams without autograd: nothing moves on one device
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
@@ -217,17 +261,22 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """Ungated expert outputs (autograd keeps x, the SwiGLU inputs and output; the caller gates)."""
         if self.fp8:
             from hai.kernels import fp8_grouped_linear as gl
 
-            h = F.silu(gl(x_RD, self.w1, tokens_per_expert)) * gl(x_RD, self.w3, tokens_per_expert)
+            h = swiglu(gl(x_RD, self.w1, tokens_per_expert), gl(x_RD, self.w3, tokens_per_expert))
             return gl(h, self.w2, tokens_per_expert)
         outs = []
         for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
-            h = F.silu(self._linear(x, self.w1, e)) * self._linear(x, self.w3, e)
+            h = swiglu(self._linear(x, self.w1, e), self._linear(x, self.w3, e))
             outs.append(self._linear(h, self.w2, e))
         return torch.cat(outs) if outs else x_RD.new_zeros(0, self.w2.shape[1])
 
+    def gated(self, x_RD: torch.Tensor, w_R: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """Gated expert outputs under V3's recipe (``hai.model.recompute.expert_ffn``): keeps x, the SwiGLU inputs
+        and the gates; the gate gradient comes from <W2ᵀ·dy, s>, not from kept output rows."""
+        return expert_ffn(self, x_RD, w_R, tokens_per_expert)
 
     def _linear(self, x: torch.Tensor, w_EOI: torch.Tensor, e: int) -> torch.Tensor:
         if self.wgrad_store is not None:
@@ -264,6 +313,7 @@ class MoE(nn.Module):
         self.shared = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, fp8)
                        if cfg.n_shared_experts > 0 else None)
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
+        self.recompute = "none"  # none | v3 | full (hai.model.recompute; set by Transformer.set_recompute)
         self.aux_grad_scale = 1.0  # set by the trainer to the micro-batch loss scale (1 / micro-batches)
 
     def seq_aux_loss(self, route: Route, batch: int) -> torch.Tensor:
@@ -279,27 +329,70 @@ class MoE(nn.Module):
         f_BE = hits * (E / (K * S))
         return cfg.seq_aux_alpha * (f_BE * P_BE).sum(-1).mean()
 
-    # --- the compute between the seams (also used by the pipeline's overlapped F&B) ---
-    def front(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Route, torch.Tensor | None]:
-        """Router and sequence-wise balance loss: (x_TD, route, aux loss or None when it is off)."""
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        route = self.router(x_TD)
-        aux = None
+    # --- the compute between the seams (Block.forward and the pipeline's overlapped F&B both use these) ---
+    def _aux(self, route: Route, batch: int) -> torch.Tensor | None:
         if self.training and self.cfg.seq_aux_alpha > 0 and torch.is_grad_enabled():
-            aux = self.seq_aux_loss(route, x_BSD.shape[0])
-        return x_TD, route, aux
+            return self.seq_aux_loss(route, batch)
+        return None
+
+    def front(self, x_BSD: torch.Tensor, norm: nn.Module | None = None):
+        """Everything before the dispatch: (x_TD, route, aux loss or None, shared-expert output or None).
+
+        ``x_BSD`` is the normed input, or with ``norm`` the norm's input: then the norm, the router and the shared
+        expert's up-projections run as one V3 recompute region (``recompute='v3'``) that keeps only that input."""
+        B = x_BSD.shape[0]
+        if norm is None or self.recompute != "v3":
+            x_TD = (x_BSD if norm is None else norm(x_BSD)).reshape(-1, x_BSD.shape[-1])
+            route = self.router.route(self.router.logits(x_TD))
+            shared = self.shared(x_TD) if self.shared is not None else None
+            return x_TD, route, self._aux(route, B), shared
+        r = self.router
+        ops = [LinearOp(r.logits, r.logits_backward, r.weight)]
+        if self.shared is not None:
+            ops += [LinearOp(m.forward, m.backward, m.weight) for m in (self.shared.w1, self.shared.w3)]
+        x, logits, *h = norm_linears([x_BSD], [norm], ops, keep_norm=True)
+        x_TD = x.reshape(-1, x.shape[-1])
+        route = r.route(logits.reshape(-1, logits.shape[-1]))
+        shared = None
+        if self.shared is not None:
+            w2 = self.shared.w2
+            fp8 = self.cfg.precision == "fp8"
+            shared = swiglu_down(*h, LinearOp(w2.forward, w2.backward, w2.weight), fp8)
+            shared = shared.reshape(-1, shared.shape[-1])
+        return x_TD, route, self._aux(route, B), shared
+
+    def _gated_rows(self, x_RD: torch.Tensor, w_R: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """w_r * expert_r(x_r): ``none`` keeps the output rows for the gate's gradient, ``v3`` forms it from
+        <W2ᵀ·dy, s> (``GroupedExperts.gated``), ``full`` recomputes the experts from x and w in the backward."""
+        if self.recompute == "v3":
+            return self.experts.gated(x_RD, w_R, counts)
+
+        def run(x, w):
+            return self.experts(x, counts) * w.unsqueeze(-1).to(x.dtype)
+
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(run, x_RD, w_R, use_reentrant=False)
+        return run(x_RD, w_R)
 
     def expert_rows(self, x_ND: torch.Tensor, w_NK: torch.Tensor, handle) -> torch.Tensor:
         """Routed experts on a dispatched buffer: pick the expert rows, run the experts, gate and pre-sum (z_ND)."""
         x_RD, w_R = gather_rows(x_ND, w_NK, handle)
-        return scatter_rows(self.experts(x_RD, handle.tokens_per_local_expert), w_R, handle)
+        return scatter_rows(self._gated_rows(x_RD, w_R, handle.tokens_per_local_expert), None, handle)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        x_TD, route, aux = self.front(x_BSD)
+    def routed(self, x_TD: torch.Tensor, route: Route) -> torch.Tensor:
+        """Dispatch, routed experts and combine through the dispatcher's autograd seams: out_TD."""
         recv_RD, counts, handle = self.dispatcher.dispatch(x_TD, route.topk_idx, route.topk_weight)
-        out_TD = self.dispatcher.combine(self.experts(recv_RD, counts), handle)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+        return self.dispatcher.combine(self._gated_rows(recv_RD, handle.weight_R, counts), handle, gated=True)
+
+    def finish(self, out_TD: torch.Tensor, shared: torch.Tensor | None, aux: torch.Tensor | None) -> torch.Tensor:
+        """Add the shared expert and inject the balance loss's gradient."""
+        if shared is not None:
+            out_TD = out_TD + shared
         if aux is not None:
             out_TD = _InjectAuxLoss.apply(out_TD, aux, self.aux_grad_scale)
-        return out_TD.view_as(x_BSD)
+        return out_TD
+
+    def forward(self, x_BSD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        x_TD, route, aux, shared = self.front(x_BSD, norm)
+        self.router.count(route)
+        return self.finish(self.routed(x_TD, route), shared, aux).view(*x_BSD.shape[:-1], -1)

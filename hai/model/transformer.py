@@ -14,14 +14,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from hai.config import ModelConfig
 from hai.model.attention import MLA, KVCache
 from hai.model.init import materialize, param_dtype
-from hai.model.layers import Linear, RMSNorm, SwiGLU
+from hai.model.layers import Linear, RMSNorm, SwiGLU, cross_entropy
 from hai.model.moe import MoE, Router
+from hai.model.recompute import RECOMPUTE_MODES, LinearOp, norm_linears, swiglu_down
 
 __all__ = ["Block", "MTPModule", "Transformer", "LossOutput", "build_model"]
 
@@ -32,7 +33,19 @@ class LossOutput(NamedTuple):
     mtp_loss: torch.Tensor
 
 
+def _checkpointed(fn, *args):
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def _op(m: Linear) -> LinearOp:
+    return LinearOp(m.forward, m.backward, m.weight)
+
+
 class Block(nn.Module):
+    """x -> h1 = x + attn(norm(x)) -> h1 + ffn(norm(h1)). The pieces (``attention_part``, ``dense_part``,
+    ``moe_front``; ``MoE.routed`` / ``expert_rows`` / ``finish``) are the seams the pipeline's overlapped F&B cuts
+    the block at; ``forward`` runs them back to back."""
+
     def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
         super().__init__()
         self.layer_id = layer_id
@@ -40,10 +53,41 @@ class Block(nn.Module):
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.precision == "fp8")
+        self.fp8 = cfg.precision == "fp8"
+        self.recompute = "none"  # none | v3 | full (hai.model.recompute)
+
+    def segment(self, fn, *args):
+        """Run one compute segment; ``recompute='full'`` recomputes it from its inputs in the backward."""
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return _checkpointed(fn, *args)
+        return fn(*args)
+
+    def attention_part(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "v3":
+            return x_BSD + self.attn.forward_recompute(x_BSD, self.attn_norm)
+        return x_BSD + self.attn(self.attn_norm(x_BSD))
+
+    def dense_part(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "v3":
+            f = self.ffn
+            h1, h3 = norm_linears([h_BSD], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
+            return h_BSD + swiglu_down(h1, h3, _op(f.w2), self.fp8)
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD))
+
+    def moe_front(self, h_BSD: torch.Tensor):
+        """(x_TD, route, aux, shared) of the MoE (``MoE.front`` with the ffn norm inside)."""
+        return self.ffn.front(h_BSD, self.ffn_norm)
 
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cache, self.layer_id)
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        if cache is not None:  # inference: latent KV cache, absorbed decode
+            h = x_BSD + self.attn(self.attn_norm(x_BSD), cache, self.layer_id)
+            return h + self.ffn(self.ffn_norm(h))
+        h = self.segment(self.attention_part, x_BSD)
+        if not isinstance(self.ffn, MoE):
+            return self.segment(self.dense_part, h)
+        x_TD, route, aux, shared = self.segment(self.moe_front, h)
+        self.ffn.router.count(route)
+        return h + self.ffn.finish(self.ffn.routed(x_TD, route), shared, aux).view_as(h)
 
 
 class MTPModule(nn.Module):
@@ -56,8 +100,12 @@ class MTPModule(nn.Module):
         self.proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.precision == "fp8")
         self.block = Block(cfg, cfg.num_layers + depth - 1, moe=cfg.is_moe)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.recompute = "none"
 
     def forward(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "v3":
+            (x,) = norm_linears([h_prev_BSD, emb_BSD], [self.hnorm, self.enorm], [_op(self.proj)])
+            return self.block(x)
         return self.block(self.proj(torch.cat([self.hnorm(h_prev_BSD), self.enorm(emb_BSD)], dim=-1)))
 
 
@@ -69,24 +117,41 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             Block(cfg, i, moe=cfg.is_moe and i >= cfg.first_k_dense_replace) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # bf16/fp32 even under fp8 (V3)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size)  # never FP8 (V3 keeps the output head in bf16)
         self.mtp = nn.ModuleList(MTPModule(cfg, d + 1) for d in range(cfg.mtp_depth))
+        self.recompute = "none"
+
+    def set_recompute(self, mode: str) -> "Transformer":
+        """``train.recompute``: none | v3 | full (:mod:`hai.model.recompute`), on every module that honours it."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"train.recompute={mode!r} is not one of {list(RECOMPUTE_MODES)}")
+        for m in self.modules():
+            if hasattr(m, "recompute"):
+                m.recompute = mode
+        return self
 
     # --- pieces (the pipeline stages call these) ---
     def logits(self, h_BSD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         return self.head((norm or self.norm)(h_BSD)).float()
 
+    def _loss(self, h_BSD: torch.Tensor, norm: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of head(norm(h)); under ``recompute='v3'`` the norm output is recomputed in the backward."""
+        if self.recompute == "v3":
+            (logits,) = norm_linears([h_BSD], [norm], [_op(self.head)])
+        else:
+            logits = self.head(norm(h_BSD))
+        return cross_entropy(logits.flatten(0, 1), targets.flatten())
+
     def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
         """Main next-token loss on the last block's output, plus the MTP losses (which re-use embed and head)."""
         S = tokens.shape[1] - 1
-        main = F.cross_entropy(self.logits(h_BSD).flatten(0, 1), tokens[:, 1:].flatten())
+        main = self._loss(h_BSD, self.norm, tokens[:, 1:])
         mtp_losses = []
         h = h_BSD
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed(tokens[:, k:S])
             h = module(h[:, : S - k], emb)
-            logits = self.logits(h, module.norm)
-            mtp_losses.append(F.cross_entropy(logits.flatten(0, 1), tokens[:, k + 1:S + 1].flatten()))
+            mtp_losses.append(self._loss(h, module.norm, tokens[:, k + 1:S + 1]))
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else main.new_zeros(())
         return LossOutput(main + self.cfg.mtp_lambda * mtp, main.detach(), mtp.detach())
 
@@ -118,7 +183,7 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> Transformer:
+                dtype: torch.dtype | None = None, recompute: str = "none") -> Transformer:
     """Build the whole model on ``meta`` and, unless ``device='meta'``, materialize it on ``device`` with weights in
     ``dtype`` (default: :func:`~hai.model.init.param_dtype`) initialized from ``seed`` (:mod:`hai.model.init`).
 
@@ -130,7 +195,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
             raise ValueError("model.precision=fp8 needs hai.kernels.fp8_linear, which this build lacks: "
                              "use model.precision=bf16 or fp32")
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).set_recompute(recompute)
     if str(device) != "meta":
         materialize(model, device, dtype or param_dtype(cfg), seed, cfg.init_std)
     return model

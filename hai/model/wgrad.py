@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Optional
 
 import torch
 
-__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad"]
+__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad", "defer_or_run"]
 
 
 class WeightGradStore:
@@ -64,26 +64,33 @@ def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int]
     target.add_(g.to(target.dtype))
 
 
+def defer_or_run(store: Optional[WeightGradStore], fn: Callable[[], None]) -> None:
+    """Queue a weight-gradient closure in ``store`` when it is recording, else run it now."""
+    if store is None or not store.put(fn):
+        fn()
+
+
 class _DeferredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, store, index):
         w = weight if index is None else weight[index]
-        ctx.save_for_backward(x, weight)
-        ctx.store, ctx.index = store, index
+        ctx.save_for_backward(x)
+        # the Parameter itself, whose main_grad receives the gradient (a saved tensor may come back as another
+        # object, e.g. when the forward is recomputed)
+        ctx.weight, ctx.store, ctx.index = weight, store, index
         return torch.nn.functional.linear(x, w.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        index = ctx.index
+        (x,) = ctx.saved_tensors
+        weight, index = ctx.weight, ctx.index
         w = weight if index is None else weight[index]
         dx = dy @ w.to(dy.dtype)
 
         def wgrad(dy=dy, x=x):
             accumulate_wgrad(weight, dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float(), index)
 
-        if not ctx.store.put(wgrad):
-            wgrad()
+        defer_or_run(ctx.store, wgrad)
         return dx, None, None, None
 
 
