@@ -32,6 +32,8 @@ def cmd_train(cfg, overrides: list[str]) -> int:
     from hai.parallel.topology import Topology
 
     topo = Topology.from_config(cfg)  # validate before starting any process
+    if not _under_torchrun():
+        _check_fits(cfg)
     if topo.world_size > 1 and not _under_torchrun():
         from hai.launch.torchrun import run_local
 
@@ -45,6 +47,14 @@ def cmd_train(cfg, overrides: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out_dir": cfg.out_dir, **summary}))
     return 0
+
+
+def _check_fits(cfg) -> None:
+    """The plan's memory check, in the parent, before any rank starts (ConfigError naming the rank and the fix)."""
+    from hai.plan.memory import check_fits
+    from hai.plan.report import n_micro_batches
+
+    check_fits(cfg, n_micro_batches(cfg))
 
 
 def cmd_account(cfg, overrides: list[str]) -> int:
@@ -70,7 +80,10 @@ def cmd_prepare(cfg, overrides: list[str]) -> int:
 
 def cmd_launch(cfg, overrides: list[str]) -> int:
     from hai.launch import launch
+    from hai.parallel.topology import Topology
 
+    Topology.from_config(cfg)
+    _check_fits(cfg)
     return launch(cfg, overrides)
 
 

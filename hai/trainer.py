@@ -122,7 +122,7 @@ class Trainer:
             sums += torch.stack([out.main_loss.double().cpu(), out.mtp_loss.double().cpu()])
         return sums
 
-    def _update_router_biases(self, apply: bool) -> dict[str, float]:
+    def update_router_biases(self, apply: bool) -> dict[str, float]:
         """Aux-loss-free balancing: loads summed over the data-parallel group, then b += gamma*sign(mean - load)."""
         routers = self.model.routers()
         if not routers:
@@ -163,7 +163,7 @@ class Trainer:
         ep_blocked = self._ep_blocked_s()
         result = self.optimizer.step(lr)
         self.optimizer.zero_grad()
-        balance = self._update_router_biases(apply=not result.skipped)
+        balance = self.update_router_biases(apply=not result.skipped)
         if self.dp_group is not None:
             dist.all_reduce(sums, group=self.dp_group)
         t2 = time.perf_counter()

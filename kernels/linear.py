@@ -98,7 +98,7 @@ def _tokens_128x1(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fp8_fprop(x: Fp8Rows, w_NK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """y[M, N] = x · Wᵀ from the 1x128 tiles of x."""
     w_q, w_s = _weight_blocks(w_NK)
-    return fp8_gemm(x.q, x.s, w_q, w_s, _gemm_dtype(out_dtype))[:, :w_NK.shape[0]].to(out_dtype)
+    return fp8_gemm(x.q, x.s, w_q, w_s, _gemm_dtype(out_dtype))[:, :w_NK.shape[0]].to(out_dtype).contiguous()
 
 
 def fp8_dgrad(dy_MN: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -194,7 +194,8 @@ def _quant_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fp8_grouped_fprop(x: Fp8Rows, w_ENK: torch.Tensor, counts: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
     """y[T, N]: expert e's rows of x (1x128 tiles) times w[e]ᵀ."""
     w_q, w_s = _quant_experts(w_ENK)
-    return fp8_grouped_gemm(x.q, x.s, w_q, w_s, counts, _gemm_dtype(out_dtype))[:, :w_ENK.shape[1]].to(out_dtype)
+    y = fp8_grouped_gemm(x.q, x.s, w_q, w_s, counts, _gemm_dtype(out_dtype))
+    return y[:, :w_ENK.shape[1]].to(out_dtype).contiguous()
 
 
 def fp8_grouped_dgrad(dy_TN: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int],

@@ -155,6 +155,14 @@ class PipelineExecutor:
         else:
             raise ValueError(f"unexpected action {a}")
 
+    def forward_only(self, stage: int, tokens: torch.Tensor, inp: torch.Tensor | None = None):
+        """One stage chunk's forward outside the schedule (memory measurements, evaluation): the stage output (a
+        hidden state, or the LossOutput at the last stage) with its autograd graph. ``inp``: the stage's input
+        for stage > 0. Collective: the stage's EP peers must run it too."""
+        slots = {(stage, 0): _Slot(inp=inp)}
+        run_fb(self._forward_gen(stage, 0, slots, [tokens]), iter(()))
+        return slots[(stage, 0)].out
+
     # ------------------------------------------------------------------ P2P
     def _tag(self, a: Action) -> int:
         return (0 if a.kind in (Kind.SEND_F, Kind.RECV_F) else 1) * 1_000_000 + a.stage * 1000 + a.micro_batch

@@ -73,7 +73,7 @@ def attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor
             sc.masked_fill_(keys[None, :] > torch.arange(s0, s1, device=q.device)[:, None] + (L - S), float("-inf"))
             lse[:, :, s0:s1] = torch.logsumexp(sc, dim=-1)
             o[:, :, s0:s1] = torch.exp(sc - lse[:, :, s0:s1, None]) @ vh
-    return o.transpose(1, 2).to(v.dtype), lse
+    return o.transpose(1, 2).to(v.dtype).contiguous(), lse  # contiguous: the out-projection input is a view of it
 
 
 def attention_backward(q, k, v, o, lse, do, scale: float) -> tuple[torch.Tensor, ...]:

@@ -54,12 +54,15 @@ def _init_param(module: nn.Module, pname: str, full_name: str, t: torch.Tensor, 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype, seed: int, std: float) -> nn.Module:
     """Replace every parameter and buffer (on ``meta`` or anywhere) by an initialized tensor on ``device``:
-    floating parameters in ``dtype``, buffers keep their dtype. Allocates one parameter at a time."""
+    floating parameters in ``dtype``, buffers keep their dtype. Allocates one parameter at a time. On ``meta`` only
+    the dtypes change (what ``hai plan`` counts)."""
+    values = torch.device(device).type != "meta"
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for pname, p in list(module.named_parameters(recurse=False)):
             t = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=device)
-            _init_param(module, pname, prefix + pname, t, seed, std)
+            if values:
+                _init_param(module, pname, prefix + pname, t, seed, std)
             setattr(module, pname, nn.Parameter(t, requires_grad=p.requires_grad))
         for bname, b in list(module.named_buffers(recurse=False)):
             setattr(module, bname, torch.zeros(b.shape, dtype=b.dtype, device=device))  # keeps persistence

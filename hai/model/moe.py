@@ -201,7 +201,8 @@ def scatter_rows(y_RD: torch.Tensor, w_R: torch.Tensor | None, handle) -> torch.
     """Gate the expert outputs (unless ``w_R`` is None: rows already gated) and sum them per buffer row:
     z_N = sum_{r -> N} w_r y_r (autograd ops)."""
     weighted_RD = y_RD if w_R is None else y_RD * w_R.unsqueeze(-1).to(y_RD.dtype)
-    return y_RD.new_zeros(handle.num_rows, y_RD.shape[1]).index_add(0, handle.row_R, weighted_RD)
+    # index_put(accumulate) keeps only the row index for its backward (index_add would also keep the rows)
+    return y_RD.new_zeros(handle.num_rows, y_RD.shape[1]).index_put((handle.row_R,), weighted_RD, accumulate=True)
 
 
 @dataclass

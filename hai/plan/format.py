@@ -39,38 +39,41 @@ def _layout(r: dict) -> str:
     ])
 
 
-_POLICY_NAMES = {"bf16": "bf16, no recompute", "bf16_recompute": "bf16 + V3 recompute",
-                 "v3": "V3 storage (FP8/E5M6 + recompute)"}
+_MODE_NAMES = {"none": "recompute=none", "v3": "recompute=v3 (V3's recipe)", "full": "recompute=full"}
+
+
+def _static(m: dict) -> list[tuple[str, str]]:
+    f, c = m["formula"], m.get("constructed")
+    rows = []
+    for key, name in (("parameters", "weights (flat ZeRO-1 buffers)"), ("gradients", "gradients (fp32 flat buffers)"),
+                      ("optimizer", "ZeRO-1 optimizer shard")):
+        built = "" if c is None else f"; built on meta: {_gb(c[key])} ({'equal' if c[key] == f[key] else 'DIFFERENT'})"
+        rows.append((name, f"{_gb(f[key])} by formula{built}"))
+    return rows
 
 
 def _memory(m: dict) -> str:
-    pr, b, a = m["params_per_gpu"], m["bytes"], m["activations"]
-    bpp, cap, head = m["bytes_per_param"], m["capacity"], m["policy"]
+    pr, a, cap, head = m["params_per_gpu"], m["activations"], m["capacity"], m["policy"]
 
     def total(x: dict) -> str:
-        return (f"{_gb(x['total'])} of {_gb(cap)} on rank {x['rank']} (parameters/gradients/optimizer "
+        return (f"{_gb(x['total'])} of {_gb(cap)} on rank {x['rank']} (weights/gradients/optimizer "
                 f"{_gb(x['static'])} + activations {_gb(x['activations'])}): {'FITS' if x['fits'] else 'DOES NOT FIT'}")
 
-    rows = [
-        ("parameters held", f"{pr['total']:,} on rank {m['worst_param_rank']}, the most of any rank (dense "
-                            f"{pr['dense']:,} replicated over dp, routed experts {pr['expert']:,} = its 1/ep share)"),
-        ("weights", f"{_gb(b['parameters'])}  ({bpp['weights']:g} B/param)"),
-        ("gradients", f"{_gb(b['gradients'])}  ({bpp['gradients']} B/param, fp32 accumulation)"),
-        ("ZeRO-1 optimizer shard", f"{_gb(b['optimizer'])}  ({bpp['optimizer_master_and_moments']} B/param "
-                                   f"master+moments, /dp dense, /edp experts)"),
-    ]
-    for policy, name in _POLICY_NAMES.items():
-        parts = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in a[policy]["moe_layer_bytes_per_token"].items())
-        rows.append((f"activations, {name}", f"peak {_gb(a[policy]['peak'])} on rank {a[policy]['peak_rank']}; "
-                                             f"MoE layer B/token: {parts}"))
-    for policy, name in _POLICY_NAMES.items():
-        rows.append((f"total, {name}", total(a[policy]) + ("  <- the plan's total" if policy == head else "")))
-    rows.append(("  without gate-grad rows", total(m["without_gate_grad_rows"]) +
-                 "  (expert output rows recomputed instead of kept for the gate gradient: not published by V3)"))
-    rows.append((f"kept per token ({head})", "; ".join(
-        f"{i['tensor']} {i['elements']:,.0f}x{i['bytes_per_element']:.4g}B" for i in m["items_per_token"])))
+    rows = [("parameters held", f"{pr['total']:,} on rank {m['worst_param_rank']}, the most static bytes of any rank "
+                                f"(dense {pr['dense']:,} replicated over dp, routed experts {pr['expert']:,} = its "
+                                f"1/ep share)"), *_static(m)]
+    for mode, name in _MODE_NAMES.items():
+        rows.append((f"activations, {name}", f"peak {_gb(a[mode]['peak'])} on rank {a[mode]['peak_rank']}; MoE layer "
+                                             f"{a[mode]['moe_layer_bytes_per_token']:,.0f} B/token"))
+    for mode, name in _MODE_NAMES.items():
+        rows.append((f"total, {name}", total(a[mode]) + ("  <- the plan's total" if mode == head else "")))
+    big = a[head]
+    rows.append((f"largest rank {big['rank']}", ", ".join(f"{k} {_gb(v)}" for k, v in big["static_items"].items())
+                 + f", activations {_gb(big['activations'])}"))
+    rows.append((f"kept per token ({_MODE_NAMES[head]}, {m['precision']})", "; ".join(
+        f"{i['tensor']} {i['bytes']:,.0f} B" for i in m["items_per_token"])))
     return _table(f"memory per GPU ({m['param_copies']}x parameter copies; a total is the largest over pipeline "
-                  f"ranks of that rank's parameters, gradients, optimizer shard and own activation peak)", rows)
+                  f"ranks of that rank's weights, gradients, optimizer shard and own activation peak)", rows)
 
 
 def _comm(c: dict) -> str:

@@ -1,28 +1,24 @@
-"""Per-GPU parameter, gradient, optimizer and activation memory of a layout (pure arithmetic over the config).
+"""Per-GPU memory of a layout: what the construction path allocates and what the model code keeps for the backward.
 
-Placement follows the executor (``hai.pipeline.executor.split_model``): the model is cut into ``num_stages`` stages by
-``stage_layer_split``; a rank holds ``rank_stages(schedule, pp, rank)`` (DualPipe: stages r and PP-1-r, hence 2x
-parameters); the embedding lives on the rank(s) holding stage 0 and on those holding the last stage when MTP is on
-(MTP re-embeds); the final norm, the head and the MTP modules live with the last stage. Routed-expert weights are
-sharded 1/ep; everything else is replicated over dp. ZeRO-1 shards fp32 master weights and AdamW moments 1/dp (dense)
-and 1/edp (experts).
+Static bytes. Placement follows :class:`hai.parallel.layout.PipelineLayout` (the executor's and the construction
+path's): a rank holds the modules of its stages; routed-expert weights are its 1/ep share. ZeRO-1
+(:mod:`hai.parallel.zero`) packs a rank's parameters into buckets keyed by (routed expert or not, matrix or vector,
+pipeline holders) and allocates per bucket a flat weight buffer (the model's dtype) and a flat fp32 gradient
+buffer, both padded to ``shard * world`` (:func:`hai.parallel.zero.bucket_layout`; dense buckets over dp, experts
+over edp), plus the shard's fp32 master weights and two AdamW moments (fp32, or bf16 with ``train.bf16_moments``).
+:func:`static_bytes` computes that from the config alone (parameter counts per placement unit, written out
+independently of the model code); ``hai plan`` also builds the rank on the meta device through the real
+construction path (:mod:`hai.plan.construct`) and reports both, which agree exactly (tests).
 
-Activations are itemized per token and layer: every tensor kept for the backward, its elements and its storage
-bytes (:func:`act_items`; D hidden, H heads, N/R/V nope/rope/value head dims, Q q_lora_rank, C kv_lora_rank, E
-experts, k top-k, F expert width, Fs = n_shared x F, I dense width). Three storage policies:
-
-- ``bf16``: every kept tensor in bf16 (fp32 for fp32 models), nothing recomputed;
-- ``bf16_recompute``: + V3's recompute of every RMSNorm and the MLA up-projections in the backward (only the block
-  inputs, the q / kv latents, the attention output and the log-sum-exp are kept in attention);
-- ``v3`` (DeepSeek-V3 sec. 3.3.2-3.3.3, the plan's total for ``model.precision=fp8``; ``bf16`` otherwise, which is
-  what HAI's eager path keeps): + Linear inputs cached in FP8 with
-  fine-grained scales (1 + 4/128 B), the attention output (the input of the output projection) in E5M6 (1.5 B), the
-  SwiGLU inputs cached in FP8 with the SwiGLU output recomputed in the backward.
-
-Routed rows are counted on average (balanced routing: a GPU receives k rows per token it sends). One assumption V3
-did not publish matters: whether each routed expert's output row is kept for the gradient of its gate (D bf16
-elements per row, ``expert output (gate grad)``). It is kept here; the report prints how much it weighs.
-The last stage adds the logits (V per token, bf16) for the head and each MTP depth, and the MTP blocks.
+Activations. :func:`act_items` lists, per token, every tensor the model code keeps for the backward of one block
+under ``train.recompute`` (none | v3 | full, :mod:`hai.model.recompute`) and ``model.precision``, with its bytes:
+``a`` = 2 (bf16/fp8 models) or 4 (fp32) per activation element, FP8 caches 1 byte per element (K padded to 128)
+plus one fp32 scale per 128, int64 routing indices, fp32 router scores, log-sum-exps and RMSNorm rstds. Legend:
+D hidden, H heads, N/R/V nope/rope/value head dims, Q q_lora_rank, C kv_lora_rank, E experts, k top-k, F expert
+width, Fs shared width, I dense width, S sequence, B micro-batch. Routed rows are counted on average (balanced
+routing: a GPU receives k rows per token it sends). ``full`` keeps each segment's inputs (torch.utils.checkpoint
+holds them outside saved-tensor hooks). The last stage adds the final norm, the logits (bf16 under a bf16 recipe),
+their log-sum-exp and targets, and the MTP modules.
 """
 
 from __future__ import annotations
@@ -30,21 +26,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from hai.plan.accounting import attention_params, dense_mlp_params
 from hai.config import Config, ModelConfig
-from hai.parallel.layout import stage_layers
-from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies, rank_stages
+from hai.parallel.layout import PipelineLayout
+from hai.parallel.zero import bucket_layout
+from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies
 
-__all__ = ["ACT_BYTES", "ACT_POLICIES", "GRAD_BYTES", "StageParams", "stage_params", "rank_params",
-           "worst_rank_params", "act_items", "layer_act_bytes", "layer_act_parts", "stage_act_bytes", "peak_act_bytes",
-           "headline_policy", "memory_report", "GB"]
+__all__ = ["RECOMPUTE_MODES", "GRAD_BYTES", "GB", "StageParams", "UnitParams", "unit_params", "rank_units",
+           "rank_params", "worst_rank_params", "rank_buckets", "static_bytes", "act_items", "layer_act_bytes",
+           "stage_act_bytes", "rank_act_peaks", "memory_report", "is_moe_layer", "fp8_bytes", "act_bytes", "check_fits"]
 
-ACT_BYTES = 2  # stored activations in bf16 unless a policy says otherwise (fp32 models: 4)
-FP8_BYTES = 1 + 4 / 128  # e4m3 + one fp32 scale per 128 elements
-E5M6_BYTES = 1.5  # V3's format for the attention output
-ACT_POLICIES = ("bf16", "bf16_recompute", "v3")
+RECOMPUTE_MODES = ("none", "v3", "full")
 GRAD_BYTES = 4  # gradients accumulated in fp32 over micro-batches (as V3)
 GB = 1e9
+
+
+def fp8_bytes(K: int) -> float:
+    """Bytes per row of an FP8 1x128 cache of K elements: K padded to 128, 1 byte each + one fp32 scale per 128."""
+    Kp = -(-K // 128) * 128
+    return Kp * (1 + 4 / 128)
+
+
+def act_bytes(m: ModelConfig) -> int:
+    return 4 if m.precision == "fp32" else 2
+
+
+def is_moe_layer(m: ModelConfig, layer: int) -> bool:
+    return m.is_moe and layer >= m.first_k_dense_replace
+
+
+# ---------------------------------------------------------------- parameters (written from the paper's shapes)
+
+
+@dataclass(frozen=True)
+class UnitParams:
+    """Parameter elements of one placement unit: dense matrices, dense vectors (norm weights), routed-expert
+    elements (already this rank's 1/ep share)."""
+
+    matrix: int = 0
+    vector: int = 0
+    expert: int = 0
+
+    def __add__(self, o: "UnitParams") -> "UnitParams":
+        return UnitParams(self.matrix + o.matrix, self.vector + o.vector, self.expert + o.expert)
 
 
 @dataclass(frozen=True)
@@ -54,126 +77,203 @@ class StageParams:
     dense: int
     expert: int
 
-    def __add__(self, o: "StageParams") -> "StageParams":
-        return StageParams(self.dense + o.dense, self.expert + o.expert)
-
     @property
     def total(self) -> int:
         return self.dense + self.expert
 
 
-def _block_params(m: ModelConfig, moe: bool, ep: int) -> StageParams:
+def _attention(m: ModelConfig) -> UnitParams:
+    H, N, R, V, C, D, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank,
+                           m.hidden_size, m.q_lora_rank)
+    q = UnitParams(D * H * (N + R)) if Q is None else UnitParams(D * Q + Q * H * (N + R), Q)
+    return q + UnitParams(D * (C + R) + C * H * (N + V) + H * V * D, C)
+
+
+def _block(m: ModelConfig, moe: bool, ep: int) -> UnitParams:
     D = m.hidden_size
-    dense = 2 * D + attention_params(m)
+    base = _attention(m) + UnitParams(0, 2 * D)  # + attention and ffn norms
     if not moe:
-        return StageParams(dense + dense_mlp_params(m), 0)
+        return base + UnitParams(3 * D * m.intermediate_size)
     F = m.moe_intermediate_size
-    dense += m.n_routed_experts * D + m.n_shared_experts * 3 * D * F
-    return StageParams(dense, m.n_routed_experts // ep * 3 * D * F)
+    return base + UnitParams(m.n_routed_experts * D + m.n_shared_experts * 3 * D * F, 0,
+                             m.n_routed_experts // ep * 3 * D * F)
 
 
-def is_moe_layer(m: ModelConfig, layer: int) -> bool:
-    return m.is_moe and layer >= m.first_k_dense_replace
+def unit_params(m: ModelConfig, unit: str, ep: int) -> UnitParams:
+    """Parameters of a placement unit (``layers.<i>``, ``embed``, ``norm``, ``head``, ``mtp``)."""
+    D, V = m.hidden_size, m.vocab_size
+    if unit.startswith("layers."):
+        i = int(unit.split(".")[1])
+        return _block(m, is_moe_layer(m, i), ep)
+    if unit in ("embed", "head"):
+        return UnitParams(V * D)
+    if unit == "norm":
+        return UnitParams(0, D)
+    if unit == "mtp":  # per depth: hnorm, enorm, proj [D, 2D], a block (MoE if the model is), its final norm
+        one = _block(m, m.is_moe, ep) + UnitParams(2 * D * D, 3 * D)
+        return UnitParams(one.matrix * m.mtp_depth, one.vector * m.mtp_depth, one.expert * m.mtp_depth)
+    raise ValueError(f"unknown placement unit {unit!r}")
 
 
-def stage_params(m: ModelConfig, n_stages: int, stage: int, ep: int) -> StageParams:
-    """Layers of one stage (without embedding / head / MTP, which :func:`rank_params` places)."""
-    total = StageParams(0, 0)
-    for i in stage_layers(m.num_layers, n_stages)[stage]:
-        total = total + _block_params(m, is_moe_layer(m, i), ep)
-    return total
+def _layout(cfg: Config) -> PipelineLayout:
+    return PipelineLayout.from_config(cfg.model, cfg.parallel.schedule, cfg.parallel.pp)
+
+
+def rank_units(cfg: Config, rank: int) -> list[str]:
+    """Placement units of pipeline rank ``rank``, in the model's module order."""
+    held = _layout(cfg).rank_modules(rank)
+    order = ["embed"] + [f"layers.{i}" for i in range(cfg.model.num_layers)] + ["norm", "head", "mtp"]
+    return [u for u in order if u in held and (u != "mtp" or cfg.model.mtp_depth)]
 
 
 def rank_params(cfg: Config, rank: int) -> StageParams:
-    """Parameter elements held by pipeline rank ``rank`` (every stage it holds, embedding/head/MTP once)."""
-    m, p = cfg.model, cfg.parallel
-    n_st = num_stages(p.schedule, p.pp)
-    stages = rank_stages(p.schedule, p.pp, rank)
-    total = StageParams(0, 0)
-    for s in stages:
-        total = total + stage_params(m, n_st, s, p.ep)
-    D, V = m.hidden_size, m.vocab_size
-    has_first, has_last = 0 in stages, n_st - 1 in stages
-    if has_first or (has_last and m.mtp_depth > 0):
-        total = total + StageParams(V * D, 0)
-    if has_last:
-        total = total + StageParams(D + V * D, 0)  # final norm + head
-        mtp = _block_params(m, m.is_moe, p.ep) + StageParams(3 * D + 2 * D * D, 0)
-        for _ in range(m.mtp_depth):
-            total = total + mtp
-    return total
+    """Parameter elements held by pipeline rank ``rank``."""
+    total = UnitParams()
+    for u in rank_units(cfg, rank):
+        total = total + unit_params(cfg.model, u, cfg.parallel.ep)
+    return StageParams(total.matrix + total.vector, total.expert)
+
+
+def rank_buckets(cfg: Config, rank: int) -> dict[tuple, int]:
+    """ZeRO-1 buckets of pipeline rank ``rank``: (expert, matrix, holders) -> elements."""
+    lay, buckets = _layout(cfg), {}
+    for u in rank_units(cfg, rank):
+        p, h = unit_params(cfg.model, u, cfg.parallel.ep), lay.holders(u)
+        for key, n in (((False, True, h), p.matrix), ((False, False, h), p.vector), ((True, True, h), p.expert)):
+            if n:
+                buckets[key] = buckets.get(key, 0) + n
+    return buckets
+
+
+def static_bytes(cfg: Config, rank: int) -> dict[str, int]:
+    """Bytes the construction path allocates on pipeline rank ``rank``: flat weight and gradient buffers (padded
+    ZeRO-1 buckets) and the optimizer shard (master + moments)."""
+    p, t = cfg.parallel, cfg.train
+    wbytes = act_bytes(cfg.model)
+    state = 4 + 2 * (2 if t.bf16_moments else 4)
+    out = {"parameters": 0, "gradients": 0, "optimizer": 0}
+    for (expert, _, _), n in rank_buckets(cfg, rank).items():
+        shard, padded = bucket_layout(n, p.dp // p.ep if expert else p.dp)
+        out["parameters"] += padded * wbytes
+        out["gradients"] += padded * GRAD_BYTES
+        out["optimizer"] += shard * state
+    return out
 
 
 def worst_rank_params(cfg: Config) -> tuple[int, StageParams]:
-    """(pipeline rank, its parameters) of the rank holding the most parameter bytes."""
-    ranks = [(r, rank_params(cfg, r)) for r in range(cfg.parallel.pp)]
-    return max(ranks, key=lambda x: x[1].total)
+    """(pipeline rank, its parameters) of the rank allocating the most static bytes."""
+    r = max(range(cfg.parallel.pp), key=lambda x: sum(static_bytes(cfg, x).values()))
+    return r, rank_params(cfg, r)
 
 
 # ---------------------------------------------------------------- activations
 
 
-def act_items(m: ModelConfig, moe: bool, policy: str, gate_rows: bool = True) -> list[tuple[str, str, float, float]]:
-    """(part, tensor, elements per token, bytes per element) kept for the backward by one block under ``policy``
-    (``gate_rows=False``: expert output rows not kept, i.e. recomputed for the gate gradient)."""
-    if policy not in ACT_POLICIES:
-        raise ValueError(f"activation policy {policy!r} is not one of {ACT_POLICIES}")
-    D, H = m.hidden_size, m.num_heads
-    N, R, V, C, Q = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank, m.q_lora_rank or 0
-    a = 4.0 if m.precision == "fp32" else float(ACT_BYTES)
-    rc, v3 = policy != "bf16", policy == "v3"
-    lin = FP8_BYTES if v3 else a  # a Linear's input
-    swi = FP8_BYTES if v3 else a  # SwiGLU inputs
-    items = [("attention", "block input (norm input)", D, a),
-             ("attention", "norm output (q/kv down-proj input)", 0 if rc else D, lin),
-             ("attention", "q latent", Q, a),
-             ("attention", "q latent normed (q up-proj input)", 0 if rc or not Q else Q, lin),
-             ("attention", "kv latent + rope key", C + R, a),
-             ("attention", "kv latent normed (kv up-proj input)", 0 if rc else C, lin),
-             ("attention", "q, k after RoPE", 0 if rc else 2 * H * (N + R), a),
-             ("attention", "v", 0 if rc else H * V, a),
-             ("attention", "attention output (out-proj input)", H * V, E5M6_BYTES if v3 else lin),
-             ("attention", "log-sum-exp (fp32)", H, 4.0),
-             ("ffn", "ffn norm input", D, a),
-             ("ffn", "ffn norm output (router/expert input)", 0 if rc else D, lin)]
+def _attention_items(m: ModelConfig, recompute: str, B: int) -> list[tuple[str, float]]:
+    H, N, R, V, C, D, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank,
+                           m.hidden_size, m.q_lora_rank)
+    a, fp8 = act_bytes(m), m.precision == "fp8"
+    q_in = H * (N + R) if Q is None else Q
+    if recompute == "full":
+        return [("block input (checkpointed)", D * a)]
+    if recompute == "v3":
+        return [("block input (norm input)", D * a), ("q latent" if Q else "q (no q compression)", q_in * a),
+                ("kv latent + rope key", (C + R) * a), ("attention output (out-proj input, bf16)", H * V * a),
+                ("log-sum-exp (fp32)", 4 * H)]
+    items = [("block input + rstd", D * a + 4),
+             ("norm output (q/kv down-proj input)", 2 * fp8_bytes(D) if fp8 else D * a)]
+    if Q:
+        items += [("q latent + rstd", Q * a + 4), ("q latent normed (q up-proj input)", fp8_bytes(Q) if fp8 else Q * a)]
+    items += [("kv latent + rope key + rstd", (C + R) * a + 4),
+              ("kv latent normed (kv up-proj input)", fp8_bytes(C) if fp8 else C * a),
+              ("q, k after RoPE", 2 * H * (N + R) * a), ("v", H * V * a), ("attention output", H * V * a),
+              ("log-sum-exp (fp32)", 4 * H), ("RoPE cos/sin tables (fp32)", 4 * R / B)]
+    if fp8:
+        items.append(("attention output FP8 (out-proj input)", fp8_bytes(H * V)))
+    return items
+
+
+def _router_items(m: ModelConfig, S: int) -> list[tuple[str, float]]:
+    k, E = m.n_activated_experts, m.n_routed_experts
+    items = [("router scores (fp32)", 4 * E), ("top-k ids, gates, denominator", 8 * k + 4 * k + 4)]
+    if m.seq_aux_alpha > 0:
+        items.append(("balance loss (fp32 sums, per-sequence f, P)", 4 + 8 * E / S))
+    return items
+
+
+def _ffn_items(m: ModelConfig, moe: bool, recompute: str, S: int) -> list[tuple[str, float]]:
+    D, a, fp8 = m.hidden_size, act_bytes(m), m.precision == "fp8"
+    swi = (lambda n: 2 * fp8_bytes(n)) if fp8 else (lambda n: 2 * n * a)
     if not moe:
         I = m.intermediate_size
-        return items + [("ffn", "SwiGLU inputs", 2 * I, swi), ("ffn", "SwiGLU output (down-proj input)",
-                                                                0 if v3 else I, lin)]
-    F, Fs, k = m.moe_intermediate_size, m.n_shared_experts * m.moe_intermediate_size, m.n_activated_experts
-    return items + [("ffn", "router scores (fp32)", m.n_routed_experts, 4.0),
-                    ("ffn", "shared SwiGLU inputs", 2 * Fs, swi),
-                    ("ffn", "shared SwiGLU output (down-proj input)", 0 if v3 else Fs, lin),
-                    ("routed_rows", "dispatched rows (w1/w3 input)", k * D, lin),
-                    ("routed_rows", "SwiGLU inputs", k * 2 * F, swi),
-                    ("routed_rows", "SwiGLU output (w2 input)", 0 if v3 else k * F, lin),
-                    ("routed_rows", "expert output (gate grad)", k * D if gate_rows else 0, a)]
+        if recompute == "full":
+            return [("ffn input (checkpointed)", D * a)]
+        if recompute == "v3":
+            return [("ffn norm input", D * a), ("SwiGLU inputs", swi(I))]
+        return [("ffn norm input + rstd", D * a + 4), ("ffn norm output (w1/w3 input)", 2 * fp8_bytes(D) if fp8
+                                                       else D * a),
+                ("SwiGLU inputs", 2 * I * a), ("SwiGLU output (w2 input)", fp8_bytes(I) if fp8 else I * a)]
+    k, F, Fs = m.n_activated_experts, m.moe_intermediate_size, m.n_shared_experts * m.moe_intermediate_size
+    rows = [("routed-row indices (int64)", 16 * k)]
+    if recompute == "full":
+        return [("ffn input (checkpointed)", D * a),
+                ("dispatched rows + gates (checkpointed)", k * (D * a + 4))] + rows
+    router = _router_items(m, S)
+    if recompute == "v3":
+        items = [("ffn norm input", D * a)] + router
+        items += [("shared SwiGLU inputs", swi(Fs))] if Fs else []
+        return items + rows + [("dispatched rows (w1/w3 input)", k * (fp8_bytes(D) if fp8 else D * a)),
+                               ("routed SwiGLU inputs", k * swi(F)), ("routed gates (fp32)", 4 * k)]
+    items = [("ffn norm input + rstd", D * a + 4),
+             ("ffn norm output (router/shared input)", D * a + (2 * fp8_bytes(D) if fp8 and Fs else 0))] + router
+    if Fs:
+        items += [("shared SwiGLU inputs", 2 * Fs * a), ("shared SwiGLU output", fp8_bytes(Fs) if fp8 else Fs * a)]
+    return items + rows + [
+        ("dispatched rows (w1/w3 input)", k * (2 * fp8_bytes(D) if fp8 else D * a)),
+        ("routed SwiGLU inputs", k * 2 * F * a), ("routed SwiGLU output (w2 input)", k * (fp8_bytes(F) if fp8 else F * a)),
+        ("expert output rows (gate gradient)", k * D * a), ("gates (for the gate product)", k * a)]
 
 
-def layer_act_parts(m: ModelConfig, moe: bool, policy: str) -> dict[str, float]:
-    """Stored activation bytes per token of one block, by part (attention, ffn, routed_rows)."""
-    out = {"attention": 0.0, "ffn": 0.0, "routed_rows": 0.0}
-    for part, _, n, b in act_items(m, moe, policy):
-        out[part] += n * b
-    return out
+def act_items(m: ModelConfig, moe: bool, recompute: str, S: int, B: int) -> list[tuple[str, str, float]]:
+    """(part, tensor, bytes per token) kept for the backward by one block under ``recompute`` and the model's
+    precision (module docstring)."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"train.recompute={recompute!r} is not one of {list(RECOMPUTE_MODES)}")
+    return ([("attention", n, b) for n, b in _attention_items(m, recompute, B)]
+            + [("ffn", n, b) for n, b in _ffn_items(m, moe, recompute, S)])
 
 
-def layer_act_bytes(m: ModelConfig, moe: bool, policy: str, gate_rows: bool = True) -> float:
-    """Stored activation bytes per token of one block."""
-    return sum(n * b for _, _, n, b in act_items(m, moe, policy, gate_rows))
+def layer_act_bytes(m: ModelConfig, moe: bool, recompute: str, S: int, B: int) -> float:
+    return sum(b for _, _, b in act_items(m, moe, recompute, S, B))
 
 
-def stage_act_bytes(cfg: Config, stage: int, policy: str, gate_rows: bool = True) -> float:
+def _head_bytes(m: ModelConfig, recompute: str, S: int, B: int) -> float:
+    """Per token: final norm (+ its output when not recomputed), logits + lse + targets, per MTP depth the input
+    norms, projection input, its block and its own head."""
+    D, V, a, fp8 = m.hidden_size, m.vocab_size, act_bytes(m), m.precision == "fp8"
+    keep_norm_out = recompute != "v3"
+    loss = V * a + 4 + 8  # logits (head output dtype), fp32 log-sum-exp, int64 targets
+    total = D * a + (4 + D * a if keep_norm_out else 0) + loss
+    for k in range(1, m.mtp_depth + 1):
+        frac = (S - k) / S
+        mtp = D * a + (4 + 4 + (fp8_bytes(2 * D) if fp8 else 2 * D * a) if keep_norm_out else 0)  # emb; rstds, proj
+        mtp += layer_act_bytes(m, m.is_moe, recompute, S, B) + D * a + (4 + D * a if keep_norm_out else 0) + loss
+        total += frac * mtp
+    return total
+
+
+def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> float:
     """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk."""
-    m, p = cfg.model, cfg.parallel
-    n_st = num_stages(p.schedule, p.pp)
-    per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), policy, gate_rows) for i in stage_layers(m.num_layers, n_st)[stage])
-    if stage == n_st - 1:
-        a = 4 if m.precision == "fp32" else ACT_BYTES
-        logits = m.vocab_size * a
-        mtp_block = layer_act_bytes(m, m.is_moe, policy, gate_rows)
-        per_token += logits + m.mtp_depth * (mtp_block + 3 * m.hidden_size * a + logits)
-    return per_token * cfg.train.micro_batch_size * cfg.train.seq_len
+    m, t = cfg.model, cfg.train
+    mode = recompute or t.recompute
+    lay = _layout(cfg)
+    S, B = t.seq_len, t.micro_batch_size
+    per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), mode, S, B) for i in lay.layers[stage])
+    if stage == 0:
+        per_token += 8 * (S + 1) / S  # token ids (int64) kept by the embedding
+    if stage == lay.n_stages - 1:
+        per_token += _head_bytes(m, mode, S, B) + (8 * (S + 1) / S if stage != 0 and m.mtp_depth else 0)
+    return per_token * B * S
 
 
 @lru_cache(maxsize=8)
@@ -181,12 +281,12 @@ def _schedule(name: str, pp: int, n_micro: int) -> tuple[tuple, ...]:
     return tuple(tuple(a for a in acts if a.is_compute) for acts in build_schedule(name, pp, n_micro))
 
 
-def rank_act_peaks(cfg: Config, n_micro: int, policy: str, gate_rows: bool = True) -> list[float]:
+def rank_act_peaks(cfg: Config, n_micro: int, recompute: str | None = None) -> list[float]:
     """Peak activation bytes of every pipeline rank: the live-activation count in program order (an FB pair holds
     its new forward before its backward frees), weighted by each stage's bytes."""
     p = cfg.parallel
-    n_st = num_stages(p.schedule, p.pp)
-    w = [stage_act_bytes(cfg, s, policy, gate_rows) for s in range(n_st)]
+    n_st = num_stages(p.schedule, p.pp) if p.pp > 1 else 1
+    w = [stage_act_bytes(cfg, s, recompute) for s in range(n_st)]
     if p.pp == 1:
         return [w[0]]
     peaks = []
@@ -200,61 +300,90 @@ def rank_act_peaks(cfg: Config, n_micro: int, policy: str, gate_rows: bool = Tru
     return peaks
 
 
-def peak_act_bytes(cfg: Config, n_micro: int, policy: str, gate_rows: bool = True) -> tuple[float, int]:
-    """(peak bytes, rank) over the pipeline ranks."""
-    peaks = rank_act_peaks(cfg, n_micro, policy, gate_rows)
-    return max((b, r) for r, b in enumerate(peaks))
-
-
-def headline_policy(m: ModelConfig) -> str:
-    """The storage policy the plan's total uses: V3's for FP8 models (the published run); otherwise what HAI's eager
-    path keeps (no recompute, activations in the model's dtype)."""
-    return "v3" if m.precision == "fp8" else "bf16"
-
-
-def static_bytes(cfg: Config, prm: StageParams) -> dict[str, float]:
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    wbytes = 4 if m.precision == "fp32" else 2
-    opt_per_elem = 4 + 2 * (2 if t.bf16_moments else 4)  # fp32 master + two moments
-    return {"parameters": prm.total * wbytes, "gradients": prm.total * GRAD_BYTES,
-            "optimizer": opt_per_elem * (prm.dense / p.dp + prm.expert / (p.dp // p.ep))}
-
-
-def memory_report(cfg: Config, n_micro: int, policy: str | None = None) -> dict:
-    """Per-GPU memory (bytes) under each activation storage policy (``policy``: the one the total uses; default
-    :func:`headline_policy`). A policy's total is the largest over pipeline ranks of that rank's parameters, gradients
-    and optimizer shard plus its own activation peak; each is reported with its rank and both parts."""
+def memory_report(cfg: Config, n_micro: int, recompute: str | None = None) -> dict:
+    """Per-GPU memory (bytes) under each recompute mode (``recompute``: the one the total uses; default
+    ``train.recompute``). A mode's total is the largest over pipeline ranks of that rank's static bytes plus its own
+    activation peak; each is reported with its rank and both parts."""
     m, p = cfg.model, cfg.parallel
-    static_r = [sum(static_bytes(cfg, rank_params(cfg, r)).values()) for r in range(p.pp)]
+    static_r = [static_bytes(cfg, r) for r in range(p.pp)]
     rank, prm = worst_rank_params(cfg)
-    static = static_bytes(cfg, prm)
     capacity = cfg.cluster.memory_gb * GB
-    head = policy or headline_policy(m)
+    head = recompute or cfg.train.recompute
 
     def worst(peaks: list[float]) -> dict:
-        total, r = max((static_r[r] + peaks[r], r) for r in range(p.pp))
-        return {"total": total, "rank": r, "static": static_r[r], "activations": peaks[r], "fits": total <= capacity}
+        total, r = max((sum(static_r[r].values()) + peaks[r], r) for r in range(p.pp))
+        return {"total": total, "rank": r, "static": sum(static_r[r].values()), "static_items": static_r[r],
+                "activations": peaks[r], "fits": total <= capacity}
 
     act = {}
-    for name in ACT_POLICIES:
-        peaks = rank_act_peaks(cfg, n_micro, name)
+    for mode in RECOMPUTE_MODES:
+        peaks = rank_act_peaks(cfg, n_micro, mode)
         peak = max(peaks)
-        act[name] = {"peak": peak, "peak_rank": peaks.index(peak), **worst(peaks),
-                     "moe_layer_bytes_per_token": layer_act_parts(m, m.is_moe, name)}
-    without = worst(rank_act_peaks(cfg, n_micro, head, gate_rows=False))  # the unpublished assumption
+        act[mode] = {"peak": peak, "peak_rank": peaks.index(peak), **worst(peaks),
+                     "moe_layer_bytes_per_token": layer_act_bytes(m, m.is_moe, mode, cfg.train.seq_len,
+                                                                  cfg.train.micro_batch_size)}
     return {
         "worst_param_rank": rank,
         "param_copies": param_copies(p.schedule),
         "params_per_gpu": {"dense": prm.dense, "expert": prm.expert, "total": prm.total},
-        "bytes": static,
-        "bytes_per_param": {"weights": static["parameters"] / max(prm.total, 1), "gradients": GRAD_BYTES,
+        "bytes": static_r[rank],
+        "bytes_per_param": {"weights": act_bytes(m), "gradients": GRAD_BYTES,
                             "optimizer_master_and_moments": 4 + 2 * (2 if cfg.train.bf16_moments else 4)},
         "activations": act,
         "policy": head,
+        "precision": m.precision,
         "total": act[head]["total"],
         "fits": act[head]["fits"],
         "capacity": capacity,
-        "without_gate_grad_rows": without,
-        "items_per_token": [{"part": part, "tensor": n, "elements": e, "bytes_per_element": b}
-                            for part, n, e, b in act_items(m, m.is_moe, head) if e],
+        "items_per_token": [{"part": part, "tensor": n, "bytes": b}
+                            for part, n, b in act_items(m, m.is_moe, head, cfg.train.seq_len,
+                                                        cfg.train.micro_batch_size) if b],
     }
+
+
+# ---------------------------------------------------------------- fit before launch
+
+
+def _variants(cfg: Config) -> list[tuple[str, Config]]:
+    """Configs that keep less per GPU: another recompute mode, bf16 moments, twice the pipeline stages."""
+    import dataclasses
+
+    out = [(f"train.recompute={mode}", dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute=mode)))
+           for mode in RECOMPUTE_MODES[1:] if mode != cfg.train.recompute]
+    if not cfg.train.bf16_moments:
+        out.append(("train.bf16_moments=true",
+                    dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16_moments=True))))
+    p = cfg.parallel
+    if p.dp % 2 == 0 and (p.dp // 2) % p.ep == 0:
+        pp = 2 * p.pp if p.pp > 1 else 2
+        sched = p.schedule if p.pp > 1 else "1f1b"
+        out.append((f"parallel.pp={pp} parallel.dp={p.dp // 2}" + ("" if p.pp > 1 else " parallel.schedule=1f1b"),
+                    dataclasses.replace(cfg, parallel=dataclasses.replace(p, pp=pp, dp=p.dp // 2, schedule=sched))))
+    return out
+
+
+def check_fits(cfg: Config, n_micro: int) -> dict:
+    """Refuse (ConfigError) a layout whose largest rank does not fit ``cluster.memory_gb``, naming the rank, its
+    items and the changes that would make it fit. Returns the memory report when it fits."""
+    from hai.config import ConfigError
+    from hai.parallel.topology import Topology
+
+    rep = memory_report(cfg, n_micro)
+    if rep["fits"]:
+        return rep
+    big = rep["activations"][rep["policy"]]
+    items = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in big["static_items"].items())
+    fixes = []
+    for name, alt in _variants(cfg):
+        try:
+            Topology.from_config(alt)
+            t = memory_report(alt, cfg.train.global_batch_size // (alt.parallel.dp * alt.train.micro_batch_size))
+        except (ConfigError, ValueError):
+            continue
+        fixes.append(f"{name} -> {t['total'] / GB:.2f} GB ({'fits' if t['fits'] else 'still too large'})")
+    raise ConfigError(
+        f"the layout does not fit cluster.memory_gb={cfg.cluster.memory_gb:g}: pipeline rank {big['rank']} needs "
+        f"{big['total'] / GB:.2f} GB ({items}, activations {big['activations'] / GB:.2f} GB at train.recompute="
+        f"{rep['policy']}, model.precision={cfg.model.precision}); "
+        + ("try " + "; ".join(fixes) if fixes else "no single change here fits: add GPUs or shorten train.seq_len")
+        + " (see `hai plan` with the same overrides)")

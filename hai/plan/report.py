@@ -22,7 +22,7 @@ from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_sch
 from hai.pipeline.trace import KIND_COLORS, save_chrome_trace
 from hai.plan.cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F, chunk_comm, chunk_compute_s,
                            chunk_flops, p2p_bytes_per_chunk, zero1_bytes)
-from hai.plan.memory import ACT_BYTES, GB, GRAD_BYTES, headline_policy, memory_report
+from hai.plan.memory import GB, GRAD_BYTES, memory_report
 
 __all__ = ["plan", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
 
@@ -39,14 +39,12 @@ ASSUMPTIONS = {
     "ATTENTION_EFFICIENCY": ATTENTION_EFFICIENCY,
     "B_OVER_F": B_OVER_F,
     "W_OVER_F": W_OVER_F,
-    "ACT_BYTES": ACT_BYTES,
     "GRAD_BYTES": GRAD_BYTES,
-    "memory": "activations itemized per kept tensor (hai/plan/memory.py act_items); the total uses V3's storage "
-              "(FP8 Linear and SwiGLU inputs with 1x128 scales, E5M6 attention output, RMSNorm / MLA up-projection "
-              "and SwiGLU-output recompute) for fp8 models, otherwise what HAI's eager path keeps (no recompute); "
-              "micro-batch of micro_batch_size x seq_len tokens; balanced routing; expert output rows kept for the "
-              "gate gradient (not published; the report shows the total without them); no allocator fragmentation, "
-              "workspace or communication buffers",
+    "memory": "static bytes = what the construction path allocates (flat ZeRO-1 weight/gradient buffers padded per "
+              "bucket, the optimizer shard), checked against the rank built on meta; activations itemized per "
+              "kept tensor of the model code (hai/plan/memory.py act_items) under train.recompute and "
+              "model.precision; the total uses the configured recompute mode; micro-batch of micro_batch_size x "
+              "seq_len tokens; balanced routing; no allocator fragmentation, workspace or communication buffers",
     "comm": "links at the cluster's nominal GB/s; DualPipe F&B hides EP all-to-all under compute "
             "(F&B = max(F+B compute, fwd+bwd comm)); 1F1B/ZB1P expose it; ZeRO-1 / copy-sync collectives exposed "
             "at the step end; pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and "
@@ -153,14 +151,14 @@ def _throughput(cfg: Config, step_s: float) -> dict:
 
 
 def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, stage_cost: str = "per_stage",
-             policy: str | None = None) -> dict:
+             recompute: str | None = None) -> dict:
     """``with_comm=False`` (the comparison variants) skips placing SEND/RECV; p2p latency is still charged."""
     p = cfg.parallel
     n_micro = n_micro_batches(cfg)
     costs, parts = _chunk_costs(cfg, stage_cost)
     res = (simulate_schedule(p.schedule, p.pp, n_micro, costs, with_comm=with_comm) if p.pp > 1
            else _no_pipeline(n_micro, costs))
-    mem = memory_report(cfg, n_micro, policy)
+    mem = memory_report(cfg, n_micro, recompute)
     zero = zero1_bytes(cfg, mem["worst_param_rank"])
     zero_s = _zero_seconds(cfg, zero)
     step = res.step_time + zero_s
@@ -236,10 +234,10 @@ def save_gantt(timeline, path: str | Path, title: str = "") -> Path:
 
 
 def _variant(cfg: Config, parallel: dict | None = None, model: dict | None = None) -> dict:
-    """The plan of a changed config, its memory under the base config's activation policy (like for like)."""
+    """The plan of a changed config, its memory under the base config's recompute mode (like for like)."""
     return _predict(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **(parallel or {})),
                                         model=dataclasses.replace(cfg.model, **(model or {}))), with_comm=False,
-                    policy=headline_policy(cfg.model))
+                    recompute=cfg.train.recompute)
 
 
 def _row(name: str, pred: dict) -> dict:
@@ -289,12 +287,25 @@ def _published(cfg: Config, pred: dict) -> dict:
                       "imbalance and kernel launch overheads, all of which make the real run slower"}
 
 
+def _constructed(cfg: Config, topo: Topology, pp_rank: int, build: bool) -> dict | None:
+    """Bytes the real construction path allocates on the worst rank (built on meta under the fake backend)."""
+    import torch.distributed as dist
+
+    if not build or dist.is_initialized():
+        return None
+    from hai.plan.construct import constructed_bytes
+
+    return constructed_bytes(cfg, topo.rank_of(pp_rank, 0, 0))
+
+
 def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -> dict:
     """Validate the layout and return the full plan (JSON-ready); writes schedule.png / trace.json to ``out_dir``."""
     topo = Topology.from_config(cfg)
     topo_info = build_fake_topology(topo) if build_topology else {"built": False}
     pred = _predict(cfg, with_timeline=out_dir is not None)
     timeline = pred.pop("_timeline", None)
+    pred["memory"]["formula"] = dict(pred["memory"]["bytes"])
+    pred["memory"]["constructed"] = _constructed(cfg, topo, pred["memory"]["worst_param_rank"], build_topology)
     files = {}
     if out_dir is not None and timeline:
         d = Path(out_dir)

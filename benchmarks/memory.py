@@ -1,0 +1,146 @@
+"""Plan vs product: the bytes `hai plan` predicts per rank next to the bytes a real run holds, on 4 CPU ranks.
+
+    OMP_NUM_THREADS=1 python benchmarks/memory.py [--seq-len 128] [--micro-batch 2]
+
+A small DeepSeek-V3-shaped model (``model=small``: first layer dense, MLA with q-LoRA, 16 routed experts top-4 + 1
+shared, MTP depth 1) is built by the real construction path on every rank (``hai.trainer.Trainer``), for two
+layouts (pp=2 DualPipe x dp=2 x ep=2, and pp=1 x dp=4 x ep=4), ``train.recompute`` in {none, v3} and
+``model.precision`` in {bf16, fp8}. Per rank and item:
+
+- weights / gradients / optimizer: the bytes of the optimizer's flat buffers and shard (``ZeroAdamW.buffer_bytes``)
+  against ``hai.plan.memory.static_bytes`` (exact);
+- activations: the storages autograd keeps for the backward of one micro-batch through each stage chunk the rank
+  holds (saved-tensor hooks around the executor's forward of that chunk, or the model's forward at pp=1), against
+  ``hai.plan.memory.stage_act_bytes``. The plan assumes balanced routing, so before measuring, the router biases are
+  balanced on the measured micro-batch with V3's aux-loss-free rule (``--balance`` no-grad passes at gamma 0.01,
+  loads summed over dp as in training), which is what training converges to; ``--balance 0`` shows the raw
+  imbalance of a random init (ratios spread about 0.88-1.17). The last column is the busiest routed expert's load
+  over the mean after balancing.
+
+Target (issue 12): every activation ratio within [0.9, 1.1], static bytes exact. The FP8 GEMMs take their torch
+reference (same bytes kept as the Triton kernels; faster on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # FP8 GEMMs: torch reference on CPU
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from ranks import run_ranks  # noqa: E402
+
+LAYOUTS = {
+    "pp2 dualpipe x dp2 x ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe"],
+    "pp1 x dp4 x ep4": ["parallel.pp=1", "parallel.dp=4", "parallel.ep=4"],
+}
+
+
+def _overrides(layout: str, recompute: str, precision: str, seq: int, mb: int, out_dir: str) -> list[str]:
+    return ["model=small", "cluster=local_cpu", "parallel=local", "parallel.node_limit=0", "parallel.dispatch=flat",
+            *LAYOUTS[layout], f"train.recompute={recompute}", f"model.precision={precision}",
+            f"train.seq_len={seq}", f"train.micro_batch_size={mb}", f"train.global_batch_size={8 * mb}",
+            "train.steps=1", "wandb.mode=disabled", "train.progress=false", "model.bias_update_speed=0.01",
+            f"out_dir={out_dir}"]
+
+
+def _kept(fn) -> int:
+    """Bytes of the storages autograd keeps while ``fn()`` runs a forward (parameters excluded)."""
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in _kept.weights:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(kept.values()), out
+
+
+def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
+    from hai.config import compose
+    from hai.data import TokenFile, ensure_token_file
+    from hai.model import param_dtype
+    from hai.parallel import Topology
+    from hai.plan.memory import stage_act_bytes, static_bytes
+    from hai.trainer import Trainer, init_distributed
+
+    cfg = compose(overrides)
+    topo = Topology.from_config(cfg)
+    tr = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+    _kept.weights = {p.untyped_storage().data_ptr() for p in tr.model.parameters()}
+    tokens = tr.sampler.micro_batches(0, tr.coords["dp"], topo.dp, cfg.train.micro_batch_size)[0]
+    t, m = cfg.train, cfg.model
+    gen = torch.Generator().manual_seed(1)
+    inputs = {s: None if s == 0 else torch.randn(t.micro_batch_size, t.seq_len, m.hidden_size, generator=gen,
+                                                 dtype=param_dtype(m)).requires_grad_() for s in tr.placement.stages}
+
+    def forward(stage):
+        return tr.model(tokens) if tr.pipeline is None else tr.pipeline.forward_only(stage, tokens, inputs[stage])
+
+    balance = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(passes):  # aux-loss-free balancing of the router biases on this micro-batch
+            with torch.no_grad():
+                for stage in inputs:
+                    forward(stage)
+            balance = tr.update_router_biases(apply=True)
+        for stage in inputs:
+            forward(stage)
+        balance = tr.update_router_biases(apply=False)
+        acts = []
+        for stage in inputs:
+            got, out = _kept(lambda: forward(stage))
+            del out
+            acts.append((stage, got, stage_act_bytes(cfg, stage)))
+    pp_rank = tr.coords["pp"]
+    return {"rank": rank, "pp": pp_rank, "static": tr.optimizer.buffer_bytes(), "plan": static_bytes(cfg, pp_rank),
+            "acts": acts, "violation": balance["expert_load_max_violation"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--balance", type=int, default=30, help="no-grad router-balancing passes before measuring")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    print(f"model=small (hidden 512, 8 layers, 16 experts top-4, MTP 1), micro-batch {args.micro_batch} x seq "
+          f"{args.seq_len}, 4 gloo ranks; MB = 1e6 bytes; ratio = measured / plan")
+    head = (f"{'layout':<26} {'recompute':>9} {'precision':>9} {'rank':>4} {'item':<22} {'plan MB':>10} "
+            f"{'measured MB':>11} {'ratio':>7} {'load max/mean':>13}")
+    print(head + "\n" + "-" * len(head))
+    worst, exact = [1.0, 1.0], True
+    with tempfile.TemporaryDirectory() as out_dir:
+        for layout in LAYOUTS:
+            for recompute in ("none", "v3"):
+                for precision in ("bf16", "fp8"):
+                    ov = _overrides(layout, recompute, precision, args.seq_len, args.micro_batch, out_dir)
+                    for r in run_ranks(_rank, 4, ov, args.balance):
+                        rows = [(k, r["plan"][k], r["static"][k]) for k in ("parameters", "gradients", "optimizer")]
+                        rows += [(f"activations stage {s}", plan, got) for s, got, plan in r["acts"]]
+                        for item, plan, got in rows:
+                            ratio = got / plan
+                            if item.startswith("activations"):
+                                worst = [min(worst[0], ratio), max(worst[1], ratio)]
+                            else:
+                                exact &= got == plan
+                            load = f"{1 + r['violation']:>13.2f}" if item.startswith("activations") else ""
+                            print(f"{layout:<26} {recompute:>9} {precision:>9} {r['rank']:>4} {item:<22} "
+                                  f"{plan / 1e6:>10.3f} {got / 1e6:>11.3f} {ratio:>7.3f} {load}")
+    ok = exact and 0.9 <= worst[0] and worst[1] <= 1.1
+    print(f"static bytes exact: {exact}; activation ratios {worst[0]:.3f} - {worst[1]:.3f} (target [0.9, 1.1]): "
+          f"{'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
