@@ -26,14 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # FP8 GEMMs: torch reference on CPU
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch  # noqa: E402
 
-from ranks import run_ranks  # noqa: E402
+from hai.parallel.forked import run_ranks  # noqa: E402
 
 LAYOUTS = {
     "pp2 dualpipe x dp2 x ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe"],
@@ -49,33 +46,18 @@ def _overrides(layout: str, recompute: str, precision: str, seq: int, mb: int, o
             f"out_dir={out_dir}"]
 
 
-def _kept(fn) -> int:
-    """Bytes of the storages autograd keeps while ``fn()`` runs a forward (parameters excluded)."""
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in _kept.weights:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(kept.values()), out
-
-
 def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
     from hai.config import compose
     from hai.data import TokenFile, ensure_token_file
     from hai.model import param_dtype
     from hai.parallel import Topology
+    from hai.plan.measure import kept_for_backward
     from hai.plan.memory import stage_act_bytes, static_bytes
     from hai.trainer import Trainer, init_distributed
 
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)
     tr = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
-    _kept.weights = {p.untyped_storage().data_ptr() for p in tr.model.parameters()}
     tokens = tr.sampler.micro_batches(0, tr.coords["dp"], topo.dp, cfg.train.micro_batch_size)[0]
     t, m = cfg.train, cfg.model
     gen = torch.Generator().manual_seed(1)
@@ -97,7 +79,7 @@ def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
         balance = tr.update_router_biases(apply=False)
         acts = []
         for stage in inputs:
-            got, out = _kept(lambda: forward(stage))
+            got, out = kept_for_backward(lambda: forward(stage), tr.model.parameters())
             del out
             acts.append((stage, got, stage_act_bytes(cfg, stage)))
     pp_rank = tr.coords["pp"]
@@ -124,7 +106,7 @@ def main(argv=None) -> int:
             for recompute in ("none", "v3"):
                 for precision in ("bf16", "fp8"):
                     ov = _overrides(layout, recompute, precision, args.seq_len, args.micro_batch, out_dir)
-                    for r in run_ranks(_rank, 4, ov, args.balance):
+                    for r in run_ranks(_rank, 4, ov, args.balance, timeout=1800):
                         rows = [(k, r["plan"][k], r["static"][k]) for k in ("parameters", "gradients", "optimizer")]
                         rows += [(f"activations stage {s}", plan, got) for s, got, plan in r["acts"]]
                         for item, plan, got in rows:

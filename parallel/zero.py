@@ -85,19 +85,24 @@ class _Bucket:
         self.numel = sum(p.numel() for p in self.params)
         self.shard, padded = bucket_layout(self.numel, self.world)
         p0 = self.params[0]
-        self.param_buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device)
-        self.grad = torch.zeros(padded, dtype=torch.float32, device=p0.device)
+        # adopt: the module parameters become views of the flat buffer, each old tensor freed as it is copied; the
+        # gradient buffer is allocated only then, so construction never holds more than the final buffers
+        self.param_buffer = torch.empty(padded, dtype=p0.dtype, device=p0.device)
+        self.param_buffer[self.numel:].zero_()
         offset = 0
-        for p in self.params:  # adopt: the module parameters become views of the flat buffer
-            n = p.numel()
-            view = self.param_buffer[offset:offset + n].view_as(p)
+        for p in self.params:
+            view = self.param_buffer[offset:offset + p.numel()].view_as(p)
             view.copy_(p.detach())
             p.data = view
-            p.main_grad = self.grad[offset:offset + n].view_as(p)
+            offset += p.numel()
+        self.grad = torch.zeros(padded, dtype=torch.float32, device=p0.device)
+        offset = 0
+        for p in self.params:
+            p.main_grad = self.grad[offset:offset + p.numel()].view_as(p)
             if getattr(p, "main_grad_hook", None) is not None:  # adopted again (a new optimizer): one hook only
                 p.main_grad_hook.remove()
             p.main_grad_hook = p.register_post_accumulate_grad_hook(_to_main_grad)
-            offset += n
+            offset += p.numel()
         self.master = self.param_shard().float().clone()
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)

@@ -19,6 +19,7 @@ from hai.model import build_model
 from hai.model.attention import attention
 from hai.model.layers import cross_entropy, rms_norm, swiglu
 from hai.model.wgrad import WeightGradStore
+from hai.plan.measure import kept_for_backward
 
 
 def tiny(**kw):
@@ -116,19 +117,9 @@ def test_recompute_equals_no_recompute_fp32(q_lora_rank, recompute, store):
 
 
 def _saved_bytes(model, tokens) -> int:
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in weights:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(tokens)  # what the forward keeps (the backward's own recomputation is transient)
+    kept, out = kept_for_backward(lambda: model(tokens), model.parameters())
     out.loss.backward()
-    return sum(kept.values())
+    return kept
 
 
 def test_v3_keeps_less_than_none_and_full_least():
