@@ -165,6 +165,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW moments in bf16 (as V3 did)
     recompute: str = "none"  # none | v3 (DeepSeek-V3's activation recipe) | full (every block segment recomputed)
+    collective_timeout_s: float = 600.0  # a collective stuck this long fails the job (process-group timeout)
     save_every: int = 0  # 0: no periodic checkpoints
     keep_last: int = 2
     log_every: int = 1
@@ -182,6 +183,7 @@ class TrainConfig:
         _require(self.save_every >= 0, f"train.save_every={self.save_every} must be >= 0 (0 disables)")
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
         _choice("train.recompute", self.recompute, ("none", "v3", "full"))
+        _positive("train.collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclass

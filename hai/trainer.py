@@ -9,10 +9,13 @@ warmup + cosine LR, clipping, aux-loss-free bias updates over the data-parallel 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import resource
+import sys
 import time
+import traceback
 from dataclasses import asdict
 
 import torch
@@ -38,8 +41,9 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def init_distributed(topo: Topology):
-    """Join the torchrun world (if the topology has more than one rank) and build the device meshes."""
+def init_distributed(topo: Topology, timeout_s: float = 600.0):
+    """Join the torchrun world (if the topology has more than one rank) and build the device meshes; a collective
+    that does not complete within ``timeout_s`` (``train.collective_timeout_s``) fails instead of waiting forever."""
     if topo.world_size == 1:
         return None
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,7 +54,7 @@ def init_distributed(topo: Topology):
     if not dist.is_initialized():
         if topo.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=topo.backend)
+        dist.init_process_group(backend=topo.backend, timeout=datetime.timedelta(seconds=timeout_s))
     return topo.build_meshes()
 
 
@@ -266,10 +270,35 @@ def train(cfg: Config) -> dict:
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the token file {data.path!r} uses a vocabulary of {data.vocab_size} but "
                           f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= {data.vocab_size}")
-    mesh = init_distributed(topo)
-    try:
+    mesh = init_distributed(topo, cfg.train.collective_timeout_s)
+    if mesh is None:
         return Trainer(cfg, topo, mesh, data).fit()
-    finally:
-        if mesh is not None and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    try:
+        summary = Trainer(cfg, topo, mesh, data).fit()
+    except BaseException:  # noqa: BLE001 - any failure on this rank ends the job
+        _fail_fast()
+    dist.barrier()  # success only: every rank is here; gloo aborts at interpreter exit without a clean shutdown
+    dist.destroy_process_group()
+    return summary
+
+
+def _peer_gone(err: BaseException | None) -> bool:
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def _fail_fast() -> None:
+    """This rank failed: print its traceback once and exit non-zero now. No barrier and no process-group teardown
+    (both may wait on collectives the other ranks will never finish): torchrun sees the exit and stops the other
+    workers, so the job ends within its monitoring interval instead of the backend's collective timeout."""
+    rank = os.environ.get("RANK", "?")
+    err = sys.exc_info()[1]
+    if _peer_gone(err):  # a consequence of another rank's failure: one line, that rank's traceback is the story
+        print(f"hai train: rank {rank} stopped: a peer rank failed ({type(err).__name__})", file=sys.stderr)
+    else:
+        print(f"hai train: rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

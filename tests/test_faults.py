@@ -183,3 +183,45 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, value, rank):
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["skipped"] for r in steps] == [False, False, True, False, False, False]
     assert all(math.isfinite(r["loss"]) for r in steps)
+
+
+_RAISE_PLUGIN = '''
+# Test plugin (imported at interpreter start through PYTHONPATH): rank HAI_TEST_RAISE_RANK raises inside the training
+# step HAI_TEST_RAISE_STEP, after the forward/backward, while the other ranks go on into the optimizer's collectives.
+import os
+
+if "HAI_TEST_RAISE_RANK" in os.environ and os.environ.get("RANK") == os.environ["HAI_TEST_RAISE_RANK"]:
+    import hai.parallel.zero as zero
+
+    _real_step = zero.ZeroAdamW.step
+
+    def step(self, *args, **kwargs):
+        if self.step_count + 1 == int(os.environ["HAI_TEST_RAISE_STEP"]):
+            raise RuntimeError("injected failure in the optimizer step (test plugin)")
+        return _real_step(self, *args, **kwargs)
+
+    zero.ZeroAdamW.step = step
+'''
+
+
+def test_one_rank_raising_ends_the_whole_job_fast(tmp_path):
+    """The default 4-rank `hai train` with rank 1 raising mid-step (injected by a plugin module on PYTHONPATH, not a
+    trainer hook): the job ends non-zero well before the collective timeout, with that rank's error printed once."""
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "sitecustomize.py").write_text(_RAISE_PLUGIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HAI_TEST_RAISE_RANK="1", HAI_TEST_RAISE_STEP="3",
+               PYTHONPATH=os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "hai.cli", "train", "train=test", "train.steps=20",
+                           "wandb.mode=disabled", "train.progress=false", f"out_dir={tmp_path / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - t0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end after one rank failed:\n{log[-3000:]}"
+    assert log.count("RuntimeError: injected failure in the optimizer step (test plugin)") == 1, log[-5000:]
+    assert log.count("hai train: rank 1 failed:") == 1 and log.count(" failed:") == 1, log[-5000:]
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "run"))]
+    assert steps == [1, 2]  # rank 0 logged the steps before the failure, none after
+    print(f"\nfail-fast test: the 4-rank job ended {elapsed:.1f}s after launch (rc {proc.returncode})")
