@@ -84,7 +84,7 @@ def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
             acts.append((stage, got, stage_act_bytes(cfg, stage)))
     pp_rank = tr.coords["pp"]
     return {"rank": rank, "pp": pp_rank, "static": tr.optimizer.buffer_bytes(), "plan": static_bytes(cfg, pp_rank),
-            "acts": acts, "violation": balance["expert_load_max_violation"]}
+            "acts": acts, "violation": balance.tolist()[0]}
 
 
 def main(argv=None) -> int:

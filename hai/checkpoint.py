@@ -232,10 +232,10 @@ def _rng_state(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
     py = random.getstate()
     np_state = np.random.get_state()
     state = {f"rng.{rank}.torch": torch.get_rng_state(),
-             f"rng.{rank}.python": torch.tensor(py[1], dtype=torch.int64),
-             f"rng.{rank}.numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-             f"rng.{rank}.numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
-             f"rng.{rank}.numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64)}
+             f"rng.{rank}.python": torch.tensor(py[1], dtype=torch.int64, device="cpu"),
+             f"rng.{rank}.numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),  # CPU by construction
+             f"rng.{rank}.numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64, device="cpu"),
+             f"rng.{rank}.numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64, device="cpu")}
     if device.type == "cuda":
         state[f"rng.{rank}.cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -255,8 +255,9 @@ def _state(trainer, saving: bool) -> dict[str, Any]:
     layout = _Layout(trainer)
     state = _model_state(trainer.model, layout)
     state.update(_optimizer_slices(trainer.optimizer, layout, saving))
-    state["optim.step_count"] = torch.tensor(trainer.optimizer.step_count, dtype=torch.int64)
-    state["trainer.step"] = torch.tensor(trainer.step, dtype=torch.int64)
+    # host values (the RNG states too): CPU tensors on every device
+    state["optim.step_count"] = torch.tensor(trainer.optimizer.step_count, dtype=torch.int64, device="cpu")
+    state["trainer.step"] = torch.tensor(trainer.step, dtype=torch.int64, device="cpu")
     return state
 
 
@@ -342,7 +343,7 @@ def load_checkpoint(trainer, path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is reported with the path and the fix
         raise checkpoint_error(path, f"has unreadable DCP metadata ({type(e).__name__}: {e})") from None
     state = _state(trainer, saving=False)
-    rng = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype)
+    rng = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype, device="cpu")
            for k in _rng_state(rank, trainer.device) if k in saved}
     state.update(rng)
     missing = sorted(k for k in state if k not in saved)

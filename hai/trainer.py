@@ -112,25 +112,28 @@ class Trainer:
         return contextlib.nullcontext()
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        """Accumulate gradients of the mean loss over micro-batches; returns [main_sum, mtp_sum] (detached)."""
+        """Accumulate gradients of the mean loss over micro-batches; returns [main_sum, mtp_sum] (detached, float64,
+        on the device: read with the step's other metrics in one transfer)."""
         if self.pipeline is not None:
             with self._autocast():
                 sums = self.pipeline.run([mb.to(self.device) for mb in micro_batches])
             dist.all_reduce(sums, group=self.pp_group)  # the losses were computed at the last stage(s)
             return sums
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for tokens in micro_batches:
             with self._autocast():
                 out = self.model(tokens.to(self.device))
             (out.loss / self.n_micro).backward()
-            sums += torch.stack([out.main_loss.double().cpu(), out.mtp_loss.double().cpu()])
+            sums += torch.stack([out.main_loss.double(), out.mtp_loss.double()])
         return sums
 
-    def update_router_biases(self, apply: bool) -> dict[str, float]:
-        """Aux-loss-free balancing: loads summed over the data-parallel group, then b += gamma*sign(mean - load)."""
+    def update_router_biases(self, apply: bool) -> torch.Tensor:
+        """Aux-loss-free balancing: loads summed over the data-parallel group (and over a router's pipeline copies),
+        then b += gamma*sign(mean - load). Returns (mean over layers of max load / mean load - 1, largest bias spread)
+        as a float64 device tensor (no host read)."""
         routers = self.model.routers()
         if not routers:
-            return {"expert_load_max_violation": 0.0, "router_bias_spread": 0.0}
+            return torch.zeros(2, dtype=torch.float64, device=self.device)
         for name, m in self.model.named_modules():  # a router held by two pipeline ranks saw half the tokens on each
             group = self.placement.copy_group(f"{name}.weight") if isinstance(m, Router) else None
             if group is not None:
@@ -144,9 +147,9 @@ class Trainer:
                 r.update_bias(load, gamma)
             r.load.zero_()
         mean = loads.mean(-1).clamp_min(1e-9)
-        violation = (loads.max(-1).values / mean - 1).mean().item()
-        spread = torch.stack([r.bias.max() - r.bias.min() for r in routers]).max().item()
-        return {"expert_load_max_violation": violation, "router_bias_spread": spread}
+        violation = (loads.max(-1).values / mean - 1).mean()
+        spread = torch.stack([r.bias.max() - r.bias.min() for r in routers]).max()
+        return torch.stack([violation, spread]).double()
 
     def _ep_blocked_s(self) -> float | None:
         """Host seconds this rank spent blocked in expert-parallel collectives since the last call. None without EP,
@@ -165,17 +168,18 @@ class Trainer:
         sums = self.forward_backward(mbs)
         t1 = time.perf_counter()
         ep_blocked = self._ep_blocked_s()
-        result = self.optimizer.step(lr)
+        result = self.optimizer.step(lr)  # one host sync: the global gradient norm (clip, skip)
         self.optimizer.zero_grad()
         balance = self.update_router_biases(apply=not result.skipped)
         if self.dp_group is not None:
             dist.all_reduce(sums, group=self.dp_group)
+        main_sum, mtp_sum, violation, spread = torch.cat([sums, balance]).tolist()  # the step's metrics: one read
         t2 = time.perf_counter()
         n = self.n_micro * self.topo.dp
         self.step += 1
-        rec = {"step": self.step, "loss": sums[0].item() / n, "mtp_loss": sums[1].item() / n, "lr": lr,
+        rec = {"step": self.step, "loss": main_sum / n, "mtp_loss": mtp_sum / n, "lr": lr,
                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
-               "optimizer_s": t2 - t1, **balance}
+               "optimizer_s": t2 - t1, "expert_load_max_violation": violation, "router_bias_spread": spread}
         if ep_blocked is not None:  # host time blocked in EP all-to-alls: the exposed comm on gloo
             rec["ep_comm_blocked_s"] = ep_blocked
         if self.pipeline is not None:  # this rank's idle share of the pipelined forward/backward

@@ -95,9 +95,17 @@ class EPHandle:
     expert_R: torch.Tensor  # (R,) local expert id
     num_tokens: int  # T of this rank (combine's output rows)
     tokens_per_local_expert: list[int]
-    tokens_per_rank: list[int]  # (P,) this rank's tokens with >= 1 expert on each ep rank
-    tokens_per_node: list[int]  # (nodes,) ... on each node of the EP group
+    tokens_per_rank_P: torch.Tensor  # (P,) this rank's tokens with >= 1 expert on each ep rank (on the device)
+    tokens_per_node_G: torch.Tensor  # (nodes,) ... on each node of the EP group
     traffic: dict[str, int] = field(default_factory=new_traffic)
+
+    @property
+    def tokens_per_rank(self) -> list[int]:
+        return self.tokens_per_rank_P.tolist()  # statistics: a host read when asked for
+
+    @property
+    def tokens_per_node(self) -> list[int]:
+        return self.tokens_per_node_G.tolist()
 
     @property
     def num_rows(self) -> int:
@@ -119,8 +127,6 @@ class EPDispatcher:
         self.links = Links(self.rank, self.ranks_per_node)
         self.traffic = new_traffic()
         self._quant, self.quantizer = resolve_quant_1x128() if fp8 else (None, None)
-        node = torch.arange(self.ep) // self.ranks_per_node
-        self._my_node_P = node == self.rank // self.ranks_per_node
 
     # ------------------------------------------------------------------------------------------------ protocol
     def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
@@ -190,35 +196,55 @@ class EPDispatcher:
         return handle.route.gather_chain(g_out_TD.contiguous(), self._y_codec(g_out_TD.dtype), "combine_bwd")
 
     # ------------------------------------------------------------------------------------------------ planning
+    # Host syncs: one per hop. Each hop exchanges a small table of counts (rows per destination; on the last hop also
+    # rows per destination's local expert) with one all-to-all and reads it, with this rank's own send counts, in one
+    # device-to-host transfer: the split sizes the payload all-to-alls and the grouped GEMMs need on the host. Every
+    # other index (rows to send, local rows in (expert, source, token) order) is built by sorting on the device.
     def _plan(self, topk_idx_TK: torch.Tensor) -> EPHandle:
         """Route the metadata rows [rank, token, expert ids] hop by hop; the last hop's rows define the layout."""
         T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
         meta_NM = torch.cat([torch.full((T, 1), self.rank, dtype=torch.long, device=dev),
                              torch.arange(T, device=dev).unsqueeze(1), topk_idx_TK.long()], dim=1)
-        tokens_per_rank = self._dest_ranks(meta_NM).sum(0).tolist()
-        tokens_per_node = self._dest_nodes(meta_NM).sum(0).tolist()
+        tokens_per_rank = self._dest_ranks(meta_NM).sum(0)
+        tokens_per_node = self._dest_nodes(meta_NM).sum(0)
         hierarchical = self.mode == "hierarchical" and self.ep_nodes > 1  # one node: the same as flat
         steps = [self._node_entry, self._within_node] if hierarchical else [self._dest_ranks]
         traffic = new_traffic()
         route = Route([], self.group, self.links, [traffic, self.traffic])
-        for mask_fn in steps:
-            hop, meta_NM = self._exchange(meta_NM, mask_fn(meta_NM), route)
+        counts: list[int] = []
+        for i, mask_fn in enumerate(steps):
+            hop, meta_NM, counts = self._exchange(meta_NM, mask_fn(meta_NM), route, last=i == len(steps) - 1)
             route.hops.append(hop)
-        row_R, k_R, expert_R = self._local_rows(meta_NM)
-        counts = torch.bincount(expert_R, minlength=self.num_local_experts).tolist()
-        return EPHandle(route, row_R, k_R, torch.empty(0), meta_NM[row_R, 0], meta_NM[row_R, 1], expert_R, T, counts,
-                        tokens_per_rank, tokens_per_node, traffic)
+        row_R, k_R, expert_R = self._local_rows(meta_NM, sum(counts))
+        return EPHandle(route, row_R, k_R, torch.empty(0, device=dev), meta_NM[row_R, 0], meta_NM[row_R, 1],
+                        expert_R, T, counts, tokens_per_rank, tokens_per_node, traffic)
 
-    def _exchange(self, meta_NM: torch.Tensor, mask_NP: torch.Tensor, route: Route) -> tuple[Hop, torch.Tensor]:
-        """One hop: send row i to every rank p with mask[i, p]; exchange split sizes, then the metadata rows."""
-        _, send_idx = mask_NP.t().nonzero(as_tuple=True)  # grouped by destination rank, rows ascending
-        send = mask_NP.sum(0)
+    def _exchange(self, meta_NM: torch.Tensor, mask_NP: torch.Tensor, route: Route,
+                  last: bool) -> tuple[Hop, torch.Tensor, list[int]]:
+        """One hop: send row i to every rank p with mask[i, p]. Exchange the count table (one all-to-all, one host
+        read), then the metadata rows. Returns the hop, the received rows and (last hop) rows per local expert."""
+        N, P, El = meta_NM.shape[0], self.ep, self.num_local_experts
+        send_P = mask_NP.sum(0)
+        table_PC = send_P.unsqueeze(1)
+        if last:  # rows each destination's local experts will receive from this rank
+            e_NK = meta_NM[:, 2:]
+            sent_NK = mask_NP.gather(1, e_NK // El)
+            per_expert = torch.zeros(P * El, dtype=torch.long, device=meta_NM.device)
+            per_expert.scatter_add_(0, e_NK.reshape(-1), sent_NK.reshape(-1).long())
+            table_PC = torch.cat([table_PC, per_expert.view(P, El)], dim=1)
+        C = table_PC.shape[1]
         with self.links.blocking():
-            recv, _ = a2a(send, [1] * self.ep, [1] * self.ep, self.group)
-        hop = Hop(send_idx, send.tolist(), recv.tolist(), meta_NM.shape[0])
-        self.links.count(route.traffics, "meta", [1] * self.ep, send.element_size())
-        recv_meta, _ = route.send(meta_NM.index_select(0, send_idx), hop.send_splits, hop.recv_splits, "meta")
-        return hop, recv_meta
+            recv_PC, _ = a2a(table_PC, [1] * P, [1] * P, self.group)
+        self.links.count(route.traffics, "meta", [1] * P, C * table_PC.element_size())
+        host = torch.cat([send_P, recv_PC.reshape(-1)]).tolist()  # the hop's one host sync
+        send_splits, recv_table = host[:P], [host[P + p * C:P + (p + 1) * C] for p in range(P)]
+        recv_splits = [row[0] for row in recv_table]
+        counts = [sum(row[1 + j] for row in recv_table) for j in range(El)] if last else []
+        # rows grouped by destination rank, ascending within each: the first sum(send) entries of a stable sort
+        order = torch.argsort((~mask_NP.t()).reshape(-1).to(torch.uint8), stable=True)[:sum(send_splits)]
+        hop = Hop(order % N, send_splits, recv_splits, N)
+        recv_meta, _ = route.send(meta_NM.index_select(0, hop.send_idx), hop.send_splits, hop.recv_splits, "meta")
+        return hop, recv_meta, counts
 
     def _dest_ranks(self, meta_NM: torch.Tensor) -> torch.Tensor:
         """(N, P) bool: ranks owning one of the row's experts."""
@@ -241,13 +267,16 @@ class EPDispatcher:
 
     def _within_node(self, meta_NM: torch.Tensor) -> torch.Tensor:
         """(N, P) bool: ranks of this node owning one of the row's experts."""
-        return self._dest_ranks(meta_NM) & self._my_node_P.to(meta_NM.device)
+        node_P = torch.arange(self.ep, device=meta_NM.device) // self.ranks_per_node
+        return self._dest_ranks(meta_NM) & (node_P == self.rank // self.ranks_per_node)
 
-    def _local_rows(self, meta_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, slot k, local expert) of every (row, expert on this rank), sorted by (expert, source, token)."""
+    def _local_rows(self, meta_NM: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, slot k, local expert) of the R (row, expert on this rank) pairs, sorted by (expert, source, token):
+        a stable sort of every pair's key with the pairs of other ranks' experts last."""
+        K = meta_NM.shape[1] - 2
         e_NK = meta_NM[:, 2:] - self.rank * self.num_local_experts
-        i, k = ((e_NK >= 0) & (e_NK < self.num_local_experts)).nonzero(as_tuple=True)
-        e = e_NK[i, k]
-        key = (e * self.ep + meta_NM[i, 0]) * 2**32 + meta_NM[i, 1]
-        order = torch.argsort(key, stable=True)
-        return i[order], k[order], e[order]
+        mine = (e_NK >= 0) & (e_NK < self.num_local_experts)
+        key = (e_NK * self.ep + meta_NM[:, :1]) * 2**32 + meta_NM[:, 1:2]
+        key = torch.where(mine, key, torch.iinfo(torch.long).max).reshape(-1)
+        order = torch.argsort(key, stable=True)[:R]
+        return order // K, order % K, e_NK.reshape(-1)[order]

@@ -217,11 +217,11 @@ class PipelineExecutor:
         return self._loss_sums(slots)
 
     def _loss_sums(self, slots) -> torch.Tensor:
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         last = self.n_stages - 1
         for (stage, _), slot in slots.items():
             if stage == last and slot.losses is not None:
-                sums += torch.tensor([float(slot.losses[0]), float(slot.losses[1])], dtype=torch.float64)
+                sums += torch.stack([slot.losses[0].double(), slot.losses[1].double()])
         return sums
 
     def write_timeline(self, out_dir: str | None) -> None:

@@ -113,8 +113,9 @@ class Router(nn.Module):
     def count(self, route: Route) -> None:
         """Add a routed micro-batch's tokens to the per-expert load (training only; once per forward, also when the
         forward is recomputed)."""
-        if self.training:
-            self.load += torch.bincount(route.topk_idx.flatten(), minlength=self.cfg.n_routed_experts).float()
+        if self.training:  # scatter-add, not bincount (which sizes its output from the data: a host sync)
+            idx = route.topk_idx.flatten()
+            self.load.index_add_(0, idx, torch.ones_like(idx, dtype=self.load.dtype))
 
     def forward(self, x_TD: torch.Tensor) -> Route:
         route = self.route(self.logits(x_TD))
@@ -224,7 +225,8 @@ class LocalDispatcher:
         K = topk_idx_TK.shape[1]
         flat = topk_idx_TK.flatten()
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_local_experts).tolist()
+        counts = torch.zeros(self.num_local_experts, dtype=torch.long, device=flat.device)
+        counts = counts.index_add_(0, flat, torch.ones_like(flat)).tolist()  # the dispatch's one host sync
         return _LocalHandle(order // K, order % K, topk_weight_TK.flatten()[order], counts, topk_idx_TK.shape[0])
 
     def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
