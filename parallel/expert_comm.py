@@ -68,6 +68,7 @@ class Links:
     def __init__(self, rank: int, ranks_per_node: int):
         self.rank, self.ranks_per_node = rank, ranks_per_node
         self.blocked_s = 0.0
+        self.rows: dict[str, int] = {p: 0 for p in TRAFFIC_PHASES}  # rows sent to other ranks, per phase
 
     @contextmanager
     def blocking(self):
@@ -88,6 +89,7 @@ class Links:
         for t in traffics:
             t[f"{phase}_intra"] += intra
             t[f"{phase}_inter"] += inter
+        self.rows[phase] += sum(n for p, n in enumerate(splits) if p != self.rank)
 
 
 def _row_bytes(buf: torch.Tensor) -> int:

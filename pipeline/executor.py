@@ -80,6 +80,7 @@ class PipelineExecutor:
             if hasattr(m, "wgrad_store"):
                 m.wgrad_store = self.store
         self.timeline: list[Event] = []  # the last step's executed actions, seconds from the step's start
+        self.p2p_sent: list[int] = []  # bytes of every activation / gradient this rank sent in the last step
         self._t_base = 0.0
 
     @staticmethod
@@ -181,6 +182,7 @@ class PipelineExecutor:
                 buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buf, peer, self.group, self._tag(a)))
                 recvs.append((a, buf))
+        self.p2p_sent += [op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         for a, buf in recvs:
@@ -198,7 +200,7 @@ class PipelineExecutor:
             raise ValueError(f"the schedule has {self.n_micro} micro-batches but {len(micro_batches)} were given")
         slots: dict[tuple[int, int], _Slot] = {}
         pending: list[Action] = []
-        self.timeline, self.seam_log, t_base = [], [], time.perf_counter()
+        self.timeline, self.seam_log, self.p2p_sent, t_base = [], [], [], time.perf_counter()
         self._t_base = t_base
         for a in self.actions:
             if a.is_comm:

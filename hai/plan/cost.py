@@ -97,7 +97,8 @@ def chunk_comm(cfg: Config, moe_layers: int) -> dict:
     m, p, c = cfg.model, cfg.parallel, cfg.cluster
     D, T = m.hidden_size, cfg.train.micro_batch_size * cfg.train.seq_len
     rows = ep_rows(cfg)
-    disp = D + D // 128 * 4 if p.fp8_dispatch else 2 * D
+    Dp = -(-D // 128) * 128  # the FP8 payload is padded to whole 1x128 tiles
+    disp = Dp + Dp // 128 * 4 if p.fp8_dispatch else 2 * D
     fwd_row, bwd_row = disp + 2 * D, 4 * D
     out = {}
     for name, row in (("fwd", fwd_row), ("bwd", bwd_row)):
