@@ -125,6 +125,7 @@ class EPDispatcher:
         self.ep_nodes = self.ep // self.ranks_per_node
         self.mode, self.fp8 = mode, fp8
         self.links = Links(self.rank, self.ranks_per_node)
+        self.host_blocking = dist.get_backend(self.group) != "nccl"  # see hai.parallel.pending (streams)
         self.traffic = new_traffic()
         self._quant, self.quantizer = resolve_quant_1x128() if fp8 else (None, None)
 
@@ -210,7 +211,7 @@ class EPDispatcher:
         hierarchical = self.mode == "hierarchical" and self.ep_nodes > 1  # one node: the same as flat
         steps = [self._node_entry, self._within_node] if hierarchical else [self._dest_ranks]
         traffic = new_traffic()
-        route = Route([], self.group, self.links, [traffic, self.traffic])
+        route = Route([], self.group, self.links, [traffic, self.traffic], self.host_blocking)
         counts: list[int] = []
         for i, mask_fn in enumerate(steps):
             hop, meta_NM, counts = self._exchange(meta_NM, mask_fn(meta_NM), route, last=i == len(steps) - 1)

@@ -153,8 +153,9 @@ class Fp8Codec:
 class Route:
     """The hops of one dispatch over ``group``; counts what it sends into ``traffics``."""
 
-    def __init__(self, hops: list[Hop], group, links: Links, traffics: list[dict]):
+    def __init__(self, hops: list[Hop], group, links: Links, traffics: list[dict], host_blocking: bool = True):
         self.hops, self.group, self.links, self.traffics = hops, group, links, traffics
+        self.host_blocking = host_blocking  # gloo waits block the host; NCCL waits are stream dependencies
 
     def send(self, buf: torch.Tensor, send: list[int], recv: list[int], phase: str, async_op: bool = False):
         """One all-to-all of rows, counted under ``phase``."""
@@ -174,10 +175,10 @@ class Route:
 
     def gather_chain(self, x_ND: torch.Tensor, codec, phase: str) -> Chain:
         """``gather`` as a :class:`Chain`: every hop issued asynchronously once the previous one has arrived."""
-        return Chain(self._gather_hops(x_ND, codec, phase))
+        return Chain(self._gather_hops(x_ND, codec, phase), self.host_blocking)
 
     def reduce_chain(self, z_ND: torch.Tensor, codec, phase: str) -> Chain:
-        return Chain(self._reduce_hops(z_ND, codec, phase))
+        return Chain(self._reduce_hops(z_ND, codec, phase), self.host_blocking)
 
     def _gather_hops(self, x_ND, codec, phase):
         b = codec.encode(x_ND)

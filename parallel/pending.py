@@ -3,6 +3,16 @@ is in flight (``hai.pipeline.overlap``'s F&B) and only then wait.
 
 ``Pending`` finishes a transfer lazily; ``Chain`` drives a multi-hop transfer (hierarchical dispatch: hop k+1 is
 issued once hop k arrived) from a generator of work handles; ``Joint`` advances several transfers together.
+
+Streams. Every collective is issued with ``async_op=True``. On NCCL it runs on the process group's own CUDA stream,
+which first waits for the compute stream (so its inputs are ready), and ``work.wait()`` only makes the *current*
+(compute) stream wait for it: the host never blocks. The kernels that consume a result (decode, the next hop's row
+gather, the experts) are enqueued after that dependency, and meanwhile the host keeps enqueueing the other chunk's
+kernels, which the GPU runs while the collective is on the wire; NCCL keeps the tensors of an in-flight collective
+alive. ``ready()`` answers "would ``step()`` / ``wait()`` block the host?": never on NCCL (``host_blocking=False``),
+and on gloo, whose waits block the calling thread, only once the work has completed (``Work.is_completed()``, which
+on CUDA would report GPU progress instead). So the F&B's fill of waits with deferred weight gradients happens where
+the host would otherwise sit idle (gloo); on CUDA those GEMMs are simply enqueued after the pair.
 """
 
 from __future__ import annotations
@@ -38,11 +48,12 @@ class Pending:
 
 class Chain(Pending):
     """A multi-hop transfer driven by a generator that yields the work handle of each hop right after issuing it
-    asynchronously and returns the result; the first hop is issued on construction."""
+    asynchronously and returns the result; the first hop is issued on construction. ``host_blocking``: whether the
+    backend's ``wait()`` blocks the host (gloo) or is a stream dependency (NCCL)."""
 
-    def __init__(self, gen):
+    def __init__(self, gen, host_blocking: bool = True):
         super().__init__(None)
-        self._gen = gen
+        self._gen, self.host_blocking = gen, host_blocking
         self._work = next(gen)
 
     def step(self) -> bool:
@@ -56,7 +67,7 @@ class Chain(Pending):
             return False
 
     def ready(self) -> bool:
-        return self._work is None or self._work.is_completed()
+        return self._work is None or not self.host_blocking or self._work.is_completed()
 
     def wait(self) -> Any:
         while self.step():

@@ -81,6 +81,8 @@ class PipelineExecutor:
                 m.wgrad_store = self.store
         self.timeline: list[Event] = []  # the last step's executed actions, seconds from the step's start
         self.p2p_sent: list[int] = []  # bytes of every activation / gradient this rank sent in the last step
+        self._recvs: dict[tuple, tuple] = {}  # posted receives not yet consumed: (kind, stage, mb) -> (work, buffer)
+        self._sends: list[tuple] = []  # posted sends not yet waited for
         self._t_base = 0.0
 
     @staticmethod
@@ -169,28 +171,55 @@ class PipelineExecutor:
         return (0 if a.kind in (Kind.SEND_F, Kind.RECV_F) else 1) * 1_000_000 + a.stage * 1000 + a.micro_batch
 
     def _p2p(self, pending: list[Action], slots) -> None:
-        ops, recvs = [], []
+        """Post consecutive SEND/RECV actions as one batch and return at once: a receive is waited for only by the
+        first action that consumes it (:meth:`_arrive`), sends at the end of the step. (On NCCL a wait is a stream
+        dependency, not a host block; on gloo the transfers progress while this rank computes.)"""
+        ops, what = [], []
         for a in pending:
             peer = self.pp_ranks[a.peer]
             if a.kind is Kind.SEND_F:
-                ops.append(dist.P2POp(dist.isend, slots[(a.stage, a.micro_batch)].out.detach().contiguous(), peer,
-                                      self.group, self._tag(Action(Kind.SEND_F, a.stage + 1, a.micro_batch, 0))))
+                t = slots[(a.stage, a.micro_batch)].out.detach().contiguous()
+                ops.append(dist.P2POp(dist.isend, t, peer, self.group,
+                                      self._tag(Action(Kind.SEND_F, a.stage + 1, a.micro_batch, 0))))
             elif a.kind is Kind.SEND_B:
-                ops.append(dist.P2POp(dist.isend, slots[(a.stage, a.micro_batch)].inp_grad.contiguous(), peer,
-                                      self.group, self._tag(Action(Kind.SEND_B, a.stage - 1, a.micro_batch, 0))))
+                t = slots[(a.stage, a.micro_batch)].inp_grad.contiguous()
+                ops.append(dist.P2POp(dist.isend, t, peer, self.group,
+                                      self._tag(Action(Kind.SEND_B, a.stage - 1, a.micro_batch, 0))))
             else:
-                buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, buf, peer, self.group, self._tag(a)))
-                recvs.append((a, buf))
+                t = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, t, peer, self.group, self._tag(a)))
+            what.append((a, t))
         self.p2p_sent += [op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend]
-        for work in dist.batch_isend_irecv(ops):
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # one coalesced work for the whole batch (NCCL)
+            works = works[:1] * len(ops)
+        for (a, t), work in zip(what, works):
+            if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                self._recvs[(a.kind, a.stage, a.micro_batch)] = (work, t)
+            else:
+                self._sends.append((work, t))  # the tensor stays referenced until the send is waited for
+
+    def _arrive(self, a: Action, slots) -> None:
+        """Wait for the receives compute action ``a`` consumes and hand them to their slots."""
+        for part in a.parts:
+            key = (Kind.RECV_F if part.kind is Kind.F else Kind.RECV_B, part.stage, part.micro_batch)
+            got = self._recvs.pop(key, None) if part.kind is not Kind.W else None
+            if got is None:
+                continue
+            work, buf = got
             work.wait()
-        for a, buf in recvs:
-            slot = slots.setdefault((a.stage, a.micro_batch), _Slot())
-            if a.kind is Kind.RECV_F:
+            slot = slots.setdefault((part.stage, part.micro_batch), _Slot())
+            if key[0] is Kind.RECV_F:
                 slot.inp = buf.requires_grad_()
             else:
                 slot.grad_out = buf
+
+    def _drain(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
+        if self._recvs:
+            raise RuntimeError(f"received but never consumed: {sorted(self._recvs)}")
 
     # ------------------------------------------------------------------ step
     def run(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
@@ -202,6 +231,7 @@ class PipelineExecutor:
         pending: list[Action] = []
         self.timeline, self.seam_log, self.p2p_sent, t_base = [], [], [], time.perf_counter()
         self._t_base = t_base
+        self._recvs, self._sends = {}, []
         for a in self.actions:
             if a.is_comm:
                 pending.append(a)
@@ -210,10 +240,12 @@ class PipelineExecutor:
                 self._p2p(pending, slots)
                 pending = []
             t0 = time.perf_counter()
+            self._arrive(a, slots)
             self._compute(a, slots, micro_batches)
             self.timeline.append(Event(self.pp_rank, t0 - t_base, time.perf_counter() - t_base, a))
         if pending:
             self._p2p(pending, slots)
+        self._drain()
         if not self.store.empty():
             raise RuntimeError("weight-gradient work left over after the schedule: a B without its W")
         return self._loss_sums(slots)

@@ -180,3 +180,30 @@ def test_trainer_interleaved_fb_equals_sequential(extra, tmp_path):
     trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     seams = [e for e in trace if e.get("cat") == "seam"]
     assert {e["pid"] for e in seams} == {0, 1} and any(e["name"] == "B combine_bwd issued" for e in seams)
+
+
+def test_ready_means_the_host_would_not_block():
+    """Pending.ready(): on gloo (host-blocking waits) only once the work completed; on NCCL, whose wait() is a stream
+    dependency, always (the host never blocks there, so there is nothing to fill)."""
+    from hai.parallel.pending import Chain
+
+    class Work:
+        done = False
+
+        def is_completed(self):
+            return self.done
+
+        def wait(self):
+            self.done = True
+
+    def hops(work):
+        yield work
+        work.wait()
+        return "rows"
+
+    for blocking in (True, False):
+        work = Work()
+        chain = Chain(hops(work), host_blocking=blocking)
+        assert chain.ready() is (not blocking)
+        work.done = True
+        assert chain.ready() and chain.wait() == "rows"
