@@ -1,4 +1,4 @@
-"""TFLOP/s of HAI's Triton FP8 GEMMs against torch bf16 matmul and torch._scaled_mm (row-wise scales).
+"""TFLOP/s of HAI's Triton FP8 GEMMs against torch bf16 matmul and torch._scaled_mm (row-wise and block scales).
 
     python benchmarks/fp8_gemm.py [--warmup-ms 25 --rep-ms 100]
 
@@ -73,21 +73,49 @@ def _dense_operands(M: int, N: int, K: int, layout: str):
     return (a_q.t(), a_s.t(), b_q.t(), b_s.t()), a, b
 
 
-def _dense_row(M: int, N: int, K: int, layout: str, args) -> str:
+def _scaled_mm_blockwise(a_bf16: torch.Tensor, b_bf16: torch.Tensor):
+    """torch._scaled_mm with DeepSeek-V3's block scales (a: 1x128, b: 128x128), where this torch/GPU has it."""
+    from hai.kernels import quant_1x128, quant_128x128
+
+    if not hasattr(torch, "_scaled_mm"):
+        return None, "torch._scaled_mm missing"
+    a_q, a_s = quant_1x128(a_bf16)
+    b_q, b_s = quant_128x128(b_bf16)
+    a_s_cm = a_s.t().contiguous().t()  # the block-wise layout cuBLAS wants: scales outer-dim-major
+
+    def run():
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s_cm, scale_b=b_s.t(), out_dtype=torch.bfloat16)
+
+    try:
+        run()
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - report whatever this torch/GPU refuses
+        return None, f"n/a ({type(err).__name__})"
+    return run, ""
+
+
+def _tf(flops: float, ms: float | None):
+    return None if ms is None else flops / ms / 1e9
+
+
+def dense_row(M: int, N: int, K: int, layout: str, args) -> dict:
+    """TFLOP/s of one dense training product: HAI's FP8 GEMM, torch bf16, torch._scaled_mm row-wise and block-wise
+    (fprop layout only), and the Triton result's error against the torch reference."""
     from hai.kernels.gemm import fp8_gemm_ref, fp8_gemm_triton
 
     ops, a, b = _dense_operands(M, N, K, layout)
     flops = 2.0 * M * N * K
-    t_fp8 = _bench(lambda: fp8_gemm_triton(*ops, torch.bfloat16), args.warmup_ms, args.rep_ms)
-    t_bf16 = _bench(lambda: a @ b.t(), args.warmup_ms, args.rep_ms)
-    run, why = _scaled_mm_rowwise(a, b)
-    scaled = _tflops(flops, _bench(run, args.warmup_ms, args.rep_ms)) if run else f"{why:>8}"
-    err = _rel(fp8_gemm_triton(*ops, torch.float32), fp8_gemm_ref(*ops, torch.float32))
-    shape = f"{M}x{N}x{K}"
-    return f"{shape:<22}{layout:<8}{_tflops(flops, t_fp8)}  {_tflops(flops, t_bf16)}  {scaled}  {err:9.1e}"
+    row = {"shape": f"{M}x{N}x{K}", "layout": layout,
+           "fp8_hai": _tf(flops, _bench(lambda: fp8_gemm_triton(*ops, torch.bfloat16), args.warmup_ms, args.rep_ms)),
+           "bf16_torch": _tf(flops, _bench(lambda: a @ b.t(), args.warmup_ms, args.rep_ms))}
+    for key, make in (("scaled_mm_rowwise", _scaled_mm_rowwise), ("scaled_mm_blockwise", _scaled_mm_blockwise)):
+        run, why = make(a, b) if layout == "fprop" or key == "scaled_mm_rowwise" else (None, "fprop only")
+        row[key] = _tf(flops, _bench(run, args.warmup_ms, args.rep_ms)) if run else why
+    row["rel_err_vs_ref"] = _rel(fp8_gemm_triton(*ops, torch.float32), fp8_gemm_ref(*ops, torch.float32))
+    return row
 
 
-def _grouped_row(E: int, m: int, N: int, K: int, args) -> str:
+def grouped_row(E: int, m: int, N: int, K: int, args) -> dict:
     from hai.kernels import quant_1x128, quant_128x128
     from hai.kernels.gemm import fp8_grouped_gemm_ref, fp8_grouped_gemm_triton
 
@@ -96,30 +124,50 @@ def _grouped_row(E: int, m: int, N: int, K: int, args) -> str:
     w_q, w_s = quant_128x128(w.reshape(E * N, K))
     ops = (*quant_1x128(a), w_q.view(E, N, K), w_s.view(E, N // 128, K // 128), [m] * E)
     flops = 2.0 * E * m * N * K
-    t_fp8 = _bench(lambda: fp8_grouped_gemm_triton(*ops, torch.bfloat16), args.warmup_ms, args.rep_ms)
     a_EmK = a.view(E, m, K)
-    t_bf16 = _bench(lambda: torch.bmm(a_EmK, w.transpose(1, 2)), args.warmup_ms, args.rep_ms)
-    runs = [_scaled_mm_rowwise(a_EmK[e], w[e]) for e in range(E)]
-    if all(r for r, _ in runs):
-        scaled = _tflops(flops, _bench(lambda: [r() for r, _ in runs], args.warmup_ms, args.rep_ms))
-    else:
-        scaled = f"{runs[0][1]:>8}"
-    err = _rel(fp8_grouped_gemm_triton(*ops, torch.float32), fp8_grouped_gemm_ref(*ops, torch.float32))
-    shape = f"{E}x{m}x{N}x{K}"
-    return f"{shape:<22}{'grouped':<8}{_tflops(flops, t_fp8)}  {_tflops(flops, t_bf16)}  {scaled}  {err:9.1e}"
+    row = {"shape": f"{E}x{m}x{N}x{K}", "layout": "grouped",
+           "fp8_hai": _tf(flops, _bench(lambda: fp8_grouped_gemm_triton(*ops, torch.bfloat16), args.warmup_ms,
+                                        args.rep_ms)),
+           "bf16_torch": _tf(flops, _bench(lambda: torch.bmm(a_EmK, w.transpose(1, 2)), args.warmup_ms, args.rep_ms))}
+    for key, make in (("scaled_mm_rowwise", _scaled_mm_rowwise), ("scaled_mm_blockwise", _scaled_mm_blockwise)):
+        runs = [make(a_EmK[e], w[e]) for e in range(E)]
+        ok = all(r for r, _ in runs)
+        row[key] = _tf(flops, _bench(lambda: [r() for r, _ in runs], args.warmup_ms, args.rep_ms)) if ok \
+            else runs[0][1]
+    row["rel_err_vs_ref"] = _rel(fp8_grouped_gemm_triton(*ops, torch.float32),
+                                 fp8_grouped_gemm_ref(*ops, torch.float32))
+    return row
+
+
+# V3 shapes: the issue's (M x N x K = tokens x out x in) plus DeepGEMM's, and 8 grouped experts
+DENSE_SHAPES = [(4096, 7168, 2048, "fprop"), (4096, 2048, 7168, "fprop"), (4096, 7168, 16384, "fprop"),
+                (4096, 7168, 16384, "dgrad"), (4096, 7168, 16384, "wgrad"), (4096, 2112, 7168, "fprop")]
+GROUPED_SHAPES = [(8, 4096, 4096, 7168), (8, 512, 2048, 7168)]
+
+
+def gpu_rows(args) -> list[dict]:
+    return ([dense_row(M, N, K, layout, args) for M, N, K, layout in DENSE_SHAPES]
+            + [grouped_row(E, m, N, K, args) for E, m, N, K in GROUPED_SHAPES])
+
+
+def format_rows(rows: list[dict]) -> str:
+    def cell(v):
+        return f"{v:>9.1f}" if isinstance(v, float) else f"{str(v)[:9]:>9}"
+
+    out = [f"{'shape':<22}{'layout':<8}{'fp8 HAI':>9}{'bf16 mm':>9}{'_sc row':>9}{'_sc blk':>9}{'err/ref':>10}"]
+    for r in rows:
+        out.append(f"{r['shape']:<22}{r['layout']:<8}{cell(r['fp8_hai'])}{cell(r['bf16_torch'])}"
+                   f"{cell(r['scaled_mm_rowwise'])}{cell(r['scaled_mm_blockwise'])}{r['rel_err_vs_ref']:>10.1e}")
+    return "\n".join(out)
 
 
 def _gpu_table(args) -> None:
     name = torch.cuda.get_device_name()
     print(f"device: {name}; torch {torch.__version__}; TFLOP/s (dense 2·M·N·K), bf16 outputs")
-    print(f"{'shape':<22}{'layout':<8}{'fp8 HAI':>8}  {'bf16 mm':>8}  {'_scaled':>8}  {'err/ref':>9}")
-    rows = [(4096, 7168, 16384, "fprop"), (4096, 7168, 16384, "dgrad"), (4096, 7168, 16384, "wgrad"),
-            (4096, 2112, 7168, "fprop")]
-    for M, N, K, layout in rows:
-        print(_dense_row(M, N, K, layout, args), flush=True)
-    print(_grouped_row(8, 4096, 4096, 7168, args), flush=True)
-    print("_scaled = torch._scaled_mm with row-wise fp32 scales (per-group loop for grouped); fp8 HAI = Triton "
-          "block-scaled (1x128 x 128x128 or 128x1) GEMM with FP32 promotion every 128 of K")
+    print(format_rows(gpu_rows(args)))
+    print("_sc row / _sc blk = torch._scaled_mm with row-wise fp32 scales / 1x128 x 128x128 block scales (per-group "
+          "loop for grouped); fp8 HAI = Triton block-scaled (1x128 x 128x128 or 128x1) GEMM with FP32 promotion "
+          "every 128 of K")
 
 
 def _interpreter_smoke() -> None:
