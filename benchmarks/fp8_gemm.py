@@ -45,10 +45,11 @@ def _scaled_mm_rowwise(a_bf16: torch.Tensor, b_bf16: torch.Tensor):
     a_q = (a_bf16.float() / s_a).to(torch.float8_e4m3fn)
     b_q = (b_bf16.float() / s_b).to(torch.float8_e4m3fn)
     s_b_1N = s_b.t().contiguous()
+    return _probe(lambda: torch._scaled_mm(a_q, b_q.t(), scale_a=s_a, scale_b=s_b_1N, out_dtype=torch.bfloat16))
 
-    def run():
-        return torch._scaled_mm(a_q, b_q.t(), scale_a=s_a, scale_b=s_b_1N, out_dtype=torch.bfloat16)
 
+def _probe(run):
+    """(run, "") if this torch/GPU accepts the call, else (None, the reason)."""
     try:
         run()
         torch.cuda.synchronize()
@@ -82,16 +83,7 @@ def _scaled_mm_blockwise(a_bf16: torch.Tensor, b_bf16: torch.Tensor):
     a_q, a_s = quant_1x128(a_bf16)
     b_q, b_s = quant_128x128(b_bf16)
     a_s_cm = a_s.t().contiguous().t()  # the block-wise layout cuBLAS wants: scales outer-dim-major
-
-    def run():
-        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_s_cm, scale_b=b_s.t(), out_dtype=torch.bfloat16)
-
-    try:
-        run()
-        torch.cuda.synchronize()
-    except Exception as err:  # noqa: BLE001 - report whatever this torch/GPU refuses
-        return None, f"n/a ({type(err).__name__})"
-    return run, ""
+    return _probe(lambda: torch._scaled_mm(a_q, b_q.t(), scale_a=a_s_cm, scale_b=b_s.t(), out_dtype=torch.bfloat16))
 
 
 def _tf(flops: float, ms: float | None):
