@@ -47,7 +47,7 @@ from hai.checkpoint_files import (FORMAT, META_FILE, CheckpointError, check_mode
                                   clean_stale, commit_checkpoint, crc32, file_info, latest_checkpoint, list_checkpoints,
                                   read_meta, resolve_resume)
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_weights", "latest_checkpoint", "list_checkpoints",
            "resolve_resume", "resume_path", "verify_checkpoint", "checkpoint_root"]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,6 +363,23 @@ def load_checkpoint(trainer, path: str) -> dict:
     trainer.optimizer.step_count = int(state["optim.step_count"])
     if len(rng) == len(_rng_state(rank, trainer.device)):
         _set_rng_state(state, rank, trainer.device)
+    return meta
+
+
+def load_model_weights(model, path: str, model_cfg=None) -> dict:
+    """Load only the model entries of a checkpoint (any layout: DCP reshards) into ``model`` (e.g. one process for
+    generation or export). Returns hai.json."""
+    path = os.path.abspath(path)
+    meta = verify_checkpoint(path, model_cfg)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, storage_reader=SafeReader(path), planner=_LoadPlanner())
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported with the path and the fix
+        raise checkpoint_error(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
     return meta
 
 

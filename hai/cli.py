@@ -18,6 +18,9 @@ commands:
   plan      validate a parallel layout and predict memory, communication and step time
   account   parameters, activated parameters, KV cache and FLOPs of a model (JSON)
   prepare   tokenize text files into a HAI token file (data.source=..., data.path=...)
+  generate  sample from a checkpoint (resume=PATH|auto) or model.init_from=hf:DIR (generate.prompt=...,
+            generate.speculative=true drafts with the MTP module)
+  convert   HAI checkpoint -> Hugging Face (convert.src=CKPT convert.dst=DIR), or hf:DIR -> HAI checkpoint
 
 overrides are Hydra's: group=option (model=deepseek_v3_671b cluster=h800_2048 parallel=v3_2048 train=demo)
 and key=value (train.steps=50 parallel.dp=2 out_dir=runs/x wandb.mode=disabled output=json).
@@ -95,7 +98,60 @@ def cmd_plan(cfg, overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "plan": cmd_plan, "account": cmd_account, "prepare": cmd_prepare}
+def cmd_generate(cfg, overrides: list[str]) -> int:
+    from hai.data import load_tokenizer
+    from hai.generate import generate, load_model
+
+    model, tok_spec = load_model(cfg)
+    tok = load_tokenizer(tok_spec)
+    g = cfg.generate
+    prompt = tok.encode(g.prompt)
+    runs = [("speculative (MTP drafts)" if g.speculative else "plain", g.speculative)]
+    if g.speculative and g.compare:
+        runs.append(("plain", False))
+    report = {}
+    for name, spec in runs:
+        res = generate(model, prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, speculative=spec)
+        report[name] = {"tokens_per_s": res.tokens_per_s, "main_passes": res.main_passes, "tokens": len(res.tokens),
+                        "acceptance": res.acceptance if spec else None, "text": tok.decode(res.tokens)}
+    if cfg.output == "json":
+        print(json.dumps(report))
+        return 0
+    first = report[runs[0][0]]
+    print(g.prompt + first["text"])
+    for name, r in report.items():
+        acc = f", draft acceptance {100 * r['acceptance']:.1f}%" if r["acceptance"] is not None else ""
+        print(f"[{name}] {r['tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s, {r['main_passes']} main-model "
+              f"passes{acc}", file=sys.stderr)
+    if len(report) == 2:
+        same = report[runs[0][0]]["text"] == report["plain"]["text"]
+        print(f"speculative output {'equals' if same else 'differs from'} plain decoding"
+              + ("" if g.temperature == 0 else " (sampling: each is a sample of the same distribution)"),
+              file=sys.stderr)
+    return 0
+
+
+def cmd_convert(cfg, overrides: list[str]) -> int:
+    from hai.config import ConfigError
+
+    c = cfg.convert
+    if not c.src or not c.dst:
+        raise ConfigError("hai convert needs convert.src and convert.dst: convert.src=CKPT_DIR convert.dst=HF_DIR "
+                          "(HAI -> Hugging Face) or convert.src=hf:DIR convert.dst=RUN_DIR (-> a HAI checkpoint)")
+    if c.src.startswith("hf:"):
+        from hai.convert import hf_to_hai
+
+        out = hf_to_hai(cfg, c.src, c.dst)
+    else:
+        from hai.convert import hai_to_hf
+
+        out = hai_to_hf(cfg, c.src, c.dst, int(c.max_shard_gb * 2**30))
+    print(json.dumps(out))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "plan": cmd_plan, "account": cmd_account, "prepare": cmd_prepare,
+            "generate": cmd_generate, "convert": cmd_convert}
 
 
 # Flag spellings of common overrides, per command (DESIGN: `hai launch --slurm`, `--dry-run`); the rest is Hydra's.

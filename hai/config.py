@@ -22,6 +22,8 @@ __all__ = [
     "ParallelConfig",
     "WandbConfig",
     "LauncherConfig",
+    "GenerateConfig",
+    "ConvertConfig",
     "Config",
     "ConfigError",
 ]
@@ -63,7 +65,14 @@ class ModelConfig:
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
     rope_theta: float = 10000.0
-    max_seq_len: int = 4096
+    max_seq_len: int = 4096  # longest sequence the model accepts (training and generation)
+    # YaRN RoPE scaling (DeepSeek-V2/V3's released configs): off when rope_factor == 1
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int = 4096
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
     # --- DeepSeekMoE ---
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -74,11 +83,15 @@ class ModelConfig:
     route_scale: float = 1.0
     n_group: int = 1  # expert groups (= nodes of an EP group for node-limited routing)
     topk_group: int = 1  # groups kept per token (= node limit M)
+    group_scoring: str = "topk_sum"  # a group's score: topk_sum (its top k/topk_group) | sum_top2 (V3) | max (V2)
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing (0 disables)
     seq_aux_alpha: float = 0.0001  # sequence-wise balance loss weight
     # --- MTP ---
     mtp_depth: int = 1
     mtp_lambda: float = 0.3
+    mtp_hidden: str = "pre_norm"  # the main model's state MTP depth 1 takes: pre_norm | post_norm (after model.norm)
+    mtp_concat: str = "hidden_first"  # the projection's input: hidden_first [h; e] | embed_first [e; h] (release)
+    init_from: Optional[str] = None  # hf:DIR (a Hugging Face checkpoint: config.json + safetensors)
     # --- numerics / init ---
     init_std: float = 0.006
     precision: str = "fp32"  # fp32 | bf16 | fp8
@@ -108,19 +121,29 @@ class ModelConfig:
                      f"choose n_group among the divisors of the expert count")
             _require(1 <= self.topk_group <= self.n_group,
                      f"model.topk_group={self.topk_group} must lie in [1, n_group={self.n_group}]")
-            _require(self.n_activated_experts % self.topk_group == 0,
-                     f"model.n_activated_experts={self.n_activated_experts} must be divisible by "
-                     f"model.topk_group={self.topk_group} (each kept group contributes k/topk_group experts to its "
-                     f"score)")
+            _choice("model.group_scoring", self.group_scoring, ("topk_sum", "sum_top2", "max"))
             per_group = self.n_routed_experts // self.n_group
-            _require(self.n_activated_experts // self.topk_group <= per_group,
-                     f"model.n_activated_experts/topk_group={self.n_activated_experts // self.topk_group} exceeds "
-                     f"the {per_group} experts per group (n_routed_experts={self.n_routed_experts} / n_group="
-                     f"{self.n_group}): raise topk_group or lower n_group")
+            if self.group_scoring == "topk_sum":
+                _require(self.n_activated_experts % self.topk_group == 0,
+                         f"model.n_activated_experts={self.n_activated_experts} must be divisible by "
+                         f"model.topk_group={self.topk_group} (each kept group contributes k/topk_group experts to "
+                         f"its score): or set model.group_scoring=sum_top2 / max")
+                _require(self.n_activated_experts // self.topk_group <= per_group,
+                         f"model.n_activated_experts/topk_group={self.n_activated_experts // self.topk_group} "
+                         f"exceeds the {per_group} experts per group (n_routed_experts={self.n_routed_experts} / "
+                         f"n_group={self.n_group}): raise topk_group or lower n_group")
+            if self.group_scoring == "sum_top2" and self.n_group > 1:
+                _require(per_group >= 2, f"model.group_scoring=sum_top2 needs >= 2 experts per group, got "
+                                         f"{per_group}: lower model.n_group or use group_scoring=max")
             _require(self.topk_group * per_group >= self.n_activated_experts,
                      f"model.topk_group={self.topk_group} groups of {per_group} experts cannot hold "
                      f"n_activated_experts={self.n_activated_experts}: raise topk_group")
         _require(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0")
+        _choice("model.mtp_hidden", self.mtp_hidden, ("pre_norm", "post_norm"))
+        _choice("model.mtp_concat", self.mtp_concat, ("hidden_first", "embed_first"))
+        _require(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1 (1: no YaRN scaling)")
+        _require(self.init_from is None or self.init_from.startswith("hf:"),
+                 f"model.init_from={self.init_from!r} must be hf:DIR (a Hugging Face checkpoint directory)")
         _require(self.bias_update_speed >= 0, f"model.bias_update_speed={self.bias_update_speed} must be >= 0")
         _require(self.seq_aux_alpha >= 0, f"model.seq_aux_alpha={self.seq_aux_alpha} must be >= 0")
 
@@ -240,6 +263,34 @@ class ParallelConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`hai generate`: the model comes from ``resume`` (a HAI checkpoint, any layout) or ``model.init_from``."""
+
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    speculative: bool = False  # draft with the MTP module, verify with the main model
+    compare: bool = True  # with speculative: also time plain decoding, report both
+
+    def __post_init__(self) -> None:
+        _positive("generate.max_new_tokens", self.max_new_tokens)
+        _require(self.temperature >= 0, f"generate.temperature={self.temperature} must be >= 0 (0: greedy)")
+        _require(0 < self.top_p <= 1, f"generate.top_p={self.top_p} must lie in (0, 1]")
+
+
+@dataclass
+class ConvertConfig:
+    """`hai convert`: ``src`` a HAI checkpoint directory (-> Hugging Face at ``dst``) or hf:DIR (-> a HAI
+    checkpoint under ``dst``)."""
+
+    src: Optional[str] = None
+    dst: Optional[str] = None
+    max_shard_gb: float = 4.0
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "hai"
@@ -279,6 +330,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
     out_dir: str = "runs/${train.name}"
     resume: str = "none"  # none | auto | PATH to a checkpoint directory
     output: str = "text"  # text | json (for `account` and `plan`)
@@ -346,6 +399,10 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(obj, Config)
+    if obj.model.init_from:  # a Hugging Face checkpoint brings its architecture (hai.hf)
+        from hai.hf import apply_init_from
+
+        obj = apply_init_from(obj)
     return obj
 
 

@@ -76,6 +76,11 @@ class Trainer:
         self.model = build_model(cfg.model, device="meta", recompute=t.recompute)
         self.placement = parallelize(self.model, topo, cfg, mesh, self.rank)
         materialize(self.model, self.device, param_dtype(cfg.model), t.seed, cfg.model.init_std)
+        self.imported = None
+        if cfg.model.init_from:  # released weights: each rank reads the tensors (and experts) it holds
+            from hai.hf import hf_dir, load_into
+
+            self.imported = load_into(self.model, cfg.model, hf_dir(cfg.model.init_from))
         self.model.set_aux_grad_scale(1.0 / self.n_micro)
         self._ep_clocks = [m.dispatcher.links for m in self.model.moe_layers()
                            if hasattr(m.dispatcher, "links") and dist.get_backend(m.dispatcher.group) == "gloo"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hai.config import ModelConfig
-from hai.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin
+from hai.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, softmax_scale
 from hai.model.recompute import LinearOp, norm_linears
 
 __all__ = ["MLA", "KVCache", "attention", "attention_forward", "attention_backward"]
@@ -33,25 +33,31 @@ __all__ = ["MLA", "KVCache", "attention", "attention_forward", "attention_backwa
 
 @dataclass
 class KVCache:
-    """Per-layer latent cache: c_kv (B, L, C) and the roped shared key k_pe (B, L, R)."""
+    """Per-layer latent cache: c_kv (B, L, C) and the roped shared key k_pe (B, L, R), keyed by layer id (an MTP
+    block keeps its own entry under its id)."""
 
-    c_kv: list = field(default_factory=list)
-    k_pe: list = field(default_factory=list)
+    c_kv: dict = field(default_factory=dict)
+    k_pe: dict = field(default_factory=dict)
 
     def length(self, layer: int) -> int:
-        return 0 if layer >= len(self.c_kv) else self.c_kv[layer].shape[1]
+        return self.c_kv[layer].shape[1] if layer in self.c_kv else 0
 
     def append(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer == len(self.c_kv):
-            self.c_kv.append(c_kv)
-            self.k_pe.append(k_pe)
+        if layer not in self.c_kv:
+            self.c_kv[layer], self.k_pe[layer] = c_kv, k_pe
         else:
             self.c_kv[layer] = torch.cat([self.c_kv[layer], c_kv], dim=1)
             self.k_pe[layer] = torch.cat([self.k_pe[layer], k_pe], dim=1)
         return self.c_kv[layer], self.k_pe[layer]
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions of every layer (a rejected speculative draft)."""
+        for layer in self.c_kv:
+            self.c_kv[layer] = self.c_kv[layer][:, :length]
+            self.k_pe[layer] = self.k_pe[layer][:, :length]
+
     def bytes_per_token(self, bytes_per_elem: int = 2) -> int:
-        return sum((c.shape[-1] + k.shape[-1]) * bytes_per_elem for c, k in zip(self.c_kv, self.k_pe))
+        return sum((self.c_kv[i].shape[-1] + self.k_pe[i].shape[-1]) * bytes_per_elem for i in self.c_kv)
 
 
 _Q_BLOCK = 256  # queries per block of the flash-style attention (bounds the transient scores to 256 x L per head)
@@ -158,7 +164,13 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(C, cfg.rms_norm_eps)
         self.wkv_b = Linear(C, H * (N + V), fp8)
         self.wo = Linear(H * V, cfg.hidden_size, fp8)
-        self.softmax_scale = (N + R) ** -0.5
+        self.softmax_scale = softmax_scale(cfg)
+
+    def _rope(self, S: int, device, offset: int):
+        if offset + S > self.cfg.max_seq_len:
+            raise ValueError(f"positions {offset}..{offset + S - 1} exceed model.max_seq_len={self.cfg.max_seq_len}: "
+                             f"shorten the sequence (train.seq_len) or raise model.max_seq_len")
+        return rope_cos_sin(S, self.cfg, device, offset)
 
     def _q_down(self) -> Linear:
         return self.wq if self.cfg.q_lora_rank is None else self.wq_a
@@ -169,7 +181,7 @@ class MLA(nn.Module):
         H, N, R, V, C = (self.cfg.num_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim,
                          self.cfg.v_head_dim, self.cfg.kv_lora_rank)
         B, S, _ = kv.shape
-        cos, sin = rope_cos_sin(S, R, self.cfg.rope_theta, kv.device, offset=offset)
+        cos, sin = self._rope(S, kv.device, offset)
         q = q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))
         q = q.view(B, S, H, N + R)
         q = torch.cat([q[..., :N], apply_rope(q[..., N:], cos, sin)], dim=-1)
@@ -200,7 +212,7 @@ class MLA(nn.Module):
         H, N, R, C = self.cfg.num_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim, self.cfg.kv_lora_rank
         B, S, _ = kv.shape
         start = cache.length(layer)
-        cos, sin = rope_cos_sin(S, R, self.cfg.rope_theta, kv.device, offset=start)
+        cos, sin = self._rope(S, kv.device, start)
         q = (q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))).view(B, S, H, N + R)
         q_nope, q_pe = q[..., :N], apply_rope(q[..., N:], cos, sin)
         c_kv = self.kv_norm(kv[..., :C])

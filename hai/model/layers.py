@@ -10,6 +10,8 @@ Shape legend: B batch, S sequence, D hidden, H heads, F ffn width, T tokens (B*S
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,8 @@ from torch import nn
 from hai.model.wgrad import accumulate_wgrad, defer_or_run
 
 __all__ = ["RMSNorm", "Linear", "SwiGLU", "rope_cos_sin", "apply_rope", "rms_norm", "rms_norm_forward",
-           "rms_norm_backward", "swiglu", "swiglu_forward", "swiglu_backward", "cross_entropy"]
+           "rms_norm_backward", "swiglu", "swiglu_forward", "swiglu_backward", "cross_entropy", "rope_inv_freq",
+           "softmax_scale", "yarn_mscale"]
 
 
 # ------------------------------------------------------------------------------------------------------- RMSNorm
@@ -180,12 +183,43 @@ def cross_entropy(logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------- RoPE
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device=None, offset: int = 0) -> tuple[torch.Tensor, ...]:
-    """cos/sin tables of shape (S, dim/2) for positions offset..offset+seq_len-1 (computed in float64, returned f32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+def yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(cfg, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies (float64) of the qk_rope_head_dim dims; with ``rope_factor > 1`` YaRN's
+    (DeepSeek-V2/V3): interpolated by the factor below the correction range, extrapolated above, a linear ramp
+    between (bounds from beta_fast / beta_slow rotations at the original context length)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    if cfg.rope_factor <= 1:
+        return freq
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low)
+            / ((high - low) if high != low else 0.001)).clamp(0, 1)
+    extrapolate = 1.0 - ramp
+    return freq / cfg.rope_factor * (1 - extrapolate) + freq * extrapolate
+
+
+def rope_cos_sin(seq_len: int, cfg, device=None, offset: int = 0) -> tuple[torch.Tensor, ...]:
+    """cos/sin tables (S, R/2) for positions offset..offset+seq_len-1 (float64 angles, returned fp32), scaled by
+    YaRN's attention factor mscale(factor, mscale) / mscale(factor, mscale_all_dim)."""
     pos = torch.arange(offset, offset + seq_len, dtype=torch.float64, device=device)
-    ang = torch.outer(pos, inv_freq)
-    return ang.cos().float(), ang.sin().float()
+    ang = torch.outer(pos, rope_inv_freq(cfg, device))
+    m = yarn_mscale(cfg.rope_factor, cfg.rope_mscale) / yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)
+    return (ang.cos() * m).float(), (ang.sin() * m).float()
+
+
+def softmax_scale(cfg) -> float:
+    """1/sqrt(qk head dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek's definition)."""
+    return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * yarn_mscale(cfg.rope_factor,
+                                                                                cfg.rope_mscale_all_dim) ** 2
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

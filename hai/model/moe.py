@@ -40,11 +40,20 @@ class Route:
     scores: torch.Tensor  # (T, E) fp32 unbiased affinities (carry grad to the router)
 
 
-def group_limited_mask(biased_TE: torch.Tensor, n_group: int, topk_group: int, k: int) -> torch.Tensor:
-    """Boolean (T, E) mask of experts *outside* the topk_group best groups; group score = sum of its top k/topk_group."""
+def group_scores(g_TGe: torch.Tensor, rule: str, k: int, topk_group: int) -> torch.Tensor:
+    """A group's score: ``topk_sum`` the sum of its top k/topk_group, ``sum_top2`` of its top 2 (V3), ``max`` its
+    best expert (V2's group_limited_greedy)."""
+    if rule == "max":
+        return g_TGe.max(dim=-1).values
+    return g_TGe.topk(2 if rule == "sum_top2" else k // topk_group, dim=-1).values.sum(-1)
+
+
+def group_limited_mask(biased_TE: torch.Tensor, n_group: int, topk_group: int, k: int,
+                       rule: str = "topk_sum") -> torch.Tensor:
+    """Boolean (T, E) mask of experts *outside* the topk_group best groups (scored by ``rule``)."""
     T, E = biased_TE.shape
     g = biased_TE.view(T, n_group, E // n_group)
-    group_score_TG = g.topk(k // topk_group, dim=-1).values.sum(-1)
+    group_score_TG = group_scores(g, rule, k, topk_group)
     keep_TG = group_score_TG.topk(topk_group, dim=-1).indices
     drop_TG = torch.ones(T, n_group, dtype=torch.bool, device=biased_TE.device).scatter_(1, keep_TG, False)
     return drop_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
@@ -101,7 +110,8 @@ class Router(nn.Module):
         with torch.no_grad():
             biased = scores_TE.detach() + self.bias
             if cfg.n_group > 1:
-                drop = group_limited_mask(biased, cfg.n_group, cfg.topk_group, cfg.n_activated_experts)
+                drop = group_limited_mask(biased, cfg.n_group, cfg.topk_group, cfg.n_activated_experts,
+                                          cfg.group_scoring)
                 biased = biased.masked_fill(drop, float("-inf"))
             topk_idx_TK = biased.topk(cfg.n_activated_experts, dim=-1).indices
         w_TK = scores_TE.gather(1, topk_idx_TK)
@@ -137,8 +147,9 @@ def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Te
         logits = weight_ED.double() @ x
         s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
         b = s + bias_E.double()
+        top = {"max": 1, "sum_top2": 2}.get(cfg.group_scoring, k // cfg.topk_group)
         groups = sorted(range(cfg.n_group), key=lambda g: -sum(sorted(b[g * per_group:(g + 1) * per_group].tolist(),
-                                                                     reverse=True)[:k // cfg.topk_group]))
+                                                                     reverse=True)[:top]))
         allowed = [e for g in groups[:cfg.topk_group] for e in range(g * per_group, (g + 1) * per_group)]
         chosen = sorted(sorted(allowed, key=lambda e: -b[e].item())[:k])
         w = s[chosen]

@@ -95,6 +95,7 @@ class MTPModule(nn.Module):
 
     def __init__(self, cfg: ModelConfig, depth: int):
         super().__init__()
+        self.embed_first = cfg.mtp_concat == "embed_first"
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.precision == "fp8")
@@ -102,11 +103,16 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.recompute = "none"
 
-    def forward(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> torch.Tensor:
-        if self.recompute == "v3":
-            (x,) = norm_linears([h_prev_BSD, emb_BSD], [self.hnorm, self.enorm], [_op(self.proj)])
+    def forward(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``model.mtp_concat``: the projection's input is [hnorm(h); enorm(e)] (the paper's order) or [enorm(e);
+        hnorm(h)] (the released checkpoints'). ``cache``: decoding (the block keeps its latents under its layer id)."""
+        xs, norms = [h_prev_BSD, emb_BSD], [self.hnorm, self.enorm]
+        if self.embed_first:
+            xs, norms = xs[::-1], norms[::-1]
+        if self.recompute == "v3" and cache is None:
+            (x,) = norm_linears(xs, norms, [_op(self.proj)])
             return self.block(x)
-        return self.block(self.proj(torch.cat([self.hnorm(h_prev_BSD), self.enorm(emb_BSD)], dim=-1)))
+        return self.block(self.proj(torch.cat([n(x) for n, x in zip(norms, xs)], dim=-1)), cache)
 
 
 class Transformer(nn.Module):
@@ -147,7 +153,7 @@ class Transformer(nn.Module):
         S = tokens.shape[1] - 1
         main = self._loss(h_BSD, self.norm, tokens[:, 1:])
         mtp_losses = []
-        h = h_BSD
+        h = self.norm(h_BSD) if self.mtp and self.cfg.mtp_hidden == "post_norm" else h_BSD
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed(tokens[:, k:S])
             h = module(h[:, : S - k], emb)
@@ -163,12 +169,41 @@ class Transformer(nn.Module):
 
     # --- inference ---
     @torch.no_grad()
-    def forward_logits(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits of the main model for tokens (B, S), continuing ``cache`` if given (latent-only KV cache)."""
+    def decode(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last block's output (B, S, D), logits) for tokens (B, S), continuing ``cache`` if given (latent-only KV
+        cache, absorbed decode)."""
         h = self.embed(tokens_BS)
         for layer in self.layers:
             h = layer(h, cache)
-        return self.logits(h)
+        return h, self.logits(h)
+
+    @torch.no_grad()
+    def forward_logits(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits of the main model for tokens (B, S), continuing ``cache`` if given."""
+        return self.decode(tokens_BS, cache)[1]
+
+    @torch.no_grad()
+    def draft_logits(self, h_BSD: torch.Tensor, next_tokens_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """MTP depth 1 on the main model's states h_i (as ``decode`` returns them) and the tokens t_{i+1}: logits for
+        t_{i+2} (the drafts of speculative decoding), continuing the MTP block's entry of ``cache``."""
+        h = self.norm(h_BSD) if self.cfg.mtp_hidden == "post_norm" else h_BSD
+        module = self.mtp[0]
+        return self.logits(module(h, self.embed(next_tokens_BS), cache), module.norm)
+
+    @torch.no_grad()
+    def forward_logits_mtp(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(main logits (B, S, V), per MTP depth k its logits (B, S-k, V)): depth k at position i has seen tokens
+        up to i+k and predicts token i+k+1 (the drafts of speculative decoding)."""
+        h = self.embed(tokens_BS)
+        for layer in self.layers:
+            h = layer(h)
+        main, drafts = self.logits(h), []
+        h = self.norm(h) if self.cfg.mtp_hidden == "post_norm" else h
+        S = tokens_BS.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            h = module(h[:, : S - k], self.embed(tokens_BS[:, k:]))
+            drafts.append(self.logits(h, module.norm))
+        return main, drafts
 
     # --- balancing ---
     def routers(self) -> list[Router]:
