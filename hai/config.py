@@ -248,6 +248,7 @@ class ParallelConfig:
     dispatch: str = "flat"  # flat | hierarchical
     fp8_dispatch: bool = False
     overlap: bool = True  # pp > 1: cut stages at the MoE all-to-alls; FB actions overlap one chunk's with the other's
+    layout: str = ""  # pipeline stages: "" even split | auto (the planner balances) | e.g. "Et*3|t*4|...|t*3Lm"
 
     def __post_init__(self) -> None:
         for key in ("pp", "dp", "ep"):
@@ -403,6 +404,12 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         from hai.hf import apply_init_from
 
         obj = apply_init_from(obj)
+    if obj.parallel.layout == "auto":  # the planner chooses the stages (hai.plan.layout)
+        from hai.parallel.topology import Topology
+        from hai.plan.layout import resolve_auto
+
+        Topology.from_config(obj)
+        obj = resolve_auto(obj)
     return obj
 
 

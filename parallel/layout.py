@@ -21,13 +21,15 @@ the topology validates a layout without importing the pipeline runtime.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
 from hai.config import ConfigError, ModelConfig
 
-__all__ = ["SCHEDULE_NAMES", "PipelineLayout", "stage_layer_split", "stage_layers", "num_stages", "rank_stages",
-           "param_copies", "check_schedule", "module_of"]
+__all__ = ["SCHEDULE_NAMES", "PipelineLayout", "StageSpec", "parse_layout", "default_layout", "layout_text",
+           "stage_layer_split", "stage_layers", "num_stages", "rank_stages", "param_copies", "check_schedule",
+           "module_of"]
 
 SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -116,36 +118,124 @@ def module_of(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class StageSpec:
+    """What one pipeline stage runs: the embedding (E), transformer layers ``layers``, the final norm + head + main
+    loss (L), the MTP modules and their loss (m)."""
+
+    embed: bool
+    layers: range
+    head: bool
+    mtp: bool
+
+    def text(self) -> str:
+        n = len(self.layers)
+        return ("E" if self.embed else "") + ("" if not n else "t" if n == 1 else f"t*{n}") + \
+            ("L" if self.head else "") + ("m" if self.mtp else "")
+
+
+_ITEM = re.compile(r"E|L|m|t(?:\*(\d+))?")
+
+
+def parse_layout(text: str, num_layers: int, mtp_depth: int, n_stages: int) -> tuple[StageSpec, ...]:
+    """``parallel.layout`` (Megatron-style): stages separated by ``|``, each a run of ``E`` (embedding), ``t`` or
+    ``t*N`` (transformer layers), ``L`` (final norm, head and main loss), ``m`` (the MTP modules). E.g. for 61 layers
+    on 16 stages ``Et*2|t*4|...|t*3Lm``. Raises ValueError naming the stage and the fix."""
+    stages = text.replace(" ", "").split("|")
+    if len(stages) != n_stages:
+        raise ValueError(f"parallel.layout={text!r} has {len(stages)} stage(s) but the schedule runs {n_stages}: "
+                         f"give exactly {n_stages} stages separated by '|'")
+    specs, layer = [], 0
+    seen_head = seen_mtp = False
+    for s, part in enumerate(stages):
+        items = [(m.group(0)[0], int(m.group(1) or 1)) for m in _ITEM.finditer(part)]
+        if "".join(m.group(0) for m in _ITEM.finditer(part)) != part or not part:
+            raise ValueError(f"parallel.layout stage {s} is {part!r}: write it with E, t, t*N, L, m (e.g. 't*4' or "
+                             f"'Et*3'); every stage holds at least one of them")
+        kinds = [k for k, _ in items]
+        embed = "E" in kinds
+        if embed and (s != 0 or kinds[0] != "E"):
+            raise ValueError(f"parallel.layout stage {s} ({part!r}): the embedding E must open stage 0")
+        n = sum(c for k, c in items if k == "t")
+        if n and (seen_head or "L" in kinds and kinds.index("L") < max(i for i, k in enumerate(kinds) if k == "t")):
+            raise ValueError(f"parallel.layout stage {s} ({part!r}): transformer layers after L: the final norm and "
+                             f"head follow the last layer")
+        head, mtp = "L" in kinds, "m" in kinds
+        if (head and seen_head) or (mtp and seen_mtp) or kinds.count("L") > 1 or kinds.count("m") > 1:
+            raise ValueError(f"parallel.layout stage {s} ({part!r}): L and m each appear once in the whole layout")
+        if mtp and not (seen_head or head and kinds.index("L") < kinds.index("m")):
+            raise ValueError(f"parallel.layout stage {s} ({part!r}): m (MTP) needs the main model's final state: put "
+                             f"it after L")
+        specs.append(StageSpec(embed, range(layer, layer + n), head, mtp))
+        layer += n
+        seen_head, seen_mtp = seen_head or head, seen_mtp or mtp
+    if not specs[0].embed:
+        raise ValueError(f"parallel.layout={text!r}: stage 0 must start with E (the embedding)")
+    if layer != num_layers:
+        raise ValueError(f"parallel.layout={text!r} places {layer} transformer layers but the model has "
+                         f"model.num_layers={num_layers}: the t counts must add up to {num_layers}")
+    if not seen_head:
+        raise ValueError(f"parallel.layout={text!r} has no L: put the final norm / head / loss (L) on a stage after "
+                         f"the last layer")
+    if seen_mtp != (mtp_depth > 0):
+        raise ValueError(f"parallel.layout={text!r} {'has' if seen_mtp else 'lacks'} m but model.mtp_depth="
+                         f"{mtp_depth}: " + ("add m after L" if mtp_depth else "drop m"))
+    if not (specs[-1].head or specs[-1].mtp):
+        raise ValueError(f"parallel.layout={text!r}: the last stage must compute a loss (end it with L or m)")
+    return tuple(specs)
+
+
+def default_layout(num_layers: int, mtp_depth: int, n_stages: int) -> tuple[StageSpec, ...]:
+    """The even split (:func:`stage_layers`), embedding on the first stage, head and MTP on the last."""
+    ranges = stage_layers(num_layers, n_stages)
+    last = n_stages - 1
+    return tuple(StageSpec(s == 0, r, s == last, s == last and mtp_depth > 0) for s, r in enumerate(ranges))
+
+
+def layout_text(specs: tuple[StageSpec, ...]) -> str:
+    return "|".join(sp.text() for sp in specs)
+
+
+@dataclass(frozen=True)
 class PipelineLayout:
     schedule: str
     pp: int
     num_layers: int
     mtp_depth: int
+    text: str = ""  # parallel.layout ("" = the even split)
 
     @classmethod
-    def from_config(cls, model: ModelConfig, schedule: str, pp: int) -> "PipelineLayout":
-        return cls(schedule if pp > 1 else "1f1b", pp, model.num_layers, model.mtp_depth)
+    def from_config(cls, model: ModelConfig, schedule: str, pp: int, text: str = "") -> "PipelineLayout":
+        if text == "auto":
+            raise ValueError("parallel.layout=auto must be resolved by the planner first (hai.plan.layout.resolve)")
+        return cls(schedule if pp > 1 else "1f1b", pp, model.num_layers, model.mtp_depth, text)
 
     @cached_property
     def n_stages(self) -> int:
         return num_stages(self.schedule, self.pp) if self.pp > 1 else 1
 
     @cached_property
+    def specs(self) -> tuple[StageSpec, ...]:
+        if self.text:
+            return parse_layout(self.text, self.num_layers, self.mtp_depth, self.n_stages)
+        return default_layout(self.num_layers, self.mtp_depth, self.n_stages)
+
+    @cached_property
     def layers(self) -> tuple[range, ...]:
-        return tuple(stage_layers(self.num_layers, self.n_stages))
+        return tuple(sp.layers for sp in self.specs)
 
     def rank_stages(self, rank: int) -> tuple[int, ...]:
         return rank_stages(self.schedule, self.pp, rank) if self.pp > 1 else (0,)
 
     def stage_modules(self, stage: int) -> set[str]:
-        """Top-level modules (``module_of`` names) the stage uses."""
-        mods = {f"layers.{i}" for i in self.layers[stage]}
-        if stage == 0:
+        """Top-level modules (``module_of`` names) the stage uses (MTP re-embeds and shares the head)."""
+        sp = self.specs[stage]
+        mods = {f"layers.{i}" for i in sp.layers}
+        if sp.embed:
             mods.add("embed")
-        if stage == self.n_stages - 1:
+        if sp.head:
             mods |= {"norm", "head"}
-            if self.mtp_depth:
-                mods |= {"mtp", "embed"}
+        if sp.mtp:
+            mods |= {"mtp", "embed", "head"} | ({"norm"} if self.mtp_depth else set())
         return mods
 
     def rank_modules(self, rank: int) -> set[str]:
@@ -155,3 +245,11 @@ class PipelineLayout:
         """Pipeline ranks holding the parameter (or module) ``name``."""
         unit = module_of(name)
         return tuple(r for r in range(self.pp) if unit in self.rank_modules(r))
+
+    def describe(self) -> str:
+        return layout_text(self.specs)
+
+    def rank_labels(self) -> dict[int, str]:
+        """Row names for traces and Gantt charts: each rank with the stages it holds, e.g. ``rank 0: Et + t*2Lm``."""
+        return {r: f"rank {r}: " + " + ".join(self.specs[s].text() for s in self.rank_stages(r))
+                for r in range(self.pp)}

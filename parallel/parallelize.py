@@ -94,7 +94,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, mesh=None, rank: 
     (the process groups exist), also swap in the expert-parallel dispatcher and create the copy groups (a
     collective: every rank calls it); without, the model is laid out for accounting only."""
     coords = topo.coords(rank)
-    layout = PipelineLayout.from_config(cfg.model, cfg.parallel.schedule, topo.pp)
+    layout = PipelineLayout.from_config(cfg.model, cfg.parallel.schedule, topo.pp, cfg.parallel.layout)
     split_model(model, layout.rank_modules(coords["pp"]))
     if topo.ep > 1:
         from hai.parallel.expert import EPDispatcher, shard_experts

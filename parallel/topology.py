@@ -173,3 +173,17 @@ def _check_batch(cfg: Config) -> None:
             raise ConfigError(f"parallel.schedule={p.schedule} with parallel.pp={p.pp} and {n_micro} micro-batches "
                               f"per rank (train.global_batch_size / (dp x micro_batch_size)): {e}") from None
         stage_layer_split(cfg.model.num_layers, num_stages(p.schedule, p.pp))
+    _check_layout(cfg)
+
+
+def _check_layout(cfg: Config) -> None:
+    """An explicit parallel.layout parses and fits the model and the schedule (auto is resolved by the planner)."""
+    from hai.parallel.layout import PipelineLayout
+
+    p = cfg.parallel
+    if p.layout in ("", "auto"):
+        return
+    try:
+        PipelineLayout.from_config(cfg.model, p.schedule, p.pp, p.layout).specs
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

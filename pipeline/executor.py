@@ -45,9 +45,10 @@ __all__ = ["PipelineExecutor"]
 @dataclass
 class _Slot:
     inp: torch.Tensor | None = None  # stage input (detached, requires grad) or tokens for stage 0
-    out: object = None  # stage output (hidden state, or LossOutput at the last stage)
+    out: object = None  # the stage's hidden state (handed to the next stage, if any)
+    loss: torch.Tensor | None = None  # the stage's loss (main and / or lambda * MTP), if the layout gives it one
     grad_out: torch.Tensor | None = None  # gradient received for `out`
-    losses: tuple | None = None  # (main, mtp) detached, at the last stage
+    losses: tuple | None = None  # (main, mtp) detached, on the stages computing them
     inp_grad: torch.Tensor | None = None  # gradient of `inp`, to send to the previous stage
     tape: Tape | PlainTape | None = None  # the forward's record until its backward
 
@@ -66,7 +67,8 @@ class PipelineExecutor:
         self.act_dtype, self.device = act_dtype, torch.device(device)  # the wire format of activations/gradients
         self.n_stages = layout.n_stages
         self.stages = layout.rank_stages(pp_rank)
-        self.layers = layout.layers
+        self.layers, self.specs = layout.layers, layout.specs
+        self.layout_text, self.rank_labels = layout.describe(), layout.rank_labels()
         schedules = build_schedule(self.name, self.pp, n_micro)
         self.actions = add_send_recv(schedules)[pp_rank]
         self.owner = self._stage_owners(schedules)
@@ -97,38 +99,45 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ stage compute
     def _forward_gen(self, stage: int, mb: int, slots, tokens):
-        """A stage chunk's forward, on a tape cut at the MoE seams (overlap: yields at each) or as one graph."""
+        """A stage chunk's forward, on a tape cut at the MoE seams (overlap: yields at each) or as one graph: what
+        the layout gives the stage (embedding, layers, main loss, MTP loss), its hidden state handed on."""
         slot = slots.setdefault((stage, mb), _Slot())
+        spec = self.specs[stage]
         tape = slot.tape = Tape() if self.overlap else PlainTape()
-        if stage == 0:
+        if spec.embed:
             tape.begin()
             h = self.model.embed(tokens[mb][:, :-1])
             tape.end(h)
         else:
             h = slot.inp
-        for i in self.layers[stage]:
+        for i in spec.layers:
             h = yield from block_forward(self.model.layers[i], h, tape)
-        if stage == self.n_stages - 1:
-            (h,) = tape.begin(h)
-            slot.out = self.model.head_loss(h, tokens[mb])
-            tape.end(slot.out.loss)
-            slot.losses = (slot.out.main_loss, slot.out.mtp_loss)
-        else:
-            slot.out = h
+        if spec.head or spec.mtp:
+            (hh,) = tape.begin(h)
+            main = self.model.main_loss(hh, tokens[mb]) if spec.head else None
+            mtp = self.model.mtp_loss(hh, tokens[mb]) if spec.mtp else None
+            parts = [x for x in (main, None if mtp is None else self.model.cfg.mtp_lambda * mtp) if x is not None]
+            slot.loss = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            tape.end(slot.loss)
+            zero = slot.loss.detach().new_zeros(())
+            slot.losses = (zero if main is None else main.detach(), zero if mtp is None else mtp.detach())
+        slot.out = h
         nxt = (stage + 1, mb)
         if stage < self.n_stages - 1 and self.owner.get(nxt) == self.pp_rank:  # next stage is local (V turn)
             slots.setdefault(nxt, _Slot()).inp = h.detach().requires_grad_()
 
     def _backward_gen(self, stage: int, mb: int, slots, split: bool):
-        """A stage chunk's backward; ``split``: weight gradients deferred to the store under (stage, mb)."""
+        """A stage chunk's backward; ``split``: weight gradients deferred to the store under (stage, mb). Roots: the
+        stage's loss (if it has one) and the gradient of the state it handed on (if a stage follows)."""
         slot = slots[(stage, mb)]
-        if stage == self.n_stages - 1:
-            root = (slot.out.loss, torch.full_like(slot.out.loss, self.loss_scale))
-        else:
-            root = (slot.out, slot.grad_out)
+        roots = []
+        if slot.loss is not None:
+            roots.append((slot.loss, torch.full_like(slot.loss, self.loss_scale)))
+        if stage < self.n_stages - 1:
+            roots.append((slot.out, slot.grad_out))
         self.store.recording = split
         try:
-            yield from slot.tape.backward([root])
+            yield from slot.tape.backward(roots)
         finally:
             self.store.recording = False
         if split:
@@ -137,7 +146,7 @@ class PipelineExecutor:
             slot.inp_grad = slot.tape.grad(slot.inp)
             if self.owner.get((stage - 1, mb)) == self.pp_rank:
                 slots[(stage - 1, mb)].grad_out = slot.inp_grad
-        slot.out = slot.inp = slot.tape = None  # free the activations
+        slot.out = slot.inp = slot.tape = slot.loss = None  # free the activations
 
     def _compute(self, a: Action, slots, tokens) -> None:
         if a.kind is Kind.F:
@@ -164,7 +173,8 @@ class PipelineExecutor:
         for stage > 0. Collective: the stage's EP peers must run it too."""
         slots = {(stage, 0): _Slot(inp=inp)}
         run_fb(self._forward_gen(stage, 0, slots, [tokens]), iter(()))
-        return slots[(stage, 0)].out
+        slot = slots[(stage, 0)]
+        return slot.out if slot.loss is None else (slot.out, slot.loss)
 
     # ------------------------------------------------------------------ P2P
     def _tag(self, a: Action) -> int:
@@ -252,9 +262,8 @@ class PipelineExecutor:
 
     def _loss_sums(self, slots) -> torch.Tensor:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        last = self.n_stages - 1
-        for (stage, _), slot in slots.items():
-            if stage == last and slot.losses is not None:
+        for slot in slots.values():
+            if slot.losses is not None:
                 sums += torch.stack([slot.losses[0].double(), slot.losses[1].double()])
         return sums
 
@@ -268,5 +277,7 @@ class PipelineExecutor:
         if out_dir is None or self.group is None or dist.get_rank(self.group) != 0:
             return
         events = [e for part, _ in gathered for e in part]
-        save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6, marks=[m for _, ms in gathered for m in ms])
-        save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step (s)")
+        save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6, marks=[m for _, ms in gathered for m in ms],
+                          rank_labels=self.rank_labels)
+        save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step (s)\n"
+                       f"layout {self.layout_text}", rank_labels=self.rank_labels)

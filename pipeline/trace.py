@@ -8,7 +8,7 @@ too when present (as thin bars).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from hai.pipeline.schedules import Action, Kind
 
@@ -42,12 +42,14 @@ def _args(a: Action) -> dict:
 
 
 def to_chrome_trace(timeline: Sequence[Event], unit_us: float = 1000.0,
-                    marks: Sequence[tuple[int, float, str]] = ()) -> dict:
+                    marks: Sequence[tuple[int, float, str]] = (), rank_labels: Mapping[int, str] | None = None) -> dict:
     """Trace Event Format: one complete ("X") event per action, ``pid`` = rank; ``unit_us`` µs per timeline unit.
-    ``marks`` (rank, time, name) become instant events on their own track (the overlapped F&B's seams)."""
+    ``marks`` (rank, time, name) become instant events on their own track (the overlapped F&B's seams);
+    ``rank_labels`` name the rows (``PipelineLayout.rank_labels``: the stages each rank holds)."""
+    labels = rank_labels or {}
     events: list[dict] = []
     for rank in sorted({e.rank for e in timeline}):
-        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": labels.get(rank, f"rank {rank}")}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
     for e in timeline:
         events.append({
@@ -63,11 +65,11 @@ def to_chrome_trace(timeline: Sequence[Event], unit_us: float = 1000.0,
 
 
 def save_chrome_trace(timeline: Sequence[Event], path: str | Path, unit_us: float = 1000.0,
-                      marks: Sequence[tuple[int, float, str]] = ()) -> Path:
+                      marks: Sequence[tuple[int, float, str]] = (), rank_labels: Mapping[int, str] | None = None) -> Path:
     import json
 
     path = Path(path)
-    path.write_text(json.dumps(to_chrome_trace(timeline, unit_us, marks)))
+    path.write_text(json.dumps(to_chrome_trace(timeline, unit_us, marks, rank_labels)))
     return path
 
 
@@ -89,8 +91,10 @@ def _draw_rank(ax, rank: int, events: list[Event], min_label: float) -> None:
             ax.text(e.start + dur / 2, rank, _label(e.action), ha="center", va="center", fontsize=6, color="white")
 
 
-def save_gantt_png(timeline: Sequence[Event], path: str | Path, title: str = "") -> Path:
-    """Gantt chart: one row per rank (rank 0 on top), bars coloured by kind and labelled with micro-batch ids."""
+def save_gantt_png(timeline: Sequence[Event], path: str | Path, title: str = "",
+                   rank_labels: Mapping[int, str] | None = None) -> Path:
+    """Gantt chart: one row per rank (rank 0 on top), bars coloured by kind and labelled with micro-batch ids;
+    ``rank_labels`` name the rows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -102,7 +106,7 @@ def save_gantt_png(timeline: Sequence[Event], path: str | Path, title: str = "")
     ax = fig.add_subplot()
     for r in ranks:
         _draw_rank(ax, r, [e for e in timeline if e.rank == r], min_label=span / 150)
-    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.set_yticks(ranks, [(rank_labels or {}).get(r, f"rank {r}") for r in ranks])
     ax.set_ylim(max(ranks, default=0) + 0.6, -0.6)
     ax.set_xlim(0, span)
     ax.set_xlabel("time")

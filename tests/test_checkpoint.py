@@ -221,3 +221,18 @@ def test_pipeline_checkpoint_resumes_and_reshards(tmp_path):
     run_ranks(fit_rank, 2, pp_overrides(1, 2, tmp_path / "c", f"resume={ck}"))
     got = losses(tmp_path / "c")
     assert all(math.isclose(got[s], ref[s], rel_tol=1e-5) for s in (5, 6)), (got, ref)
+
+
+def test_checkpoint_moves_between_pipeline_layouts(tmp_path):
+    """Saved under pp=2 1F1B with parallel.layout=Et*3|tLm (3 layers on stage 0), resumed under pp=2 DualPipe with
+    Et|t*3Lm (the other way round): keys name the reference model's parameters, so any stage split reads any
+    other's checkpoint and training continues on the uninterrupted run's losses."""
+    run_ranks(fit_rank, 2, overrides(1, tmp_path / "a", "parallel.schedule=1f1b", "parallel.layout=Et*3|tLm",
+                                     "train.save_every=4", pp=2))
+    ref = losses(tmp_path / "a")
+    ck = tmp_path / "a" / "checkpoints" / "step_00000004"
+    run_ranks(fit_rank, 2, overrides(1, tmp_path / "b", "parallel.schedule=dualpipe", "parallel.layout=Et|t*3Lm",
+                                     f"resume={ck}", pp=2))
+    got = losses(tmp_path / "b")
+    assert sorted(got) == [5, 6]
+    assert all(math.isclose(got[s], ref[s], rel_tol=1e-5) for s in (5, 6)), (got, ref)

@@ -47,6 +47,36 @@ def test_bad_layout_messages(overrides, fragment):
     assert fragment in str(e.value)
 
 
+LAYOUT_BASE = ["cluster.gpus_per_node=2", "parallel.dp=1", "parallel.pp=2", "model.num_layers=4"]
+
+
+@pytest.mark.parametrize("layout, fragment", [
+    ("Et*4Lm", "has 1 stage(s) but the schedule runs 2: give exactly 2 stages separated by '|'"),
+    ("Et*3|t*2Lm", "places 5 transformer layers but the model has model.num_layers=4: the t counts must add up to 4"),
+    ("tE*3|tLm", "stage 0 is 'tE*3': write it with E, t, t*N, L, m"),
+    ("t*3|EtLm", "stage 1 ('EtLm'): the embedding E must open stage 0"),
+    ("Et*3|tmL", "stage 1 ('tmL'): m (MTP) needs the main model's final state: put it after L"),
+    ("Et*3|Lmt", "stage 1 ('Lmt'): transformer layers after L"),
+    ("Et*2L|t*2m", "stage 1 ('t*2m'): transformer layers after L"),
+    ("Et*3|tL", "lacks m but model.mtp_depth=1: add m after L"),
+    ("Et*3|t", "has no L: put the final norm / head / loss (L) on a stage after the last layer"),
+])
+def test_bad_pipeline_layout_messages(layout, fragment):
+    with pytest.raises(ConfigError) as e:
+        Topology.from_config(compose(["cluster=cpu1", "parallel=single", *LAYOUT_BASE, f"parallel.layout={layout}"]))
+    assert fragment in str(e.value) and "parallel.layout" in str(e.value)
+
+
+def test_pipeline_layout_accepts_uneven_stages():
+    from hai.parallel.layout import PipelineLayout, StageSpec
+
+    cfg = compose(["cluster=cpu1", "parallel=single", *LAYOUT_BASE, "parallel.layout=E|t*4Lm"])
+    Topology.from_config(cfg)
+    lay = PipelineLayout.from_config(cfg.model, cfg.parallel.schedule, 2, cfg.parallel.layout)
+    assert lay.specs == (StageSpec(True, range(0, 0), False, False), StageSpec(False, range(0, 4), True, True))
+    assert lay.describe() == "E|t*4Lm"
+
+
 def test_cli_reports_config_errors(capsys):
     assert main(["train", "train.micro_batch_size=3"]) == 2
     err = capsys.readouterr().err

@@ -78,6 +78,17 @@ LAYOUTS = {
                                     "parallel.schedule=dualpipe", "train.micro_batch_size=1", "train.recompute=v3"]),
     "pp2_dp2_ep2_zb1p": (4, ["cluster.gpus_per_node=4", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
                              "parallel.schedule=zb1p", "train.micro_batch_size=1"]),
+    # explicit stage layouts (parallel.layout): uneven stages, the embedding alone, MTP on a stage of its own
+    "pp2_1f1b_layout_uneven": (2, ["cluster.gpus_per_node=2", "parallel.pp=2", "parallel.schedule=1f1b",
+                                   "parallel.layout=Et*3|tLm"]),
+    "pp2_1f1b_layout_mtp_alone": (2, ["cluster.gpus_per_node=2", "parallel.pp=2", "parallel.schedule=1f1b",
+                                      "parallel.layout=Et*4L|m"]),
+    "pp2_dualpipe_layout_uneven": (2, ["cluster.gpus_per_node=2", "parallel.pp=2", "parallel.schedule=dualpipe",
+                                       "parallel.layout=Et|t*3Lm"]),
+    "pp4_1f1b_layout_embed_alone": (4, ["cluster.gpus_per_node=4", "parallel.pp=4", "parallel.schedule=1f1b",
+                                        "parallel.layout=E|t*2|t*2|Lm"]),
+    "pp4_dualpipe_layout_mtp_alone": (4, ["cluster.gpus_per_node=4", "parallel.pp=4", "parallel.schedule=dualpipe",
+                                          "train.micro_batch_size=1", "parallel.layout=Et|t|t*2L|m"]),
     "pp2_dp4_ep4_dualpipe": (8, ["cluster.nodes=4", "cluster.gpus_per_node=2", "parallel.pp=2", "parallel.dp=4",
                                  "parallel.ep=4", "parallel.schedule=dualpipe", "train.global_batch_size=16",
                                  "train.micro_batch_size=1", "parallel.node_limit=1",
@@ -151,10 +162,12 @@ def _fit(rank, world, overrides):
 def test_executed_timeline_is_written(tmp_path):
     import json
 
-    _, overrides = LAYOUTS["pp2_dualpipe"]
+    _, overrides = LAYOUTS["pp2_dualpipe_layout_uneven"]
     run_ranks(_fit, 2, [*overrides, f"out_dir={tmp_path}", "train.steps=1", "train.progress=false"])
     trace = json.loads((tmp_path / "trace.json").read_text())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert names == {0: "rank 0: Et + t*3Lm", 1: "rank 1: t*3Lm + Et"}  # DualPipe: rank r holds stages r, PP-1-r
     assert {e["pid"] for e in spans} == {0, 1}
     # every micro-batch ran forward on both stages: 4 micro-batches x 2 stages (FB pairs count their forward)
     forwards = sum(e["name"].count("F") for e in spans if "SEND" not in e["name"] and "RECV" not in e["name"])

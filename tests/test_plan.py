@@ -114,7 +114,9 @@ def test_v3_plan(tmp_path):
     assert 100 < th["tokens_per_s_per_gpu"] < 20000 and 0.01 < th["mfu_bf16"] < 1
     assert th["flops_per_token"] == pytest.approx(250e9, rel=0.01)
     names = [row["variant"] for row in r["comparisons"]]
-    assert names[1:] == ["schedule=1f1b", "node_limit=unlimited", "GEMMs in bf16"]
+    assert names[1:4] == ["schedule=1f1b", "node_limit=unlimited", "GEMMs in bf16"]
+    assert len(names) == 5 and names[4].startswith("parallel.layout=auto (Et")  # what the planner's stages give
+    assert r["comparisons"][4]["tokens_per_s_per_gpu"] > th["tokens_per_s_per_gpu"]
     assert r["published_check"]["ratio_plan_over_published"]["tokens_per_s_per_gpu"] > 0
 
 
@@ -320,3 +322,27 @@ def test_constructing_a_rank_allocates_only_its_share():
     whole_fp32 = 4 * (counts["total_params"] + counts["mtp_params"])
     assert got["peak"] <= share + 4 * got["largest"] + 32e6, (got, share)
     assert got["peak"] < 0.7 * whole_fp32, (got, whole_fp32)
+
+
+def test_v3_auto_layout_balances_the_ranks_and_fits(tmp_path, capsys):
+    """parallel.layout=auto on the V3 layout: the busiest rank's compute within 1.1x the mean (the even split is
+    ~1.39x), every rank fits 80 GB, the step is faster than the even split's, and the printed layout pins it."""
+    from hai.parallel.layout import parse_layout
+
+    assert main(["plan", *V3, "parallel.layout=auto", "output=json", f"out_dir={tmp_path}"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    text, st = r["layout"]["stages"], r["step"]
+    specs = parse_layout(text, 61, 1, 16)  # valid in the layout syntax, 61 layers once each
+    assert [s for sp in specs for s in sp.layers] == list(range(61))
+    assert st["busiest_over_mean_compute"] <= 1.1 and r["memory"]["fits"]
+    loads = st["rank_compute_s"]  # DualPipe: rank r holds stages r and 15-r, so the loads are mirror images
+    assert loads == pytest.approx(loads[::-1])
+    even = next(x for x in r["comparisons"] if x["variant"] == "parallel.layout= (even split)")
+    assert even["tokens_per_s_per_gpu"] * 1.15 < r["throughput"]["tokens_per_s_per_gpu"]
+    trace = json.loads((tmp_path / "trace.json").read_text())  # the trace's rows name each rank's stages
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert names[0] == f"rank 0: {specs[0].text()} + {specs[15].text()}"
+    assert main(["plan", *V3, f"parallel.layout={text}", "output=json"]) == 0  # pinned: the same plan
+    pinned = json.loads(capsys.readouterr().out)
+    assert pinned["step"]["step_time_s"] == pytest.approx(st["step_time_s"])
+    assert pinned["memory"]["total"] == pytest.approx(r["memory"]["total"])

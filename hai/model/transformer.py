@@ -148,17 +148,24 @@ class Transformer(nn.Module):
             logits = self.head(norm(h_BSD))
         return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
-    def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
-        """Main next-token loss on the last block's output, plus the MTP losses (which re-use embed and head)."""
+    def main_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of the last block's output."""
+        return self._loss(h_BSD, self.norm, tokens[:, 1:])
+
+    def mtp_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean over MTP depths of their losses, from the last block's output (which re-uses embed and head)."""
         S = tokens.shape[1] - 1
-        main = self._loss(h_BSD, self.norm, tokens[:, 1:])
-        mtp_losses = []
-        h = self.norm(h_BSD) if self.mtp and self.cfg.mtp_hidden == "post_norm" else h_BSD
+        h = self.norm(h_BSD) if self.cfg.mtp_hidden == "post_norm" else h_BSD
+        losses = []
         for k, module in enumerate(self.mtp, start=1):
-            emb = self.embed(tokens[:, k:S])
-            h = module(h[:, : S - k], emb)
-            mtp_losses.append(self._loss(h, module.norm, tokens[:, k + 1:S + 1]))
-        mtp = torch.stack(mtp_losses).mean() if mtp_losses else main.new_zeros(())
+            h = module(h[:, : S - k], self.embed(tokens[:, k:S]))
+            losses.append(self._loss(h, module.norm, tokens[:, k + 1:S + 1]))
+        return torch.stack(losses).mean()
+
+    def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
+        """Main next-token loss plus lambda x the MTP losses."""
+        main = self.main_loss(h_BSD, tokens)
+        mtp = self.mtp_loss(h_BSD, tokens) if self.mtp else main.new_zeros(())
         return LossOutput(main + self.cfg.mtp_lambda * mtp, main.detach(), mtp.detach())
 
     def forward(self, tokens: torch.Tensor) -> LossOutput:

@@ -20,12 +20,11 @@ from math import comb
 
 from hai.plan.accounting import attention_params
 from hai.config import Config, ModelConfig
-from hai.pipeline.schedules import num_stages
-from hai.parallel.layout import stage_layers
+from hai.parallel.layout import PipelineLayout, StageSpec
 from hai.plan.memory import StageParams, is_moe_layer, rank_params
 
 __all__ = ["GEMM_EFFICIENCY", "ATTENTION_EFFICIENCY", "B_OVER_F", "W_OVER_F", "expected_nodes", "ep_rows",
-           "chunk_flops", "chunk_compute_s", "chunk_comm", "zero1_bytes", "p2p_bytes_per_chunk"]
+           "chunk_flops", "chunk_compute_s", "spec_flops", "spec_compute_s", "chunk_comm", "zero1_bytes", "p2p_bytes_per_chunk"]
 
 GEMM_EFFICIENCY = 0.6  # achieved fraction of peak for GEMMs (DeepGEMM best ~0.78 of FP8 peak; in-model shapes lower)
 ATTENTION_EFFICIENCY = 0.4  # achieved fraction of BF16 peak for the attention core (FlashAttention-class kernels)
@@ -65,15 +64,23 @@ def _active_block(m: ModelConfig, moe: bool) -> tuple[int, int]:
 
 
 def chunk_flops(cfg: Config, stage: int) -> dict:
-    """Forward FLOPs of one chunk, split into FP8-eligible GEMMs, BF16 GEMMs and the attention core."""
+    """Forward FLOPs of one chunk (what the layout gives the stage), split into FP8-eligible GEMMs, BF16 GEMMs and
+    the attention core."""
+    p = cfg.parallel
+    return spec_flops(cfg, PipelineLayout.from_config(cfg.model, p.schedule, p.pp, p.layout).specs[stage])
+
+
+def spec_flops(cfg: Config, sp: StageSpec) -> dict:
+    """Forward FLOPs of one micro-batch through what ``sp`` holds."""
     m, t = cfg.model, cfg.train
     S, T = t.seq_len, t.micro_batch_size * t.seq_len
-    n_st = num_stages(cfg.parallel.schedule, cfg.parallel.pp)
-    blocks = [is_moe_layer(m, i) for i in stage_layers(m.num_layers, n_st)[stage]]
+    blocks = [is_moe_layer(m, i) for i in sp.layers]
     gemm = bf16 = 0.0
-    if stage == n_st - 1:
+    if sp.head:
+        bf16 += m.vocab_size * m.hidden_size  # head, kept in bf16
+    if sp.mtp:
         blocks += [m.is_moe] * m.mtp_depth
-        bf16 += (1 + m.mtp_depth) * m.vocab_size * m.hidden_size  # head (+ MTP heads), kept in bf16
+        bf16 += m.mtp_depth * m.vocab_size * m.hidden_size  # the MTP heads (shared weights)
         gemm += m.mtp_depth * 2 * m.hidden_size ** 2  # MTP projection
     for moe in blocks:
         a, router = _active_block(m, moe)
@@ -85,7 +92,13 @@ def chunk_flops(cfg: Config, stage: int) -> dict:
 
 def chunk_compute_s(cfg: Config, stage: int) -> float:
     """Forward seconds of one chunk under the roofline assumptions."""
-    c, fl = cfg.cluster, chunk_flops(cfg, stage)
+    p = cfg.parallel
+    return spec_compute_s(cfg, PipelineLayout.from_config(cfg.model, p.schedule, p.pp, p.layout).specs[stage])
+
+
+def spec_compute_s(cfg: Config, sp: StageSpec) -> float:
+    """Forward seconds of one micro-batch through what ``sp`` holds (roofline)."""
+    c, fl = cfg.cluster, spec_flops(cfg, sp)
     gemm_peak = c.peak_tflops_fp8 if cfg.model.precision == "fp8" else c.peak_tflops_bf16
     t = fl["gemm"] / (gemm_peak * 1e12 * GEMM_EFFICIENCY)
     t += fl["gemm_bf16"] / (c.peak_tflops_bf16 * 1e12 * GEMM_EFFICIENCY)

@@ -33,6 +33,7 @@ def _layout(r: dict) -> str:
         ("parallelism", f"pp={lay['pp']} dp={lay['dp']} ep={lay['ep']} edp={lay['edp']} schedule={lay['schedule']} "
                         f"node_limit={lay['node_limit'] or 'unlimited'} dispatch={lay['dispatch']} "
                         f"fp8_dispatch={lay['fp8_dispatch']} precision={lay['precision']}"),
+        ("stages (parallel.layout)", lay["stages"]),
         ("batch", f"global {lay['global_batch_size']} x seq {lay['seq_len']}; micro-batch {lay['micro_batch_size']} "
                   f"seq; {lay['micro_batches']} micro-batches per pipeline per step"),
         ("topology", mesh),
@@ -103,6 +104,8 @@ def _step(r: dict) -> str:
                      f"peak activations "
                      f"{p['peak_activations']} micro-batches"),
         ("stage forward compute", " ".join(_t(x) for x in s["stage_F_compute_s"])),
+        ("rank compute per step", " ".join(_t(x) for x in s["rank_compute_s"])
+         + f"  (busiest / mean {s['busiest_over_mean_compute']:.3f})"),
         (f"step on busiest rank {s['busiest_rank']}", f"compute {_t(s['compute_s'])} + exposed EP comm {_t(s['exposed_comm_s'])} + "
                            f"idle {_t(s['bubble_s'])} + ZeRO-1/copy sync {_t(s['zero1_s'])}"),
         ("predicted step time", _t(s['step_time_s'])),
@@ -114,9 +117,10 @@ def _step(r: dict) -> str:
 
 
 def _comparisons(rows: list[dict]) -> str:
-    out = ["== comparisons", f"  {'variant':<44} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>7} {'mem GB':>8}  fits"]
+    w = max([44, *(len(x["variant"]) for x in rows)])
+    out = ["== comparisons", f"  {'variant':<{w}} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>7} {'mem GB':>8}  fits"]
     for x in rows:
-        out.append(f"  {x['variant']:<44} {x['step_time_s']:>8.3f} {x['tokens_per_s_per_gpu']:>10,.0f} "
+        out.append(f"  {x['variant']:<{w}} {x['step_time_s']:>8.3f} {x['tokens_per_s_per_gpu']:>10,.0f} "
                    f"{100 * x['mfu_bf16']:>6.1f}% {x['memory_gb']:>8.1f}  {x['fits']}")
     return "\n".join(out)
 

@@ -116,7 +116,7 @@ def unit_params(m: ModelConfig, unit: str, ep: int) -> UnitParams:
 
 
 def _layout(cfg: Config) -> PipelineLayout:
-    return PipelineLayout.from_config(cfg.model, cfg.parallel.schedule, cfg.parallel.pp)
+    return PipelineLayout.from_config(cfg.model, cfg.parallel.schedule, cfg.parallel.pp, cfg.parallel.layout)
 
 
 def rank_units(cfg: Config, rank: int) -> list[str]:
@@ -247,32 +247,46 @@ def layer_act_bytes(m: ModelConfig, moe: bool, recompute: str, S: int, B: int) -
     return sum(b for _, _, b in act_items(m, moe, recompute, S, B))
 
 
-def _head_bytes(m: ModelConfig, recompute: str, S: int, B: int) -> float:
-    """Per token: final norm (+ its output when not recomputed), logits + lse + targets, per MTP depth the input
-    norms, projection input, its block and its own head."""
+def _main_head_bytes(m: ModelConfig, recompute: str) -> float:
+    """Per token, the L item: the final norm's input (+ rstd and its output, the head's input, unless recomputed),
+    the logits (in the head's dtype), their fp32 log-sum-exp and the int64 targets."""
+    D, V, a = m.hidden_size, m.vocab_size, act_bytes(m)
+    return D * a + (0 if recompute == "v3" else 4 + D * a) + V * a + 4 + 8
+
+
+def _mtp_bytes(m: ModelConfig, recompute: str, S: int, B: int, shares_h: bool) -> float:
+    """Per token, the m item (depth k over S-k positions): its input state (the main model's, normed again under
+    ``mtp_hidden=post_norm``; shared with L's when both sit on the stage), the embedding of the shifted tokens, the
+    two norms and the projection's input unless recomputed, the MTP block, its final norm, head and loss."""
     D, V, a, fp8 = m.hidden_size, m.vocab_size, act_bytes(m), m.precision == "fp8"
-    keep_norm_out = recompute != "v3"
-    loss = V * a + 4 + 8  # logits (head output dtype), fp32 log-sum-exp, int64 targets
-    total = D * a + (4 + D * a if keep_norm_out else 0) + loss
+    keep = recompute != "v3"
+    total = 0.0
     for k in range(1, m.mtp_depth + 1):
-        frac = (S - k) / S
-        mtp = D * a + (4 + 4 + (fp8_bytes(2 * D) if fp8 else 2 * D * a) if keep_norm_out else 0)  # emb; rstds, proj
-        mtp += layer_act_bytes(m, m.is_moe, recompute, S, B) + D * a + (4 + D * a if keep_norm_out else 0) + loss
-        total += frac * mtp
+        h_in = 0.0
+        if k == 1 and m.mtp_hidden == "post_norm":
+            h_in = 4 + D * a  # the extra final-norm pass: its rstd and output
+        elif k == 1 and not shares_h:
+            h_in = D * a
+        x = h_in + D * a + (8 + (fp8_bytes(2 * D) if fp8 else 2 * D * a) if keep else 0)
+        x += layer_act_bytes(m, m.is_moe, recompute, S, B) + D * a + (4 + D * a if keep else 0) + V * a + 4 + 8
+        total += (S - k) / S * x
     return total
 
 
 def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> float:
-    """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk."""
+    """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk, as the
+    layout gives it (embedding, layers, L, m)."""
     m, t = cfg.model, cfg.train
     mode = recompute or t.recompute
-    lay = _layout(cfg)
+    sp = _layout(cfg).specs[stage]
     S, B = t.seq_len, t.micro_batch_size
-    per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), mode, S, B) for i in lay.layers[stage])
-    if stage == 0:
-        per_token += 8 * (S + 1) / S  # token ids (int64) kept by the embedding
-    if stage == lay.n_stages - 1:
-        per_token += _head_bytes(m, mode, S, B) + (8 * (S + 1) / S if stage != 0 and m.mtp_depth else 0)
+    per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), mode, S, B) for i in sp.layers)
+    if sp.embed or sp.mtp:
+        per_token += 8 * (S + 1) / S  # token ids (int64) kept by the embedding (once per stage)
+    if sp.head:
+        per_token += _main_head_bytes(m, mode)
+    if sp.mtp:
+        per_token += _mtp_bytes(m, mode, S, B, shares_h=sp.head and m.mtp_hidden == "pre_norm")
     return per_token * B * S
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hai.plan.accounting import train_flops_per_token
-from hai.config import Config
+from hai.config import Config, ConfigError
 from hai.parallel.topology import Topology
 from hai.pipeline.schedules import num_stages, param_copies
 from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_schedule
@@ -24,7 +24,18 @@ from hai.plan.cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OV
                            chunk_flops, p2p_bytes_per_chunk, zero1_bytes)
 from hai.plan.memory import GB, GRAD_BYTES, memory_report
 
-__all__ = ["plan", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
+
+def _layout(cfg: Config):
+    from hai.parallel.layout import PipelineLayout
+
+    p = cfg.parallel
+    return PipelineLayout.from_config(cfg.model, p.schedule, p.pp, p.layout)
+
+
+def describe_layout(cfg: Config) -> str:
+    return _layout(cfg).describe()
+
+__all__ = ["plan", "predict_step_time", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
 
 # DeepSeek-V3 technical report: 180K H800 GPU-hours per trillion tokens on 2048 GPUs; 250 GFLOPs/token at 4K.
 PUBLISHED = {
@@ -173,12 +184,14 @@ def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, s
         compute_r = [n_micro * (co.F + co.B)]
     r_busy = max(range(len(res.busy)), key=lambda r: res.busy[r])
     busy, compute = res.busy[r_busy], compute_r[r_busy]
+    mean_compute = sum(compute_r) / len(compute_r)
     out = {
         "pipeline": _pipeline_section(p.schedule, p.pp, n_micro, costs, res),
         "memory": mem,
         "step": {"step_time_s": step, "pipeline_s": res.step_time, "compute_s": compute,
                  "exposed_comm_s": busy - compute, "bubble_s": res.step_time - busy, "zero1_s": zero_s,
-                 "busiest_rank": r_busy,
+                 "busiest_rank": r_busy, "rank_compute_s": compute_r, "rank_busy_s": list(res.busy),
+                 "busiest_over_mean_compute": max(compute_r) / mean_compute if mean_compute else 1.0,
                  "chunk_F_compute_s": parts["F_compute"], "stage_F_compute_s": parts["stage_F_compute"],
                  "chunk_comm_fwd_s": parts["comm_fwd"],
                  "chunk_comm_bwd_s": parts["comm_bwd"], "fb_overlap": parts["overlap"]},
@@ -190,6 +203,11 @@ def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, s
     return out
 
 
+def predict_step_time(cfg: Config) -> float:
+    """The simulated step time (seconds) of a layout (no P2P placement: the comparison variants' model)."""
+    return _predict(cfg, with_comm=False)["step"]["step_time_s"]
+
+
 def _comm_section(cfg: Config, n_micro: int, parts: dict, zero: dict) -> dict:
     """Per-step bytes a GPU sends (EP at the busiest stage; each rank runs n_micro chunks per step)."""
     w = parts["comm_worst_stage"]
@@ -199,7 +217,7 @@ def _comm_section(cfg: Config, n_micro: int, parts: dict, zero: dict) -> dict:
             "pipeline_p2p_per_step": p2p, "zero1_per_step": zero}
 
 
-def save_gantt(timeline, path: str | Path, title: str = "") -> Path:
+def save_gantt(timeline, path: str | Path, title: str = "", rank_labels: dict[int, str] | None = None) -> Path:
     """Gantt chart like ``pipeline.trace.save_gantt_png`` but one ``broken_barh`` per (rank, kind), so thousands of
     actions draw in about a second (``save_gantt_png`` adds one collection per action, quadratic in matplotlib)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -217,7 +235,7 @@ def save_gantt(timeline, path: str | Path, title: str = "") -> Path:
     ax = fig.add_subplot()
     for (r, kind), xs in bars.items():
         ax.broken_barh(xs, (r - 0.4, 0.8), facecolor=KIND_COLORS[kind], edgecolor="white", linewidth=0.3)
-    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.set_yticks(ranks, [(rank_labels or {}).get(r, f"rank {r}") for r in ranks])
     ax.set_ylim(max(ranks, default=0) + 0.6, -0.6)
     ax.set_xlim(0, span)
     ax.set_xlabel("time")
@@ -258,6 +276,18 @@ def _comparisons(cfg: Config, base: dict) -> list[dict]:
         rows.append(_row(f"node_limit={lim or 'unlimited'}", _variant(cfg, {"node_limit": lim})))
     prec = "bf16" if m.precision == "fp8" else "fp8"
     rows.append(_row(f"GEMMs in {prec}", _variant(cfg, model={"precision": prec})))
+    if p.pp > 1:  # the other side of parallel.layout: the planner's balanced stages, or the even split
+        if p.layout:
+            rows.append(_row("parallel.layout= (even split)", _variant(cfg, {"layout": ""})))
+        else:
+            from hai.plan.layout import choose_layout
+
+            try:
+                text = choose_layout(cfg)["text"]
+            except ConfigError:
+                text = None
+            if text is not None:
+                rows.append(_row(f"parallel.layout=auto ({text})", _variant(cfg, {"layout": text})))
     return rows
 
 
@@ -275,10 +305,14 @@ def _published(cfg: Config, pred: dict) -> dict:
             "balanced_stages_tokens_per_s_per_gpu": balanced,
             "balanced_stages_ratio": balanced / PUBLISHED["tokens_per_s_per_gpu"],
             "driver": f"compute dominates the predicted step ({st['compute_s'] / st['step_time_s']:.0%}); every "
-                      f"stage is priced on its own (forward {min(stage_f) * 1e3:.1f}-{max(stage_f) * 1e3:.1f} ms: "
-                      f"the last stage also runs the bf16 head and MTP, and DualPipe puts it with the first "
-                      f"stage's embedding and dense layers on ranks 0 and PP-1), so the busiest ranks set the pace "
-                      f"and the rest shows up as bubble; with every stage "
+                      f"stage is priced on its own (forward {min(stage_f) * 1e3:.1f}-{max(stage_f) * 1e3:.1f} ms"
+                      + (f": the last stage also runs the bf16 head and MTP, and DualPipe puts it with the first "
+                         f"stage's embedding and dense layers on ranks 0 and PP-1), so the busiest ranks set the pace "
+                         f"and the rest shows up as bubble (parallel.layout=auto balances them)"
+                         if st["busiest_over_mean_compute"] > 1.1 else
+                         f"; parallel.layout {describe_layout(cfg)} keeps the busiest rank within "
+                         f"{st['busiest_over_mean_compute']:.3f}x the mean)")
+                      + f"; with every stage "
                       f"at the mean the plan would give {balanced / PUBLISHED['tokens_per_s_per_gpu']:.2f}x the "
                       f"published throughput. The assumption that moves it most is GEMM_EFFICIENCY (step ~ "
                       f"1/efficiency while compute-bound; "
@@ -310,15 +344,18 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
     if out_dir is not None and timeline:
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        files["trace"] = str(save_chrome_trace(timeline, d / "trace.json", unit_us=1e6))
+        labels = _layout(cfg).rank_labels()
+        files["trace"] = str(save_chrome_trace(timeline, d / "trace.json", unit_us=1e6, rank_labels=labels))
         files["gantt"] = str(save_gantt(timeline, d / "schedule.png", title=f"{cfg.parallel.schedule} "
-                                        f"pp={cfg.parallel.pp} micro_batches={n_micro_batches(cfg)} (seconds)"))
+                                        f"pp={cfg.parallel.pp} micro_batches={n_micro_batches(cfg)} (seconds)\n"
+                                        f"layout {describe_layout(cfg)}", rank_labels=labels))
     p, c = cfg.parallel, cfg.cluster
     return {
         "layout": {"model": cfg.model.name, "cluster": c.name, "gpu": c.gpu_name, "nodes": c.nodes,
                    "gpus_per_node": c.gpus_per_node, "world_size": topo.world_size, "pp": p.pp, "dp": p.dp,
                    "ep": p.ep, "edp": topo.edp, "schedule": p.schedule, "node_limit": p.node_limit,
                    "dispatch": p.dispatch, "fp8_dispatch": p.fp8_dispatch, "precision": cfg.model.precision,
+                   "stages": describe_layout(cfg),
                    "seq_len": cfg.train.seq_len, "micro_batch_size": cfg.train.micro_batch_size,
                    "global_batch_size": cfg.train.global_batch_size, "micro_batches": n_micro_batches(cfg)},
         "topology": topo_info,
