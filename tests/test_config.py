@@ -97,3 +97,20 @@ def test_production_layout_validates():
 def test_default_is_multiprocess_local_layout():
     topo = Topology.from_config(compose([]))
     assert topo.world_size == 4 and topo.nodes == 2
+
+
+@pytest.mark.parametrize("schedule, pp", [("dualpipe", 2), ("1f1b", 2), ("dualpipev", 2), ("1f1b", 4)])
+def test_auto_layout_resolves_to_a_valid_layout_no_worse_than_even(schedule, pp):
+    """compose resolves parallel.layout=auto to explicit text (what config.yaml records and a run executes); its
+    busiest rank carries no more forward compute than under the even split."""
+    from hai.parallel.layout import PipelineLayout
+    from hai.plan.layout import rank_loads
+
+    ov = ["cluster=cpu1", "parallel=single", f"cluster.gpus_per_node={pp}", "parallel.dp=1", f"parallel.pp={pp}",
+          f"parallel.schedule={schedule}"]
+    cfg = compose([*ov, "parallel.layout=auto"])
+    assert cfg.parallel.layout not in ("", "auto")
+    Topology.from_config(cfg)
+    lay = PipelineLayout.from_config(cfg.model, schedule, pp, cfg.parallel.layout)
+    even = PipelineLayout.from_config(cfg.model, schedule, pp, "")
+    assert max(rank_loads(cfg, lay.specs)) <= max(rank_loads(cfg, even.specs)) * (1 + 1e-9)

@@ -116,7 +116,7 @@ def choose_layout(cfg: Config) -> dict:
         for split_tail in ([False, True] if m.mtp_depth else [False]):
             fixed = ({0} if embed_alone else set()) | ({S - 1} if split_tail else set())
             free = [s for s in range(S) if s not in fixed]
-            if len(free) > L:
+            if not free or len(free) > L:
                 continue
             extra = [spec_compute_s(cfg, sp) for sp in _specs([0] * S, embed_alone, split_tail, m.mtp_depth > 0)]
 
