@@ -97,7 +97,7 @@ def measure(overrides=(), steps: int = 20, warmup: int = 3) -> dict:
         ref = dict(plain.model.named_parameters())
         diff = max((p - ref[n]).abs().max().item() for n, p in hai.model.named_parameters())
     return {"n_params": sum(p.numel() for p in plain.model.parameters()), "cfg": cfg, "steps": steps,
-            "median": {k: statistics.median(v) for k, v in times.items()},
+            "median": {k: statistics.median(v) for k, v in times.items()}, "times": times,
             "median_opt": {k: statistics.median(v) for k, v in opt_times.items()}, "losses": losses, "param_diff": diff}
 
 

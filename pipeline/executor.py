@@ -77,10 +77,13 @@ class PipelineExecutor:
         self.overlap = overlap and has_fb and any(
             supports_seams(model.layers[i]) and not isinstance(model.layers[i].ffn.dispatcher, LocalDispatcher)
             for s in self.stages for i in self.layers[s])
+        # the zero-bubble W split only where the schedule defers weight gradients (B then W, or an FB pair's
+        # backward half): elsewhere (1F1B) the layers stay plain autograd, with no Python Function per Linear
         self.store = WeightGradStore()
+        self.defers_w = any(a.kind in (Kind.B, Kind.FB) for a in self.actions)
         for m in model.modules():
             if hasattr(m, "wgrad_store"):
-                m.wgrad_store = self.store
+                m.wgrad_store = self.store if self.defers_w else None
         self.timeline: list[Event] = []  # the last step's executed actions, seconds from the step's start
         self.p2p_sent: list[int] = []  # bytes of every activation / gradient this rank sent in the last step
         self._recvs: dict[tuple, tuple] = {}  # posted receives not yet consumed: (kind, stage, mb) -> (work, buffer)

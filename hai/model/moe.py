@@ -27,7 +27,7 @@ from torch import nn
 from hai.config import ModelConfig
 from hai.model.layers import SwiGLU, swiglu
 from hai.model.recompute import LinearOp, expert_ffn, norm_linears, swiglu_down
-from hai.model.wgrad import accumulate_wgrad
+from hai.model.wgrad import accumulate_wgrad, weight_grad_output
 
 __all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Ready", "route_reference",
            "gather_rows", "scatter_rows"]
@@ -79,7 +79,11 @@ class _Fp32Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return _fp32_linear_backward(x, ctx.weight, dy), None
+        w = ctx.weight
+        with torch.autocast(x.device.type, enabled=False):
+            dy32 = dy.reshape(-1, dy.shape[-1]).float()
+            dw = weight_grad_output(w, dy32.t() @ x.reshape(-1, x.shape[-1]).float())
+            return (dy32 @ w.float()).to(x.dtype).reshape(x.shape), dw
 
 
 class Router(nn.Module):
@@ -282,9 +286,16 @@ class GroupedExperts(nn.Module):
             h = swiglu(gl(x_RD, self.w1, tokens_per_expert), gl(x_RD, self.w3, tokens_per_expert))
             return gl(h, self.w2, tokens_per_expert)
         outs = []
-        for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
-            h = swiglu(self._linear(x, self.w1, e), self._linear(x, self.w3, e))
-            outs.append(self._linear(h, self.w2, e))
+        if self.wgrad_store is None:
+            # one unbind per weight: its backward stacks the experts' gradients once, where indexing w[e] per expert
+            # would zero-fill a full-size gradient for every expert
+            w1, w3, w2 = (w.to(x_RD.dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
+            for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
+                outs.append(F.linear(swiglu(F.linear(x, w1[e]), F.linear(x, w3[e])), w2[e]))
+        else:
+            for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
+                h = swiglu(self._linear(x, self.w1, e), self._linear(x, self.w3, e))
+                outs.append(self._linear(h, self.w2, e))
         return torch.cat(outs) if outs else x_RD.new_zeros(0, self.w2.shape[1])
 
     def gated(self, x_RD: torch.Tensor, w_R: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:

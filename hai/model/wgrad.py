@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Optional
 
 import torch
 
-__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad", "defer_or_run"]
+__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad", "defer_or_run", "weight_grad_output"]
 
 
 class WeightGradStore:
@@ -62,6 +62,17 @@ def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int]
     if index is not None:
         target = target[index]
     target.add_(g.to(target.dtype))
+
+
+def weight_grad_output(weight: torch.Tensor, g: torch.Tensor) -> Optional[torch.Tensor]:
+    """For a Function that forms its weight's gradient ``g`` (fp32) itself: with the optimizer's ``main_grad`` (HAI's
+    trainer) it is accumulated there in fp32 and the Function returns None; otherwise it is returned, in the weight's
+    dtype, for autograd to accumulate like any other gradient (``.grad``, hooks, and graph-based weight/input splits
+    such as torch.distributed.pipelining's see it)."""
+    if getattr(weight, "main_grad", None) is not None:
+        accumulate_wgrad(weight, g)
+        return None
+    return g.to(weight.dtype)
 
 
 def defer_or_run(store: Optional[WeightGradStore], fn: Callable[[], None]) -> None:
