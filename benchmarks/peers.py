@@ -320,25 +320,32 @@ def zero1_section(pairs: int, warmup: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- one process
 def step_section(pairs: int, warmup: int) -> list[dict]:
-    from overhead import measure
+    from overhead import PRESETS, measure
 
-    r = measure((), steps=pairs, warmup=warmup)
-    return [{"section": "step", "hai": "HAI Trainer.train_step", "peer": "plain PyTorch loop",
-             "what": "train step, 1 process (fwd/bwd, clip, AdamW, router bias)",
-             "hai_s": _summary(r["times"]["hai"]), "peer_s": _summary(r["times"]["plain"]),
-             "check": f"params max |diff| {r['param_diff']:.1e}"}]
+    rows = []
+    for label, overrides in PRESETS.items():
+        r = measure(overrides, steps=pairs, warmup=warmup)
+        rows.append({"section": "step", "hai": "HAI Trainer.train_step", "peer": "plain PyTorch loop",
+                     "what": f"train step, 1 process, {label} ({r['n_params'] / 1e6:.1f}M params; fwd/bwd, clip, "
+                             f"AdamW, router bias)",
+                     "hai_s": _summary(r["times"]["hai"]), "peer_s": _summary(r["times"]["plain"]),
+                     "check": f"params max |diff| {r['param_diff']:.1e}"})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- report
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'HAI':<24} {'peer':<32} {'HAI ms (min-max)':>22} {'peer ms (min-max)':>22} {'HAI/peer':>8}  "
-            f"{'check':<28} what")
+    head = (f"{'HAI':<24} {'peer':<32} {'HAI ms (min-max)':>22} {'peer ms (min-max)':>22} {'HAI/peer':>8} "
+            f"{'(p25-p75)':>13}  {'check':<28} what")
     out = [head, "-" * len(head)]
     for r in rows:
         h, p = r["hai_s"], r["peer_s"]
         cell = lambda s: f"{1e3 * s['median']:.1f} ({1e3 * s['min']:.1f}-{1e3 * s['max']:.1f})"  # noqa: E731
-        ratio = statistics.median(a / b for a, b in zip(h["xs"], p["xs"]))  # pair by pair: shared load cancels
-        out.append(f"{r['hai']:<24} {r['peer']:<32} {cell(h):>22} {cell(p):>22} {ratio:>8.3f}  "
+        ratios = [a / b for a, b in zip(h["xs"], p["xs"])]  # pair by pair: load shared by the two cancels
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        spread = f"({q[0]:.2f}-{q[2]:.2f})"
+        out.append(f"{r['hai']:<24} {r['peer']:<32} {cell(h):>22} {cell(p):>22} {statistics.median(ratios):>8.3f} "
+                   f"{spread:>13}  "
                    f"{r['check']:<28} {r['what']}")
     return "\n".join(out)
 
