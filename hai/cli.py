@@ -17,7 +17,7 @@ commands:
   launch    start a job through torchrun (local, multi-node) or Slurm
   plan      validate a parallel layout and predict memory, communication and step time
   account   parameters, activated parameters, KV cache and FLOPs of a model (JSON)
-  prepare   tokenize text files into a HAI token file (data.source=..., data.path=...)
+  prepare   tokenize text / jsonl / parquet files into a token file or shards (data.source=... data.path=...)
   generate  sample from a checkpoint (resume=PATH|auto) or model.init_from=hf:DIR (generate.prompt=...,
             generate.speculative=true drafts with the MTP module)
   convert   HAI checkpoint -> Hugging Face (convert.src=CKPT convert.dst=DIR), or hf:DIR -> HAI checkpoint
@@ -36,6 +36,7 @@ def cmd_train(cfg, overrides: list[str]) -> int:
 
     topo = Topology.from_config(cfg)  # validate before starting any process
     if not _under_torchrun():
+        preflight(cfg)
         _check_fits(cfg)
     if topo.world_size > 1 and not _under_torchrun():
         from hai.launch.torchrun import run_local
@@ -48,8 +49,57 @@ def cmd_train(cfg, overrides: list[str]) -> int:
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"out_dir": cfg.out_dir, **summary}))
+        print(json.dumps({"out_dir": cfg.out_dir, **summary}) if cfg.output == "json" else
+              format_summary(cfg, summary), flush=True)
     return 0
+
+
+def preflight(cfg) -> None:
+    """Everything the parent can check before any rank starts (raises with the value and the fix; `main` prints it
+    once and exits 2): the data (a token file or shard directory per source, a held-out split that exists, a
+    vocabulary that fits the model; the default corpus is built here, once), ``train.seq_len <= model.max_seq_len``,
+    the resume checkpoint (exists, complete, this model). (``model.init_from``'s directory is read, and
+    checked, when the config is composed.)"""
+    from hai.trainer import load_data
+
+    m, t = cfg.model, cfg.train
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the RoPE tables "
+                          f"and the model's context): set train.seq_len <= {m.max_seq_len} or raise model.max_seq_len")
+    data = load_data(cfg)
+    if data.vocab_size > m.vocab_size:
+        raise ConfigError(f"the data {data.sources[0][1][0]!r} uses a vocabulary of {data.vocab_size} "
+                          f"({data.tokenizer}) but model.vocab_size={m.vocab_size}: set model.vocab_size >= "
+                          f"{data.vocab_size} or tokenize with the model's tokenizer")
+    if t.eval_every and data.val is None:
+        print("hai: no held-out split (data.val_fraction=0 and no data.val_path): validation loss is off",
+              file=sys.stderr)
+    if cfg.resume not in ("", "none"):
+        from hai.checkpoint_files import check_model, read_meta, resolve_resume
+
+        path = resolve_resume(cfg.resume, cfg.out_dir)
+        if path is not None:
+            check_model(path, read_meta(path), m)
+
+
+def format_summary(cfg, s: dict) -> str:
+    """The end-of-run summary a person reads: what happened and where everything is."""
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"hai train: {s['steps']} steps in {s['wall_time_s']:.1f} s; train loss {num(s['first_loss'], '.3f')} "
+             f"-> {num(s['final_loss'], '.3f')}" + ("" if s.get("val_loss") is None else
+                                                  f"; val loss {s['val_loss']:.3f} (ppl {s['val_ppl']:.2f})"),
+             f"  throughput  {num(s.get('tokens_per_s'), ',.0f')} tokens/s, MFU {num(s.get('mfu'), '.2%')} "
+             f"(peak {cfg.cluster.peak_tflops_bf16:g} TFLOP/s per device, cluster={cfg.cluster.name})"]
+    for key, label in (("metrics_path", "metrics"), ("loss_png", "loss plot"), ("checkpoint_dir", "checkpoints")):
+        if s.get(key) and (key != "checkpoint_dir" or os.path.isdir(s[key])):
+            lines.append(f"  {label:<11} {s[key]}")
+    if s.get("wandb_sync"):
+        lines.append(f"  wandb       {s['wandb_dir']} (offline; upload: {s['wandb_sync']})")
+    elif s.get("wandb_url"):
+        lines.append(f"  wandb       {s['wandb_url']}")
+    return "\n".join(lines)
 
 
 def _check_fits(cfg) -> None:
@@ -73,11 +123,18 @@ def cmd_account(cfg, overrides: list[str]) -> int:
 
 
 def cmd_prepare(cfg, overrides: list[str]) -> int:
-    from hai.data import TokenFile, prepare
+    from hai.prepare import prepare_corpus
 
-    path = prepare(cfg.data)
-    tf = TokenFile.open(path)
-    print(json.dumps({"path": path, "num_tokens": len(tf), "vocab_size": tf.vocab_size, "tokenizer": tf.tokenizer}))
+    report = prepare_corpus(cfg.data, progress=cfg.output != "json")
+    if cfg.output == "json":
+        print(json.dumps(report))
+        return 0
+    print(f"hai prepare: {report['files']} file(s), {report['documents']:,} documents, {report['tokens']:,} tokens "
+          f"(vocab {report['vocab_size']:,}, {report['tokenizer']}) -> {report['path']} ({report['shards']} "
+          f"shard(s)); {report['input_bytes'] / 2**20:,.1f} MB in {report['seconds']:.1f} s = "
+          f"{report['mb_per_s']:,.1f} MB/s with {report['workers']} worker(s)")
+    for path, err in report["skipped"].items():
+        print(f"  skipped {path}: {err}")
     return 0
 
 
@@ -86,6 +143,7 @@ def cmd_launch(cfg, overrides: list[str]) -> int:
     from hai.parallel.topology import Topology
 
     Topology.from_config(cfg)
+    preflight(cfg)
     _check_fits(cfg)
     return launch(cfg, overrides)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 __all__ = [
     "ModelConfig",
@@ -158,16 +158,47 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from. ``path: null`` builds (once, cached) a token file from the Python stdlib's sources."""
+    """Where tokens come from. ``path: null`` builds (once, cached) a token file from the Python stdlib's sources.
+
+    ``path`` is a token file, a directory of token-file shards or a glob of them; ``mixture`` lists sources as
+    ``"WEIGHT:PATH"`` (e.g. ``[0.3:/data/code,0.7:/data/web]``) and replaces ``path``. The held-out split is
+    ``val_path`` (same forms) or, without one, the last ``val_fraction`` of every source's windows."""
 
     path: Optional[str] = None
-    source: Optional[str] = None  # for `hai prepare`: a file or directory of text files (default: Python's stdlib)
+    mixture: List[str] = field(default_factory=list)  # "WEIGHT:PATH" per source; weights are normalized
+    val_path: Optional[str] = None
+    val_fraction: float = 0.01  # held out from the end of every source when val_path is unset (0: no split)
+    source: Optional[str] = None  # for `hai prepare`: a file, directory or glob of text/jsonl/parquet files
     tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    text_field: str = "text"  # the document field of jsonl records and parquet columns
+    workers: int = 0  # `hai prepare` worker processes; 0: one per CPU core
+    shard_mb: int = 1024  # `hai prepare` writes shards of at most this many MB (when data.path is a directory)
+    on_error: str = "fail"  # `hai prepare` on a corrupt or unreadable input file: fail | skip (reported by name)
     max_bytes: int = 4_000_000  # cap on text read by `hai prepare` from the default source
     cache_dir: Optional[str] = None  # default: ~/.cache/hai
 
     def __post_init__(self) -> None:
         _positive("data.max_bytes", self.max_bytes)
+        _positive("data.shard_mb", self.shard_mb)
+        _require(self.workers >= 0, f"data.workers={self.workers} must be >= 0 (0: one per CPU core)")
+        _require(0 <= self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
+        _choice("data.on_error", self.on_error, ("fail", "skip"))
+        for item in self.mixture:
+            mixture_item(item)
+        _require(not (self.mixture and self.path), f"data.mixture={list(self.mixture)} and data.path={self.path!r} "
+                 f"are both set: the mixture lists every source, drop data.path (or the mixture)")
+
+
+def mixture_item(item: str) -> tuple[float, str]:
+    """Parse one ``data.mixture`` entry ``"WEIGHT:PATH"``."""
+    weight, sep, path = str(item).partition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        w = -1.0
+    _require(bool(sep) and bool(path) and w > 0, f"data.mixture entry {item!r} is not WEIGHT:PATH with a positive "
+             f"weight: write e.g. data.mixture=[0.3:/data/code,0.7:/data/web]")
+    return w, path
 
 
 @dataclass
@@ -192,6 +223,8 @@ class TrainConfig:
     save_every: int = 0  # 0: no periodic checkpoints
     keep_last: int = 2
     log_every: int = 1
+    eval_every: int = 50  # validation loss every this many steps and at the end (0: never)
+    eval_batches: int = 2  # global batches of the held-out split per evaluation (the same ones every time)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -205,6 +238,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _require(self.save_every >= 0, f"train.save_every={self.save_every} must be >= 0 (0 disables)")
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
+        _require(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0 (0 disables)")
+        _positive("train.eval_batches", self.eval_batches)
         _choice("train.recompute", self.recompute, ("none", "v3", "full"))
         _positive("train.collective_timeout_s", self.collective_timeout_s)
 

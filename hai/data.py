@@ -1,13 +1,22 @@
-"""Token files, tokenizers and the deterministic, resumable, data-parallel sampler.
+"""Token files and shards, tokenizers, mixtures, and the deterministic, resumable, data-parallel sampler.
 
 Token file format (``.haitok``): the 8-byte magic ``HAITOKS1``, a little-endian uint32 header length, a JSON header
-(dtype, num_tokens, vocab_size, tokenizer, eos_id) padded so the payload starts at a multiple of 64 bytes, then the
-tokens as little-endian uint16 or uint32. Files are memory-mapped, never loaded whole.
+(dtype, num_tokens, vocab_size, tokenizer, eos_id, num_docs) padded so the payload starts at a multiple of 64 bytes,
+then the tokens as little-endian uint16 or uint32; documents end with ``eos_id``. A source is one token file, a
+directory of them (shards, read in name order) or a glob; every shard is memory-mapped, never loaded whole.
 
-The sampler is a pure function of (seed, step): the global batch of step s is the sequences s*G .. s*G+G-1 of a
-seeded per-epoch permutation of fixed windows, and data-parallel rank r takes the r-th contiguous slice of it. So a
-run resumes from its step alone, and any dp size sees exactly the same global batch (which is what makes the
-parallel layouts reproduce the single-process run).
+Windows. A source's windows are the fixed slices ``[w*L, w*L+L+1)`` of each shard (L = ``train.seq_len``; a window
+never spans two shards). The held-out split is the last ``data.val_fraction`` of a source's windows (or a separate
+``data.val_path``); training draws from the rest.
+
+Sampler. The global batch of step s is the draws s*G .. s*G+G-1 of an infinite stream, and data-parallel rank r takes
+the r-th contiguous slice of it, so a run resumes from its step alone and any dp size (or number of ranks) sees
+exactly the same global batch. Draw g of a single source is window ``P_e(g mod n)`` of epoch ``e = g // n``, where
+``P_e`` is a keyed Feistel bijection of ``[0, n)`` (cycle-walking over the next even power of two), so the sampler
+holds O(1) state for any number of windows instead of a permutation of all of them. A mixture assigns draws to
+sources in rounds of ``R`` draws: source i gets ``c_i`` positions of every round (largest-remainder rounding of
+``R * w_i``, so the proportions are exact per round), the positions shuffled by a keyed bijection of ``[0, R)``, and
+source i's draws, in stream order, are its own single-source stream (O(R) state for the round being read).
 """
 
 from __future__ import annotations
@@ -19,23 +28,29 @@ import os
 import struct
 import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from hai.config import DataConfig
+from hai.config import DataConfig, mixture_item
 
 __all__ = ["TokenFile", "write_token_file", "ByteTokenizer", "load_tokenizer", "prepare", "default_token_file",
-           "Sampler", "DataError"]
+           "ensure_token_file", "shard_paths", "WindowSet", "Mixture", "Dataset", "open_dataset", "Sampler",
+           "Permutation", "DataError"]
 
 MAGIC = b"HAITOKS1"
 _ALIGN = 64
+MIX_ROUND = 4096  # draws per mixture round: weights resolve to 1/4096
 
 
 class DataError(ValueError):
     """A data file is missing, malformed or inconsistent with the model."""
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token files
+# ----------------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TokenFile:
@@ -44,6 +59,7 @@ class TokenFile:
     vocab_size: int
     tokenizer: str
     eos_id: int
+    num_docs: int = -1  # -1: not recorded (files written before the field existed)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "TokenFile":
@@ -69,9 +85,9 @@ class TokenFile:
         if actual != expected:
             raise DataError(f"{path!r} is truncated or padded: header says {n} tokens ({expected} bytes) but the "
                             f"file has {actual} bytes; re-create it with `hai prepare`")
-        tokens = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n,))
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n,)) if n else np.zeros(0, dtype)
         return cls(path, tokens, int(header["vocab_size"]), str(header.get("tokenizer", "?")),
-                   int(header.get("eos_id", -1)))
+                   int(header.get("eos_id", -1)), int(header.get("num_docs", -1)))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -82,11 +98,14 @@ def _payload_offset(hlen: int) -> int:
 
 
 def write_token_file(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int, tokenizer: str,
-                     eos_id: int) -> str:
-    """Write atomically (temp file + rename)."""
+                     eos_id: int, num_docs: int | None = None) -> str:
+    """Write atomically (temp file + rename). ``num_docs`` defaults to the number of EOS tokens."""
     dtype = np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+    tokens = np.asarray(tokens)
+    if num_docs is None:
+        num_docs = int(np.count_nonzero(tokens == eos_id))
     header = json.dumps({"version": 1, "dtype": dtype.name, "num_tokens": int(len(tokens)), "vocab_size": vocab_size,
-                         "tokenizer": tokenizer, "eos_id": eos_id}).encode()
+                         "tokenizer": tokenizer, "eos_id": eos_id, "num_docs": int(num_docs)}).encode()
     offset = _payload_offset(len(header))
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -94,10 +113,34 @@ def write_token_file(path: str | os.PathLike, tokens: np.ndarray, vocab_size: in
     with open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<I", len(header)) + header)
         f.write(b"\0" * (offset - 12 - len(header)))
-        f.write(np.asarray(tokens, dtype=dtype).tobytes())
+        f.write(tokens.astype(dtype).tobytes())
     os.replace(tmp, path)
     return path
 
+
+def shard_paths(spec: str, key: str = "data.path") -> list[str]:
+    """The token files a source names: a file, a directory of ``*.haitok`` shards (name order) or a glob."""
+    spec = os.path.expanduser(str(spec))
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.haitok")))
+        if not paths:
+            raise DataError(f"{key}={spec!r} is a directory without *.haitok shards: write shards into it with "
+                            f"`hai prepare data.source=TEXT_FILES data.path={spec}`")
+        return paths
+    if any(c in spec for c in "*?["):
+        paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+        if not paths:
+            raise DataError(f"{key}={spec!r} matches no files: check the pattern (shards are written by `hai prepare`)")
+        return paths
+    if not os.path.exists(spec):
+        raise DataError(f"{key}={spec!r} does not exist: create a token file with `hai prepare data.source=DIR "
+                        f"data.path={spec}` or leave data.path unset for the default corpus")
+    return [spec]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------------------
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, EOS = 256 (vocab 257)."""
@@ -108,6 +151,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -129,6 +175,9 @@ class _HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
 
@@ -141,42 +190,15 @@ def load_tokenizer(spec: str):
     return _HFTokenizer(spec)
 
 
-def _source_files(source: str | None) -> list[str]:
-    if source is None:  # the Python standard library's own sources: real text present on every machine
-        root = sysconfig.get_paths()["stdlib"]
-        return sorted(glob.glob(os.path.join(root, "*.py")))
-    if os.path.isfile(source):
-        return [source]
-    if os.path.isdir(source):
-        files = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True) if os.path.isfile(p))
-        if files:
-            return files
-    raise DataError(f"data.source={source!r} is not a file or a non-empty directory of text files")
+def prepare(cfg: DataConfig, out_path: str | None = None, progress: bool = False) -> str:
+    """Tokenize ``cfg.source`` into a token file or a directory of shards (:mod:`hai.prepare`); returns the path."""
+    from hai.prepare import prepare_corpus
 
-
-def prepare(cfg: DataConfig, out_path: str | None = None) -> str:
-    """Tokenize ``cfg.source`` (default: Python's stdlib sources, up to ``cfg.max_bytes``) into a token file."""
-    tok = load_tokenizer(cfg.tokenizer)
-    out_path = out_path or cfg.path or default_token_file(cfg)
-    ids: list[int] = []
-    used = 0
-    for path in _source_files(cfg.source):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # binary or unreadable files are skipped
-        if cfg.source is None and used + len(text) > cfg.max_bytes:
-            break
-        used += len(text)
-        ids.extend(tok.encode(text))
-        ids.append(tok.eos_id)
-    if len(ids) < 2:
-        raise DataError(f"data.source={cfg.source!r} produced {len(ids)} tokens: give it readable text files")
-    return write_token_file(out_path, np.asarray(ids), tok.vocab_size, tok.name, tok.eos_id)
+    return prepare_corpus(cfg, out_path, progress=progress)["path"]
 
 
 def default_token_file(cfg: DataConfig) -> str:
-    key = hashlib.sha1(f"{cfg.source}|{cfg.tokenizer}|{cfg.max_bytes}|{sysconfig.get_paths()['stdlib']}".encode())
+    key = hashlib.sha1(f"v2|{cfg.source}|{cfg.tokenizer}|{cfg.max_bytes}|{sysconfig.get_paths()['stdlib']}".encode())
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hai")
     return os.path.join(cache, f"corpus-{key.hexdigest()[:12]}.haitok")
 
@@ -191,31 +213,244 @@ def ensure_token_file(cfg: DataConfig) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Keyed bijections
+# ----------------------------------------------------------------------------------------------------------------------
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on a uint64 array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key64(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+class Permutation:
+    """A keyed bijection of ``[0, n)`` with O(1) state: a 4-round balanced Feistel network over the smallest even
+    number of bits covering n, cycle-walked (re-applied while the value is >= n; the domain is < 4n, so fewer than
+    4 applications on average)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, *key):
+        if n < 1:
+            raise ValueError(f"a permutation of {n} elements")
+        self.n = int(n)
+        bits = max(2, (self.n - 1).bit_length())
+        bits += bits & 1
+        self.half = np.uint64(bits // 2)
+        self.mask = np.uint64((1 << (bits // 2)) - 1)
+        self.keys = [np.uint64(_key64("feistel", r, *key)) for r in range(self.ROUNDS)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, idx) -> np.ndarray:
+        x = np.asarray(idx, dtype=np.uint64)
+        if self.n == 1:
+            return np.zeros(x.shape, np.int64)
+        out = self._feistel(x)
+        bad = out >= np.uint64(self.n)
+        while bad.any():
+            out[bad] = self._feistel(out[bad])
+            bad = out >= np.uint64(self.n)
+        return out.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Windows, mixtures, datasets
+# ----------------------------------------------------------------------------------------------------------------------
+
+class WindowSet:
+    """The windows ``[lo, hi)`` of a source (its shards' windows, numbered shard after shard)."""
+
+    def __init__(self, files: list[TokenFile], seq_len: int, lo: int = 0, hi: int | None = None, name: str = ""):
+        self.files, self.seq_len, self.name = files, seq_len, name or (files[0].path if files else "?")
+        per_shard = np.array([max(0, (len(f) - 1) // seq_len) for f in files], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(per_shard)])  # O(shards), not O(windows)
+        total = int(self.starts[-1])
+        self.lo, self.hi = lo, total if hi is None else hi
+        if self.hi - self.lo < 1:
+            raise DataError(f"{self.name!r} has {sum(len(f) for f in files)} tokens in {len(files)} file(s), "
+                            f"{total} window(s) of train.seq_len+1={seq_len + 1} tokens, none left for this split: "
+                            f"use more data, a shorter train.seq_len or a smaller data.val_fraction")
+
+    @property
+    def n_windows(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(len(f) for f in self.files))
+
+    def window(self, w: int) -> np.ndarray:
+        """Tokens of window ``w`` of this set (0 <= w < n_windows), seq_len + 1 of them."""
+        g = self.lo + int(w)
+        shard = int(np.searchsorted(self.starts, g, side="right")) - 1
+        start = (g - int(self.starts[shard])) * self.seq_len
+        return np.asarray(self.files[shard].tokens[start: start + self.seq_len + 1])
+
+
+class Mixture:
+    """Weighted sources drawn in rounds of :data:`MIX_ROUND` with exact per-round quotas (one source: quota 1)."""
+
+    def __init__(self, sources: list[WindowSet], weights: list[float] | None = None, seed: int = 0):
+        self.sources = sources
+        w = np.asarray(weights if weights is not None else [1.0] * len(sources), dtype=np.float64)
+        self.weights = w / w.sum()
+        if len(sources) == 1:
+            self.quota = np.array([1], dtype=np.int64)
+        else:
+            raw = self.weights * MIX_ROUND
+            q = np.floor(raw).astype(np.int64)
+            q[np.argsort(-(raw - q), kind="stable")[: MIX_ROUND - int(q.sum())]] += 1  # largest remainders
+            for s, c in zip(sources, q):
+                if c == 0:
+                    raise DataError(f"data.mixture weight of {s.name!r} is below 1/{MIX_ROUND} of the total: raise "
+                                    f"it or drop the source")
+            self.quota = q
+        self.round = int(self.quota.sum())
+        self.bounds = np.concatenate([[0], np.cumsum(self.quota)])
+        self.seed = seed
+
+    @lru_cache(maxsize=64)
+    def _perm(self, *key) -> Permutation:
+        n = self.round if key[0] == "mix" else self.sources[key[1]].n_windows
+        return Permutation(n, self.seed, *key)
+
+    @lru_cache(maxsize=4)
+    def _round(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Round r's (source, draw index within the source) per position: the quotas' slots shuffled, and the j-th
+        slot of source i in position order is that source's draw r*c_i + j (so each source's draws stay in stream
+        order: its first n draws are one epoch of its windows)."""
+        slot = self._perm("mix", r)(np.arange(self.round))
+        src = np.searchsorted(self.bounds, slot, side="right") - 1
+        order = np.argsort(src, kind="stable")  # positions grouped by source, in position order within each
+        j = np.empty(self.round, dtype=np.int64)
+        j[order] = np.arange(self.round) - np.repeat(self.bounds[:-1], self.quota)
+        return src, r * self.quota[src] + j
+
+    def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Draws ``g`` (int64 array) -> (source index, window index in that source)."""
+        g = np.asarray(g, dtype=np.int64)
+        if len(self.sources) == 1:
+            src, k = np.zeros_like(g), g
+        else:
+            rnd, pos = np.divmod(g, self.round)
+            src, k = np.empty_like(g), np.empty_like(g)
+            for r in np.unique(rnd):
+                sel = rnd == r
+                r_src, r_k = self._round(int(r))
+                src[sel], k[sel] = r_src[pos[sel]], r_k[pos[sel]]
+        win = np.empty_like(g)
+        for s in np.unique(src):
+            sel = src == s
+            n = self.sources[s].n_windows
+            epoch, pos = np.divmod(k[sel], n)
+            out = np.empty_like(pos)
+            for e in np.unique(epoch):
+                m = epoch == e
+                out[m] = self._perm("src", int(s), int(e))(pos[m])
+            win[sel] = out
+        return src, win
+
+    def rows(self, g: np.ndarray) -> np.ndarray:
+        src, win = self.locate(g)
+        return np.stack([self.sources[s].window(w) for s, w in zip(src.tolist(), win.tolist())])
+
+    @property
+    def n_windows(self) -> int:
+        return sum(s.n_windows for s in self.sources)
+
+
+@dataclass
+class Dataset:
+    train: Mixture
+    val: Mixture | None
+    vocab_size: int
+    tokenizer: str
+    eos_id: int
+    sources: list[tuple[float, list[str]]]  # (weight, shard paths) per training source
+
+
+def _open_source(spec: str, key: str) -> list[TokenFile]:
+    files = [TokenFile.open(p) for p in shard_paths(spec, key)]
+    first = files[0]
+    for f in files[1:]:
+        if (f.vocab_size, f.tokenizer, f.eos_id) != (first.vocab_size, first.tokenizer, first.eos_id):
+            raise DataError(f"shard {f.path!r} (vocab {f.vocab_size}, tokenizer {f.tokenizer!r}, eos {f.eos_id}) does "
+                            f"not match {first.path!r} (vocab {first.vocab_size}, tokenizer {first.tokenizer!r}, eos "
+                            f"{first.eos_id}) in {key}={spec!r}: re-create the source with one tokenizer")
+    return files
+
+
+def open_dataset(cfg: DataConfig, seq_len: int, seed: int = 0, path: str | None = None) -> Dataset:
+    """The training and held-out windows ``cfg`` names (``path``: the resolved single source, e.g. the default
+    corpus, used when the config has no mixture)."""
+    specs = [mixture_item(m) for m in cfg.mixture] if cfg.mixture else [(1.0, path or cfg.path)]
+    opened = [(w, spec, _open_source(spec, "data.mixture" if cfg.mixture else "data.path")) for w, spec in specs]
+    val_files = _open_source(cfg.val_path, "data.val_path") if cfg.val_path else None
+    ref = opened[0][2][0]
+    for _, spec, files in opened[1:] + ([(0, cfg.val_path, val_files)] if val_files else []):
+        f = files[0]
+        if (f.vocab_size, f.tokenizer, f.eos_id) != (ref.vocab_size, ref.tokenizer, ref.eos_id):
+            raise DataError(f"{spec!r} was tokenized with {f.tokenizer!r} (vocab {f.vocab_size}) but {specs[0][1]!r} "
+                            f"with {ref.tokenizer!r} (vocab {ref.vocab_size}): every source needs the same tokenizer")
+    train_sets, val_sets = [], []
+    for _, spec, files in opened:
+        whole = WindowSet(files, seq_len, name=spec)
+        n_val = 0 if val_files is not None or cfg.val_fraction == 0 else \
+            max(1, int(round(whole.n_windows * cfg.val_fraction)))
+        if n_val and whole.n_windows - n_val < 1:
+            raise DataError(f"{spec!r} has {whole.n_windows} window(s) of {seq_len + 1} tokens: too few to hold out "
+                            f"data.val_fraction={cfg.val_fraction}; use more data or data.val_fraction=0")
+        train_sets.append(WindowSet(files, seq_len, 0, whole.n_windows - n_val, name=spec))
+        if n_val:
+            val_sets.append(WindowSet(files, seq_len, whole.n_windows - n_val, whole.n_windows, name=f"{spec} (val)"))
+    weights = [w for w, _, _ in opened]
+    if val_files is not None:
+        val = Mixture([WindowSet(val_files, seq_len, name=cfg.val_path)], seed=_key64("val", seed))
+    else:
+        val = Mixture(val_sets, weights, seed=_key64("val", seed)) if val_sets else None
+    return Dataset(Mixture(train_sets, weights, seed=seed), val, ref.vocab_size, ref.tokenizer, ref.eos_id,
+                   [(w, [f.path for f in files]) for w, _, files in opened])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------------------------------------
+
 class Sampler:
-    """Deterministic global batches of fixed windows of seq_len+1 tokens; rank r takes its contiguous slice."""
+    """Deterministic global batches of windows of seq_len+1 tokens; rank r takes its contiguous slice.
 
-    def __init__(self, data: TokenFile, seq_len: int, global_batch: int, seed: int):
+    ``data``: a :class:`Mixture`, or a :class:`TokenFile` (all of its windows, one source)."""
+
+    def __init__(self, data: Mixture | TokenFile, seq_len: int, global_batch: int, seed: int):
+        if isinstance(data, TokenFile):
+            data = Mixture([WindowSet([data], seq_len)], seed=seed)
         self.data, self.seq_len, self.global_batch, self.seed = data, seq_len, global_batch, seed
-        self.n_windows = (len(data) - 1) // seq_len
-        if self.n_windows < 1:
-            raise DataError(f"{data.path!r} has {len(data)} tokens, fewer than train.seq_len+1={seq_len + 1}: "
-                            f"use more data or a shorter train.seq_len")
-        self._perm_epoch, self._perm = -1, None
+        self.n_windows = data.n_windows
 
-    def _window(self, g: int) -> int:
-        epoch, pos = divmod(g, self.n_windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._perm_epoch = epoch
-        return int(self._perm[pos])
+    def window_ids(self, step: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window) of sequences start..start+count-1 of step's global batch."""
+        g = step * self.global_batch + np.arange(start, start + count, dtype=np.int64)
+        return self.data.locate(g)
 
     def sequences(self, step: int, start: int, count: int) -> torch.Tensor:
         """Sequences start..start+count-1 of step's global batch, as int64 (count, seq_len+1)."""
-        rows = []
-        for j in range(start, start + count):
-            w = self._window(step * self.global_batch + j)
-            rows.append(np.asarray(self.data.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1]))
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        g = step * self.global_batch + np.arange(start, start + count, dtype=np.int64)
+        return torch.from_numpy(self.data.rows(g).astype(np.int64))
 
     def micro_batches(self, step: int, dp_rank: int, dp: int, micro_batch: int) -> list[torch.Tensor]:
         """This rank's share of step's global batch, split into micro-batches."""

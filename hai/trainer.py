@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from hai.plan.accounting import train_flops_per_token
 from hai.config import Config, ConfigError, to_yaml
-from hai.data import Sampler, TokenFile, ensure_token_file
+from hai.data import Dataset, Sampler, TokenFile, ensure_token_file, open_dataset
 from hai.model import Router, build_model, materialize, param_dtype
 from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
@@ -63,7 +63,7 @@ def _group(mesh, axis: str):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, topo: Topology, mesh, data: TokenFile):
+    def __init__(self, cfg: Config, topo: Topology, mesh, data: Dataset | TokenFile):
         self.cfg, self.topo, self.mesh = cfg, topo, mesh
         self.rank = dist.get_rank() if mesh is not None else 0
         self.coords = topo.coords(self.rank)
@@ -91,7 +91,12 @@ class Trainer:
             grad_divisor=topo.dp, norm_groups=[self.dp_group, self.pp_group], bf16_moments=t.bf16_moments,
             max_grad_norm=t.grad_clip,
             copies={n: (self.placement.copies(n), self.placement.copy_group(n)) for n in self.placement.holders})
-        self.sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed)
+        if isinstance(data, Dataset):  # training windows, and the held-out split when there is one
+            self.sampler = Sampler(data.train, t.seq_len, t.global_batch_size, t.seed)
+            self.val_sampler = Sampler(data.val, t.seq_len, t.global_batch_size, t.seed) \
+                if data.val is not None and t.eval_every else None
+        else:  # one token file, all of its windows (no held-out split)
+            self.sampler, self.val_sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed), None
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
         self.run_id: str | None = None  # the metrics/wandb run this training continues (from a checkpoint)
@@ -192,6 +197,33 @@ class Trainer:
             rec["pipeline_bubble_fraction"] = max(0.0, 1.0 - busy / (t1 - t0))
         return rec
 
+    def evaluate(self) -> dict:
+        """Mean main loss (and MTP loss) over ``train.eval_batches`` global batches of the held-out split, under this
+        run's layout (pipeline stages, expert shards, dp slices): the same value a single process computes from the
+        same weights. The same batches every time, so evaluations are comparable along the run."""
+        t = self.cfg.train
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.model.eval()  # routers do not count eval tokens; no sequence-wise aux loss
+        try:
+            with torch.no_grad(), self._autocast():
+                for i in range(t.eval_batches):
+                    for tokens in self.val_sampler.micro_batches(i, self.coords["dp"], self.topo.dp,
+                                                                 t.micro_batch_size):
+                        tokens = tokens.to(self.device)
+                        if self.pipeline is not None:
+                            sums += self.pipeline.evaluate(tokens)
+                        else:
+                            out = self.model(tokens)
+                            sums += torch.stack([out.main_loss.double(), out.mtp_loss.double()])
+        finally:
+            self.model.train()
+        if self.pipeline is not None:
+            dist.all_reduce(sums, group=self.pp_group)
+        if self.dp_group is not None:
+            dist.all_reduce(sums, group=self.dp_group)
+        main, mtp = (sums / (t.eval_batches * self.n_micro * self.topo.dp)).tolist()
+        return {"val_loss": main, "val_mtp_loss": mtp, "val_ppl": math.exp(min(main, 80.0))}
+
     def _throughput(self, rec: dict, step_time: float) -> dict:
         t, c = self.cfg.train, self.cfg.cluster
         tokens_per_s = t.global_batch_size * t.seq_len / step_time
@@ -217,15 +249,22 @@ class Trainer:
             self.run_id = sink.run_id  # saved with every checkpoint (rank 0 writes the metadata)
             if resumed is not None:
                 sink.event("resumed", **resumed)
-        first = last = None
+        first = last = val = None
+        speed: list[tuple[float, float]] = []  # (tokens/s, mfu) per step
         t_start = time.perf_counter()
+        t = cfg.train
         try:
-            while self.step < cfg.train.steps:
+            while self.step < t.steps:
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 rec = self._throughput(rec, time.perf_counter() - t0)
+                if self.val_sampler is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    t1 = time.perf_counter()
+                    val = self.evaluate()
+                    rec.update(val, eval_s=time.perf_counter() - t1)
                 first = first if first is not None else rec["loss"]
                 last = rec["loss"]
+                speed.append((rec["tokens_per_s"], rec["mfu"]))
                 if sink is not None:
                     if rec["skipped"]:
                         sink.event("skipped_step", step=rec["step"], grad_norm=str(rec["grad_norm"]))
@@ -235,9 +274,15 @@ class Trainer:
             if self.pipeline is not None:  # the last step's executed schedule: trace.json + schedule.png
                 self.pipeline.write_timeline(cfg.out_dir if self.rank == 0 else None)
         finally:
+            steady = speed[1:] or speed  # the first step pays start-up (allocations, Triton/autotune, P2P setup)
             summary = {"first_loss": first, "final_loss": last, "steps": self.step,
-                       "wall_time_s": time.perf_counter() - t_start}
+                       "wall_time_s": time.perf_counter() - t_start,
+                       "val_loss": None if val is None else val["val_loss"],
+                       "val_ppl": None if val is None else val["val_ppl"],
+                       "tokens_per_s": sum(x for x, _ in steady) / len(steady) if steady else None,
+                       "mfu": sum(m for _, m in steady) / len(steady) if steady else None}
             if sink is not None:
+                summary.update(sink.paths())
                 sink.close(summary)
         return summary
 
@@ -272,12 +317,18 @@ def _memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def load_data(cfg: Config) -> Dataset:
+    """The run's training and held-out windows (``data.mixture``, else ``data.path`` or the default corpus)."""
+    return open_dataset(cfg.data, cfg.train.seq_len, cfg.train.seed,
+                        path=None if cfg.data.mixture else ensure_token_file(cfg.data))
+
+
 def train(cfg: Config) -> dict:
     """Run training as configured (under torchrun when the topology has several ranks)."""
     topo = Topology.from_config(cfg)
-    data = TokenFile.open(ensure_token_file(cfg.data))
+    data = load_data(cfg)
     if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the token file {data.path!r} uses a vocabulary of {data.vocab_size} but "
+        raise ConfigError(f"the data {data.sources[0][1][0]!r} uses a vocabulary of {data.vocab_size} but "
                           f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= {data.vocab_size}")
     mesh = init_distributed(topo, cfg.train.collective_timeout_s)
     if mesh is None:

@@ -179,6 +179,35 @@ class PipelineExecutor:
         slot = slots[(stage, 0)]
         return slot.out if slot.loss is None else (slot.out, slot.loss)
 
+    def evaluate(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Forward one micro-batch through every stage (call under ``torch.no_grad``), in the direction of
+        micro-batch 0 (DualPipe's copies are identical), the hidden state sent rank to rank with blocking P2P.
+        Returns [main, mtp] of the losses computed on this rank (the caller sums over the pp group). Collective over
+        the pp group and each stage's EP peers: every rank of the layout calls it with its own micro-batch."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        overlap, self.overlap = self.overlap, False  # one plain graph per stage: nothing to overlap without a backward
+        h = None
+        try:
+            for stage in range(self.n_stages):
+                owner = self.owner[(stage, 0)]
+                prev = self.owner[(stage - 1, 0)] if stage else owner
+                if owner != self.pp_rank:
+                    if prev == self.pp_rank:
+                        dist.send(h.to(self.act_dtype).contiguous(), self.pp_ranks[owner], group=self.group)
+                    continue
+                if prev != self.pp_rank:
+                    h = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+                    dist.recv(h, self.pp_ranks[prev], group=self.group)
+                slots = {(stage, 0): _Slot(inp=h)}
+                run_fb(self._forward_gen(stage, 0, slots, [tokens]), iter(()))
+                slot = slots[(stage, 0)]
+                if slot.losses is not None:
+                    sums += torch.stack([slot.losses[0].double(), slot.losses[1].double()])
+                h = slot.out
+        finally:
+            self.overlap = overlap
+        return sums
+
     # ------------------------------------------------------------------ P2P
     def _tag(self, a: Action) -> int:
         return (0 if a.kind in (Kind.SEND_F, Kind.RECV_F) else 1) * 1_000_000 + a.stage * 1000 + a.micro_batch

@@ -18,10 +18,10 @@ from dist_utils import run_ranks
 from hai.checkpoint import (CheckpointError, SafeReader, latest_checkpoint, list_checkpoints, resolve_resume,
                             verify_checkpoint)
 from hai.config import compose
-from hai.data import TokenFile, ensure_token_file
+
 from hai.metrics import read_metrics
 from hai.parallel import Topology
-from hai.trainer import Trainer, init_distributed
+from hai.trainer import Trainer, init_distributed, load_data
 
 pytestmark = pytest.mark.multiproc
 STEPS = 6
@@ -36,7 +36,7 @@ def overrides(dp: int, out_dir, *extra: str, pp: int = 1) -> list[str]:
 def make_trainer(ov: list[str]) -> Trainer:
     cfg = compose(ov)
     topo = Topology.from_config(cfg)
-    return Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+    return Trainer(cfg, topo, init_distributed(topo), load_data(cfg))  # as `hai train` reads it
 
 
 def fit_rank(rank: int, world: int, ov: list[str]):

@@ -1,0 +1,225 @@
+"""`hai prepare`: tokenize text, jsonl and parquet corpora into token files, many files at once.
+
+Inputs (``data.source``): a file, a directory (every file below it) or a glob. By extension: ``.jsonl``/``.json``
+(one JSON record per line, the document in ``data.text_field``; ``.gz`` accepted), ``.parquet`` (the column
+``data.text_field``, read with pyarrow batch by batch), anything else is one UTF-8 text document. Each file is
+tokenized by a worker process (``data.workers``; HF ``tokenizer.json`` or bytes), every document followed by the
+tokenizer's EOS. The parent writes the documents in input order:
+
+- ``data.path`` ending in ``.haitok``: one token file;
+- otherwise a directory of shards ``shard-00000.haitok`` ... of at most ``data.shard_mb`` MB each (cut at document
+  boundaries unless a single document is larger), plus ``index.json`` (files, documents, tokens, shards).
+
+A file that cannot be read or parsed fails the run by name (``data.on_error=fail``) or is skipped and listed in the
+report (``skip``), never silently. The progress bar counts input bytes (MB/s).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import multiprocessing as mp
+import os
+import sys
+import sysconfig
+import time
+
+import numpy as np
+
+from hai.config import DataConfig
+from hai.data import DataError, load_tokenizer, write_token_file
+
+__all__ = ["prepare_corpus", "source_files"]
+
+
+def source_files(source: str | None) -> list[str]:
+    if source is None:  # the Python standard library's own sources: real text present on every machine
+        root = sysconfig.get_paths()["stdlib"]
+        return sorted(glob.glob(os.path.join(root, "*.py")))
+    source = os.path.expanduser(source)
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        files = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True) if os.path.isfile(p))
+    else:
+        files = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise DataError(f"data.source={source!r} is not a file, a non-empty directory or a glob matching files")
+    return files
+
+
+def _kind(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _documents(path: str, field: str):
+    kind = _kind(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    if kind == "text":
+        with opener(path, "rb") as f:
+            yield f.read().decode("utf-8")
+    elif kind == "jsonl":
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {n} is not JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                    raise ValueError(f"line {n} has no string field {field!r} (set data.text_field)")
+                yield rec[field]
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("parquet input needs pyarrow: pip install 'hai[parquet]'") from None
+        pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names:
+            raise ValueError(f"has no column {field!r} (columns: {pf.schema_arrow.names}; set data.text_field)")
+        for batch in pf.iter_batches(columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield text
+
+
+_TOKENIZER = None
+
+
+def _init_worker(spec: str) -> None:
+    global _TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _TOKENIZER = load_tokenizer(spec)
+
+
+def _tokenize(args: tuple[str, str]):
+    """(path, field) -> (path, bytes read, token array or None, documents, error or None)."""
+    path, field = args
+    tok = _TOKENIZER
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        parts, batch = [], []
+
+        def flush():
+            for ids in tok.encode_batch(batch):
+                ids.append(tok.eos_id)
+                parts.append(np.asarray(ids, dtype=np.uint32))
+            batch.clear()
+
+        for text in _documents(path, field):
+            batch.append(text)
+            if len(batch) == 256:  # the Rust tokenizer's batch call: far less Python per document
+                flush()
+        flush()
+        return path, size, parts, len(parts), None
+    except (OSError, UnicodeDecodeError, ValueError, EOFError) as e:
+        return path, size, None, 0, f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - pyarrow and friends raise their own types for corrupt files
+        return path, size, None, 0, f"{type(e).__name__}: {e}"
+
+
+class _ShardWriter:
+    def __init__(self, out: str, vocab: int, name: str, eos: int, shard_bytes: int):
+        self.single = out.endswith(".haitok")
+        self.out, self.vocab, self.name, self.eos = out, vocab, name, eos
+        self.itemsize = 2 if vocab <= 65536 else 4
+        self.cap = max(1, shard_bytes // self.itemsize)  # tokens per shard
+        self.buf: list[np.ndarray] = []
+        self.n_buf = self.docs_buf = 0
+        self.shards: list[dict] = []
+        if not self.single:
+            if os.path.isdir(out) and glob.glob(os.path.join(out, "*.haitok")):
+                raise DataError(f"data.path={out!r} already holds shards: write to a new directory (or remove it)")
+            os.makedirs(out, exist_ok=True)
+
+    def add(self, docs: list[np.ndarray]) -> None:
+        for d in docs:
+            if not self.single and self.n_buf and self.n_buf + len(d) > self.cap:
+                self.flush()
+            self.buf.append(d)
+            self.n_buf += len(d)
+            self.docs_buf += 1
+
+    def flush(self) -> None:
+        if not self.n_buf:
+            return
+        tokens = np.concatenate(self.buf)
+        path = self.out if self.single else os.path.join(self.out, f"shard-{len(self.shards):05d}.haitok")
+        write_token_file(path, tokens, self.vocab, self.name, self.eos, self.docs_buf)
+        self.shards.append({"path": path, "tokens": int(len(tokens)), "docs": self.docs_buf})
+        self.buf, self.n_buf, self.docs_buf = [], 0, 0
+
+
+def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool = False) -> dict:
+    """Tokenize ``cfg.source`` (default: Python's stdlib sources, up to ``cfg.max_bytes``) into ``out_path`` (or
+    ``cfg.path``). Returns the report: path, shards, files, skipped (name -> error), documents, tokens, MB/s."""
+    from hai.data import default_token_file
+
+    tok = load_tokenizer(cfg.tokenizer)
+    out = out_path or cfg.path or default_token_file(cfg)
+    files = source_files(cfg.source)
+    capped = cfg.source is None
+    workers = min(len(files), cfg.workers or os.cpu_count() or 1)
+    writer = _ShardWriter(out, tok.vocab_size, tok.name, tok.eos_id, cfg.shard_mb * 2**20)
+    skipped: dict[str, str] = {}
+    t0, read, used, n_files = time.perf_counter(), 0, 0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, unit_divisor=2**20,
+                   desc="hai prepare", file=sys.stderr, dynamic_ncols=True)
+    jobs = [(p, cfg.text_field) for p in files]
+    pool = None
+    if workers > 1:
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            workers, initializer=_init_worker, initargs=(cfg.tokenizer,))
+        results = pool.imap(_tokenize, jobs, chunksize=1 if len(jobs) < 64 * workers else 8)  # ordered
+    else:
+        _init_worker(cfg.tokenizer)
+        results = map(_tokenize, jobs)
+    try:
+        for path, size, parts, docs, err in results:
+            read += size
+            if bar is not None:
+                bar.update(size)
+            if err is not None:
+                if capped:  # the default corpus: a stdlib file that is not UTF-8 is skipped (and listed)
+                    skipped[path] = err
+                    continue
+                if cfg.on_error == "fail":
+                    raise DataError(f"cannot read {path!r}: {err}. Fix or remove the file, or pass data.on_error=skip "
+                                    f"to skip unreadable files (they are listed in the report)")
+                skipped[path] = err
+                print(f"hai prepare: skipped {path}: {err}", file=sys.stderr)
+                continue
+            if capped and used + size > cfg.max_bytes:
+                break
+            used += size
+            writer.add(parts)
+            n_files += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    writer.flush()
+    if not writer.shards or sum(s["tokens"] for s in writer.shards) < 2:
+        raise DataError(f"data.source={cfg.source!r} produced no tokens ({len(skipped)} of {len(files)} file(s) "
+                        f"skipped): give it readable text, jsonl or parquet files")
+    seconds = time.perf_counter() - t0
+    report = {"path": out, "shards": len(writer.shards), "files": n_files, "skipped": skipped,
+              "documents": sum(s["docs"] for s in writer.shards), "tokens": sum(s["tokens"] for s in writer.shards),
+              "vocab_size": tok.vocab_size, "tokenizer": tok.name, "input_bytes": read, "seconds": seconds,
+              "mb_per_s": read / 2**20 / max(seconds, 1e-9), "workers": workers}
+    if not writer.single:
+        with open(os.path.join(out, "index.json"), "w") as f:
+            json.dump({**report, "shard_files": writer.shards}, f, indent=1)
+    return report
