@@ -16,6 +16,8 @@ Keys (all tensors; nothing is pickled):
   Keyed by parameter name, not by bucket, so a different bucketing or stage split still finds its state.
   Routed-expert tensors sharded over the "ep" axis are written at their global rows (expert j of E), so the ep size
   may change too; a parameter held by several pipeline ranks (DualPipe's two copies) is written by the lowest one.
+  The weights tensor parallelism splits (attention heads, MLP columns, vocabulary rows) keep their optimizer state
+  in their 2-D global shape and every TP slice writes its rectangle(s), so the tp size may change as well.
 - ``optim.step_count`` (Adam's bias-correction step; skipped steps do not count), ``trainer.step`` (= the data
   position: the sampler is a pure function of the step), ``rng.<rank>.{torch,cuda,python,numpy…}``.
 
@@ -55,49 +57,76 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_
 # ----------------------------------------------------------------------------------------------------------------------
 
 class _Piece:
-    """This rank's block ``tensor`` of a tensor of global shape ``size``, at ``offsets``, in DCP's
-    ``_Checkpointable`` protocol (``tensor=None``: this rank holds none of it). ``tensor`` is a view into the
-    optimizer shard or the module's parameter, so loading writes straight into it."""
+    """This rank's blocks of a tensor of global shape ``size`` in DCP's ``_Checkpointable`` protocol: ``tensor`` at
+    ``offsets`` (``tensor=None``: this rank holds none of it), or several ``(tensor, offsets)`` blocks (a TP-split
+    parameter's optimizer range, cut into rectangles). Each tensor is a view into the optimizer shard or the
+    module's parameter, so loading writes straight into it."""
 
-    def __init__(self, tensor: torch.Tensor | None, offsets: tuple[int, ...], size: tuple[int, ...]):
-        self.tensor, self.offsets, self.global_size = tensor, torch.Size(offsets), torch.Size(size)
+    def __init__(self, tensor: torch.Tensor | None, offsets: tuple[int, ...], size: tuple[int, ...],
+                 blocks: list[tuple[torch.Tensor, tuple[int, ...]]] | None = None):
+        self.global_size = torch.Size(size)
+        blocks = blocks if blocks is not None else ([] if tensor is None else [(tensor, offsets)])
+        self.blocks = [(t, torch.Size(o)) for t, o in blocks]
 
     def size(self) -> torch.Size:
         return self.global_size
 
     def _chunks(self) -> list[ChunkStorageMetadata]:
-        if self.tensor is None:
-            return []
-        return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.tensor.size())]
+        return [ChunkStorageMetadata(offsets=o, sizes=t.size()) for t, o in self.blocks]
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
-        return [WriteItem(index=MetadataIndex(fqn, c.offsets), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=c, properties=TensorProperties.create_from_tensor(
-                              self.tensor), size=self.global_size)) for c in self._chunks()]
+        return [WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=o, sizes=t.size()),
+                                                      properties=TensorProperties.create_from_tensor(t),
+                                                      size=self.global_size)) for t, o in self.blocks]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
         return self._chunks()
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        if self.tensor is None or (index.offset is not None and torch.Size(index.offset) != self.offsets):
-            raise ValueError(f"{index.fqn}: no local block at offset {index.offset}")
-        return self.tensor
+        for t, o in self.blocks:
+            if index.offset is None or torch.Size(index.offset) == o:
+                return t
+        raise ValueError(f"{index.fqn}: no local block at offset {index.offset}")
+
+
+def _rectangles(flat: torch.Tensor, a: int, z: int, cols: int, row0: int, col0: int) -> list[tuple]:
+    """Elements [a, z) of a row-major (rows, cols) local block whose (0, 0) sits at global (row0, col0), as at most
+    three rectangles of the global 2-D tensor: a partial first row, whole rows, a partial last row. ``flat`` holds
+    those elements (a view of the optimizer shard)."""
+    out, i = [], a
+    while i < z:
+        r, c = divmod(i, cols)
+        n = min(cols - c, z - i) if c or z - i < cols else (z - i) // cols * cols
+        block = flat[i - a:i - a + n]
+        out.append((block.view(1, n) if c or n < cols else block.view(n // cols, cols), (row0 + r, col0 + c)))
+        i += n
+    return out
 
 
 class _Layout:
     """Where this rank's tensors sit in the global ones: routed-expert parameters stacked as (E, ...) and sharded by
-    rows over the "ep" axis (expert j on ep rank j // (E / ep)); parameters held by several pipeline ranks (DualPipe's
-    two copies of a stage, an embedding shared by the first and last stage) are written by the lowest one."""
+    rows over the "ep" axis (expert j on ep rank j // (E / ep)); tensor-parallel slices at their global offset along
+    their split dimension; parameters held by several pipeline ranks (DualPipe's two copies of a stage, an embedding
+    shared by the first and last stage) are written by the lowest one, parameters every TP rank holds whole by TP
+    rank 0."""
 
     def __init__(self, trainer):
+        from hai.parallel.tensor_parallel import tp_split_dim
         from hai.parallel.zero import is_expert_param
 
-        self._is_expert = is_expert_param
+        self._is_expert, self.tp_split_dim = is_expert_param, tp_split_dim
         coords = getattr(trainer, "coords", {}) or {}
         self.ep, self.ep_rank, self.pp_rank = trainer.topo.ep, coords.get("ep", 0), coords.get("pp", 0)
         self.experts = trainer.cfg.model.n_routed_experts
         holders = trainer.placement.holders
         self.secondary = {n for n, h in holders.items() if h and h[0] != self.pp_rank}
+        if coords.get("tp", 0):
+            self.secondary |= set(getattr(trainer.placement, "tp_replicated", ()))
+        self.tp_shards = {}  # name -> (dim, first global index, global size)
+        for mod_name, module in trainer.model.named_modules():
+            for pname, spec in getattr(module, "tp_shard", {}).items():
+                self.tp_shards[f"{mod_name}.{pname}" if mod_name else pname] = spec
 
     def expert_rows(self, name: str, t: torch.Tensor) -> tuple[int, int] | None:
         """(first global row, global rows) of an ep-sharded expert tensor; None for everything else."""
@@ -108,29 +137,50 @@ class _Layout:
             return None  # not sharded (yet): every rank holds all experts
         return self.ep_rank * local, self.experts
 
+    def tp_block(self, name: str, t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(global offsets, global shape) of a (possibly TP-split) weight; the whole tensor at tp = 1."""
+        dim, start, size = self.tp_shards.get(name, (0, 0, t.shape[0]))
+        offsets, shape = [0] * t.dim(), list(t.shape)
+        offsets[dim], shape[dim] = start, size
+        return tuple(offsets), tuple(shape)
+
 
 def _model_state(model, layout: _Layout) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in model.state_dict().items():
         rows = layout.expert_rows(k, v)
-        out[f"model.{k}"] = v if rows is None else _Piece(v, (rows[0],) + (0,) * (v.dim() - 1),
-                                                          (rows[1],) + tuple(v.shape[1:]))
+        if rows is not None:
+            out[f"model.{k}"] = _Piece(v, (rows[0],) + (0,) * (v.dim() - 1), (rows[1],) + tuple(v.shape[1:]))
+        elif k in layout.tp_shards:
+            out[f"model.{k}"] = _Piece(v, *layout.tp_block(k, v))
+        else:
+            out[f"model.{k}"] = v
     return out
 
 
 def _optimizer_slices(optimizer, layout: _Layout, saving: bool) -> dict[str, _Piece]:
-    """``optim.<param>.<state>`` -> this rank's piece of the parameter's flattened (global) state, from ZeroAdamW's
-    flat buckets (params in bucket order; this rank's shard is bucket range [rank*shard, (rank+1)*shard))."""
+    """``optim.<param>.<state>`` -> this rank's piece of the parameter's (global) state, from ZeroAdamW's flat
+    buckets (params in bucket order; this rank's shard is bucket range [rank*shard, (rank+1)*shard)). Flat 1-D,
+    except the weights tensor parallelism splits: those keep their 2-D global shape (at any tp, so a checkpoint
+    moves between tp sizes), this rank's range cut into rectangles."""
     out = {}
     for b in optimizer.buckets:
         lo, hi = b.rank * b.shard, min((b.rank + 1) * b.shard, b.numel)
         start = 0
         for name, p in zip(b.names, b.params):
             n = p.numel()
-            rows = layout.expert_rows(name, p)
-            base, total = (0, n) if rows is None else (rows[0] * (n // p.shape[0]), rows[1] * (n // p.shape[0]))
             a, z = max(lo, start), min(hi, start + n)
             mine = a < z and not (saving and name in layout.secondary)
+            if layout.tp_split_dim(name) is not None and p.dim() == 2:
+                (row0, col0), shape = layout.tp_block(name, p)
+                for kind in ("master", "exp_avg", "exp_avg_sq"):
+                    blocks = _rectangles(getattr(b, kind)[a - lo:z - lo], a - start, z - start, p.shape[1], row0,
+                                         col0) if mine else []
+                    out[f"optim.{name}.{kind}"] = _Piece(None, (), shape, blocks=blocks)
+                start += n
+                continue
+            rows = layout.expert_rows(name, p)
+            base, total = (0, n) if rows is None else (rows[0] * (n // p.shape[0]), rows[1] * (n // p.shape[0]))
             for kind in ("master", "exp_avg", "exp_avg_sq"):
                 view = getattr(b, kind)[a - lo:z - lo] if mine else None
                 out[f"optim.{name}.{kind}"] = _Piece(view, (base + a - start if mine else 0,), (total,))
@@ -289,6 +339,7 @@ def save_checkpoint(trainer, out_dir: str | None = None) -> str:
         files.update(file_info(tmp, [".metadata"]))
         meta = {"format": FORMAT, "step": trainer.step, "optimizer_steps": trainer.optimizer.step_count,
                 "world_size": world, "pp": trainer.topo.pp, "dp": trainer.topo.dp, "ep": trainer.topo.ep,
+                "tp": trainer.topo.tp,
                 "time": time.time(), "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
                 "run_id": getattr(trainer, "run_id", None), "files": files}
         commit_checkpoint(tmp, final, root, meta, cfg.train.keep_last)

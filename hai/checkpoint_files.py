@@ -14,7 +14,7 @@ __all__ = ["CheckpointError", "checkpoint_root", "list_checkpoints", "latest_che
            "META_FILE", "check_model", "checkpoint_error", "clean_stale", "commit_checkpoint", "crc32", "file_info",
            "read_meta"]
 
-FORMAT = "hai-checkpoint-1"
+FORMAT = "hai-checkpoint-2"  # 2: TP-splittable weights' optimizer state kept 2-D
 META_FILE, MARKER = "hai.json", "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # model fields that do not change the parameter set or its meaning: a run may resume with another value

@@ -284,9 +284,11 @@ class ParallelConfig:
     fp8_dispatch: bool = False
     overlap: bool = True  # pp > 1: cut stages at the MoE all-to-alls; FB actions overlap one chunk's with the other's
     layout: str = ""  # pipeline stages: "" even split | auto (the planner balances) | e.g. "Et*3|t*4|...|t*3Lm"
+    tp: int = 1  # tensor-slice model parallelism inside a node (attention heads, MLP columns, vocabulary)
+    sequence_parallel: bool = False  # with tp > 1: norms, residuals and the MoE on sequence shards (needed with MoE)
 
     def __post_init__(self) -> None:
-        for key in ("pp", "dp", "ep"):
+        for key in ("pp", "dp", "ep", "tp"):
             _positive(f"parallel.{key}", getattr(self, key))
         _choice("parallel.schedule", self.schedule, ("1f1b", "zb1p", "dualpipe", "dualpipev"))
         _choice("parallel.dispatch", self.dispatch, ("flat", "hierarchical"))
@@ -295,7 +297,7 @@ class ParallelConfig:
 
     @property
     def edp(self) -> int:
-        return self.dp // self.ep
+        return self.dp * self.tp // self.ep
 
 
 @dataclass

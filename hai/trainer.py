@@ -49,7 +49,7 @@ def init_distributed(topo: Topology, timeout_s: float = 600.0):
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world != topo.world_size:
         raise ConfigError(f"this process runs in a world of {env_world} rank(s) (WORLD_SIZE) but the topology needs "
-                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp}): start it with `hai train` or "
+                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp} x tp={topo.tp}): start it with `hai train` or "
                           f"`hai launch`, which run torchrun with the right --nproc-per-node")
     if not dist.is_initialized():
         if topo.device == "cuda":
@@ -72,6 +72,7 @@ class Trainer:
         t = cfg.train
         self.n_micro = t.global_batch_size // (topo.dp * t.micro_batch_size)
         self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
+        self.tp_group = _group(mesh, "tp") if topo.tp > 1 else None
         # per-rank construction: the architecture on meta, this rank's layout, then only its share materialized
         self.model = build_model(cfg.model, device="meta", recompute=t.recompute)
         self.placement = parallelize(self.model, topo, cfg, mesh, self.rank)
@@ -88,9 +89,11 @@ class Trainer:
         self.optimizer = ZeroAdamW(
             self.model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
             weight_decay=t.weight_decay, dp_group=self.dp_group, edp_group=_group(mesh, "edp"),
-            grad_divisor=topo.dp, norm_groups=[self.dp_group, self.pp_group], bf16_moments=t.bf16_moments,
-            max_grad_norm=t.grad_clip,
-            copies={n: (self.placement.copies(n), self.placement.copy_group(n)) for n in self.placement.holders})
+            grad_divisor=topo.dp, norm_groups=[self.dp_group, self.pp_group, self.tp_group],
+            bf16_moments=t.bf16_moments, max_grad_norm=t.grad_clip,
+            copies={n: (self.placement.copies(n), self.placement.copy_group(n)) for n in self.placement.holders},
+            tp_group=self.tp_group, tp_partial=self.placement.tp_partial,
+            tp_replicated=self.placement.tp_replicated)
         if isinstance(data, Dataset):  # training windows, and the held-out split when there is one
             self.sampler = Sampler(data.train, t.seq_len, t.global_batch_size, t.seed)
             self.val_sampler = Sampler(data.val, t.seq_len, t.global_batch_size, t.seed) \
@@ -109,7 +112,9 @@ class Trainer:
         t = self.cfg.train
         return PipelineExecutor(self.model, self.placement.layout, self.coords["pp"], self.n_micro, self.pp_group,
                                 self.topo.group_ranks("pp", self.rank),
-                                (t.micro_batch_size, t.seq_len, self.cfg.model.hidden_size), 1.0 / self.n_micro,
+                                (t.micro_batch_size, t.seq_len // (self.topo.tp if self.topo.sequence_parallel
+                                                                   else 1), self.cfg.model.hidden_size),
+                                1.0 / self.n_micro,
                                 overlap=self.cfg.parallel.overlap, act_dtype=param_dtype(self.cfg.model),
                                 device=self.device)
 
@@ -149,8 +154,9 @@ class Trainer:
             if group is not None:
                 dist.all_reduce(m.load, group=group)
         loads = torch.stack([r.load for r in routers])  # (layers, E) this rank's counts
-        if self.dp_group is not None:
-            dist.all_reduce(loads, group=self.dp_group)
+        for group in (self.dp_group, self.tp_group):  # every rank of the stage routes its own tokens
+            if group is not None:
+                dist.all_reduce(loads, group=group)
         gamma = self.cfg.model.bias_update_speed
         for r, load in zip(routers, loads):
             if gamma > 0 and apply:

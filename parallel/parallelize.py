@@ -15,7 +15,9 @@ The construction path of every run (and of ``hai plan``, which stops before mate
 2. expert sharding over "ep": each MoE keeps rows ``[e0, e1)`` of its stacked expert weights
    (:func:`~hai.parallel.expert.shard_experts`), recording the global offset for initialization and checkpoints;
 3. the dispatcher swap: the expert-parallel all-to-all dispatcher over the rank's "ep" group;
-4. the groups over which copies of a parameter (held by several pipeline ranks) sum their gradients.
+4. tensor parallelism (``parallel.tp > 1``): this TP rank's slices of the head-, column-, row- and vocabulary-split
+   weights, the TP group handed to the modules that communicate (:mod:`hai.parallel.tensor_parallel`);
+5. the groups over which copies of a parameter (held by several pipeline ranks) sum their gradients.
 
 Initialization (:func:`hai.model.materialize`) is a function of (seed, parameter name, global expert index), so a
 rank's shard holds exactly the values of the same slice of the single-process model, whatever the layout.
@@ -43,6 +45,8 @@ class Placement:
     coords: dict[str, int]
     holders: dict[str, tuple[int, ...]]  # parameter name -> pipeline ranks holding it
     copy_groups: dict[tuple[int, ...], object] = field(default_factory=dict)  # holders -> group (this dp index)
+    tp_partial: set[str] = field(default_factory=set)  # replicated over tp, gradient summed over tp
+    tp_replicated: set[str] = field(default_factory=set)  # held whole by every TP rank (norm counts them once)
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -70,11 +74,13 @@ def split_model(model: nn.Module, keep: set[str]) -> None:
 
 
 def copy_group_ranks(layout: PipelineLayout, topo: Topology) -> list[tuple[tuple[int, ...], int, list[int]]]:
-    """Every (holders, dp index, global ranks) group of parameter copies, in the order every rank creates them."""
+    """Every (holders, position f in the stage, global ranks) group of parameter copies, in the order every rank
+    creates them (f = dp index x tp + tp index: a copy lives at the same dp and tp index of each holding stage)."""
     units = [f"layers.{i}" for i in range(layout.num_layers)] + ["embed", "norm", "head"]
     units += ["mtp"] if layout.mtp_depth else []
     sets = sorted({layout.holders(u) for u in units if len(layout.holders(u)) > 1})
-    return [(h, d, [p * topo.dp + d for p in h]) for h in sets for d in range(topo.dp)]
+    n = topo.stage_size
+    return [(h, f, [p * n + f for p in h]) for h in sets for f in range(n)]
 
 
 def _copy_groups(layout: PipelineLayout, topo: Topology, coords: dict[str, int]) -> dict:
@@ -82,9 +88,10 @@ def _copy_groups(layout: PipelineLayout, topo: Topology, coords: dict[str, int])
     import torch.distributed as dist
 
     mine = {}
-    for holders, d, ranks in copy_group_ranks(layout, topo):
+    here = coords["dp"] * topo.tp + coords["tp"]
+    for holders, f, ranks in copy_group_ranks(layout, topo):
         group = dist.new_group(ranks)
-        if d == coords["dp"] and coords["pp"] in holders:
+        if f == here and coords["pp"] in holders:
             mine[holders] = group
     return mine
 
@@ -105,8 +112,19 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, mesh=None, rank: 
             if group is not None:
                 moe.dispatcher = EPDispatcher(group, cfg.model.n_routed_experts, gpus_per_node=topo.gpus_per_node,
                                               mode=cfg.parallel.dispatch, fp8=cfg.parallel.fp8_dispatch)
+    if topo.tp > 1:
+        from hai.parallel.tensor_parallel import TPGroup, shard_tensor_parallel
+
+        tp_group = mesh["tp"].get_group() if mesh is not None else None
+        shard_tensor_parallel(model, TPGroup(tp_group, topo.tp, coords["tp"], topo.sequence_parallel))
     holders = {n: layout.holders(n) for n, _ in model.named_parameters()}
     placement = Placement(layout, rank, coords, holders)
+    if topo.tp > 1:
+        from hai.parallel.tensor_parallel import tp_partial, tp_replicated
+
+        names = [n for n, _ in model.named_parameters()]
+        placement.tp_partial = {n for n in names if tp_partial(n, topo.sequence_parallel, cfg.train.recompute)}
+        placement.tp_replicated = {n for n in names if tp_replicated(n)}
     if mesh is not None and topo.pp > 1:
         placement.copy_groups = _copy_groups(layout, topo, coords)
     return placement

@@ -14,11 +14,12 @@ the same experts). A bucket owns, for its ``numel`` elements padded to ``shard *
 Each step:
 
 1. parameters held by several pipeline ranks (DualPipe's two copies of a stage, an embedding shared by the first and
-   last stage) all-reduce their bucket's gradient buffer over their copy group, in place;
+   last stage) all-reduce their bucket's gradient buffer over their copy group, in place; replicated parameters whose
+   gradient is a TP rank's part (``tp_partial``: hai.parallel.tensor_parallel) all-reduce theirs over the TP group;
 2. each bucket's gradient buffer is reduce-scattered in place (sum) into this rank's shard of it and divided by dp —
    for experts too, since the all-to-all already summed the ep ranks' contributions into the expert's owner;
 3. the global gradient norm is the square root of the sum of every shard's squares over ``norm_groups`` (dp, then
-   pp; copies counted once), gradients are clipped by it (torch's ``clip_grad_norm_`` rule) and a non-finite norm
+   pp, and tp; copies and TP replicas counted once), gradients are clipped by it (torch's ``clip_grad_norm_`` rule) and a non-finite norm
    skips the step;
 4. each shard takes the AdamW step on its fp32 master (``torch.optim.AdamW``'s arithmetic, decoupled weight decay);
 5. the master shard is cast into this rank's slice of the parameter buffer and the buffer is all-gathered in place.
@@ -70,6 +71,8 @@ class _Bucket:
     decay: bool
     copies: int = 1  # pp ranks holding these parameters (DualPipe: 2); the global norm counts them once
     copy_group: object = None  # the group summing gradients over those copies
+    tp_sum: object = None  # tensor parallel: the TP group summing these replicated parameters' partial gradients
+    tp_copies: int = 1  # TP ranks holding these parameters whole (the norm counts them once)
     numel: int = 0
     shard: int = 0
     rank: int = 0
@@ -115,6 +118,8 @@ class _Bucket:
         view of the gradient buffer)."""
         if self.copy_group is not None:
             dist.all_reduce(self.grad, group=self.copy_group)
+        if self.tp_sum is not None:
+            dist.all_reduce(self.grad, group=self.tp_sum)
         out = self.grad[self.rank * self.shard:(self.rank + 1) * self.shard]
         if self.world > 1:
             _reduce_scatter(out, self.grad, op=dist.ReduceOp.SUM, group=self.group)
@@ -158,7 +163,8 @@ class ZeroAdamW:
 
     def __init__(self, named_params, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  dp_group=None, edp_group=None, grad_divisor: int = 1, norm_groups=(), bf16_moments: bool = False,
-                 max_grad_norm: float = 0.0, copies: dict[str, tuple[int, object]] | None = None):
+                 max_grad_norm: float = 0.0, copies: dict[str, tuple[int, object]] | None = None,
+                 tp_group=None, tp_partial: set[str] = frozenset(), tp_replicated: set[str] = frozenset()):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.grad_divisor, self.norm_groups, self.max_grad_norm = grad_divisor, list(norm_groups), max_grad_norm
         self.step_count = 0
@@ -171,9 +177,12 @@ class ZeroAdamW:
             expert, decay = is_expert_param(name), p.dim() >= 2
             n_copies, copy_group = (copies or {}).get(name, (1, None))
             gid = order.setdefault(copy_group, len(order))  # groups are not orderable: key by first appearance
-            key = (expert, decay, n_copies, gid)
+            partial, whole = name in tp_partial, name in tp_replicated
+            key = (expert, decay, n_copies, gid, partial, whole)
             if key not in groups:
-                groups[key] = _Bucket([], [], edp_group if expert else dp_group, decay, n_copies, copy_group)
+                tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+                groups[key] = _Bucket([], [], edp_group if expert else dp_group, decay, n_copies, copy_group,
+                                      tp_group if partial else None, tp_size if whole else 1)
             groups[key].names.append(name)
             groups[key].params.append(p)
         moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
@@ -206,7 +215,7 @@ class ZeroAdamW:
         grads = [b.grad_shard().div_(self.grad_divisor) for b in self.buckets]
         sq = None
         for b, g in zip(self.buckets, grads):
-            part = _sq_norm(g) / b.copies
+            part = _sq_norm(g) / (b.copies * b.tp_copies)
             sq = part if sq is None else sq + part
         if sq is None:
             return StepResult(0.0, skipped=False)

@@ -109,7 +109,7 @@ class PipelineExecutor:
         tape = slot.tape = Tape() if self.overlap else PlainTape()
         if spec.embed:
             tape.begin()
-            h = self.model.embed(tokens[mb][:, :-1])
+            h = self.model.embed_tokens(tokens[mb][:, :-1])
             tape.end(h)
         else:
             h = slot.inp

@@ -85,13 +85,15 @@ def test_layout_atomic_and_keep_last(dp2):
     md = SafeReader(str(ck)).read_metadata().state_dict_metadata
     assert "model.layers.1.ffn.router.bias" in md  # router biases (buffers) are saved
     assert int(md["trainer.step"].size.numel()) == 1
-    # ZeRO-1 state: one flat tensor per parameter, written as the pieces the dp ranks' shards hold
-    assert tuple(md["optim.embed.weight.master"].size) == (320 * 64,)
+    # ZeRO-1 state: one tensor per parameter (flat; 2-D for the weights TP splits, so tp may change), written as
+    # the pieces the dp ranks' shards hold (a 2-D one as rectangles)
+    assert tuple(md["optim.embed.weight.master"].size) == (320, 64)
+    assert tuple(md["optim.layers.0.attn_norm.weight.master"].size) == (64,)
     masters = {k: v for k, v in md.items() if k.startswith("optim.") and k.endswith(".master")}
     assert {k[len("optim."):-len(".master")] for k in masters} <= {k[len("model."):] for k in md}
-    assert any(len(v.chunks) == 2 for v in masters.values())  # a parameter cut by the shard boundary
+    assert any(len(v.chunks) >= 2 for v in masters.values())  # a parameter cut by the shard boundary
     for v in masters.values():
-        assert sum(c.sizes[0] for c in v.chunks) == v.size[0]
+        assert sum(torch.Size(c.sizes).numel() for c in v.chunks) == torch.Size(v.size).numel()
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4, 6]
     assert latest_checkpoint(str(root)) == str(root / "step_00000006")

@@ -165,6 +165,8 @@ class MLA(nn.Module):
         self.wkv_b = Linear(C, H * (N + V), fp8)
         self.wo = Linear(H * V, cfg.hidden_size, fp8)
         self.softmax_scale = softmax_scale(cfg)
+        self.n_heads = H  # heads on this rank (H / tp under tensor parallelism)
+        self.tp = None  # hai.parallel.tensor_parallel.TPGroup: heads split, latents replicated
 
     def _rope(self, S: int, device, offset: int):
         if offset + S > self.cfg.max_seq_len:
@@ -178,7 +180,7 @@ class MLA(nn.Module):
     def _qkv(self, q_in: torch.Tensor, kv: torch.Tensor, offset: int = 0):
         """From the down-projections' outputs (q latent, or q without q_lora; [c_kv | k_pe]) to the attention's
         q (B, S, H, N+R), k (B, S, H, N+R) and v (B, S, H, V)."""
-        H, N, R, V, C = (self.cfg.num_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim,
+        H, N, R, V, C = (self.n_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim,
                          self.cfg.v_head_dim, self.cfg.kv_lora_rank)
         B, S, _ = kv.shape
         cos, sin = self._rope(S, kv.device, offset)
@@ -193,6 +195,8 @@ class MLA(nn.Module):
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """Causal self-attention over x (already normed). With ``cache``, x continues the cached sequence (absorbed
         decode)."""
+        if self.tp is not None:
+            return self._forward_tp(x_BSD)
         q_in, kv = self._q_down()(x_BSD), self.wkv_a(x_BSD)
         if cache is not None:
             return self._decode(q_in, kv, cache, layer)
@@ -200,12 +204,31 @@ class MLA(nn.Module):
         o = attention(q, k, v, self.softmax_scale)
         return self.wo(o.flatten(2))
 
+    def _forward_tp(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: the replicated down-projections on this rank's positions, the TP region entered on
+        their outputs (the latents: 2 of them, much narrower than the hidden state), this rank's heads, and the
+        out-projection's partial sums reduced (hai.parallel.tensor_parallel)."""
+        from hai.parallel.tensor_parallel import enter, exit_region
+
+        kv = enter(self.wkv_a(x_BSD), self.tp)
+        q_in = enter(self.wq_a(x_BSD), self.tp) if self.cfg.q_lora_rank else self.wq(enter(x_BSD, self.tp))
+        q, k, v = self._qkv(q_in, kv)
+        o = attention(q, k, v, self.softmax_scale)
+        return exit_region(self.wo(o.flatten(2)), self.tp)
+
     def forward_recompute(self, x_BSD: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """attn(norm(x)) under V3's recipe: keeps x, the latents, the attention output and the log-sum-exp."""
+        if self.tp is not None and self.cfg.q_lora_rank is None:  # wq is head-split: its input must enter first
+            return self._forward_tp(norm(x_BSD))
         ops = [LinearOp(m.forward, m.backward, m.weight) for m in (self._q_down(), self.wkv_a)]
         q_in, kv = norm_linears([x_BSD], [norm], ops)
         weights = [p for p in self.parameters() if p.requires_grad]
-        return _MLACore.apply(self, q_in, kv, *weights)
+        if self.tp is None:
+            return _MLACore.apply(self, q_in, kv, *weights)
+        from hai.parallel.tensor_parallel import enter, exit_region
+
+        q_in, kv = enter(q_in, self.tp), enter(kv, self.tp)
+        return exit_region(_MLACore.apply(self, q_in, kv, *weights), self.tp)
 
     def _decode(self, q_in, kv, cache: KVCache, layer: int) -> torch.Tensor:
         """Decode path: scores and outputs computed against the latent cache without expanding it."""

@@ -43,6 +43,15 @@ def _fill(t: torch.Tensor, key: int, std: float) -> None:
 
 @torch.no_grad()
 def _init_param(module: nn.Module, pname: str, full_name: str, t: torch.Tensor, seed: int, std: float) -> None:
+    tp = getattr(module, "tp_shard", {}).get(pname)
+    if tp is not None:  # a tensor-parallel slice: the single-process tensor's values, sliced
+        dim, start, size = tp
+        shape = list(t.shape)
+        shape[dim] = size
+        full = torch.empty(shape, dtype=torch.float32, device=t.device)
+        _fill(full, init_key(seed, full_name), std)
+        t.copy_(full.narrow(dim, start, t.shape[dim]))
+        return
     offset = getattr(module, "expert_offset", None)
     if offset is None:
         _fill(t, init_key(seed, full_name), std)

@@ -150,8 +150,14 @@ class SwiGLU(nn.Module):
         self.w1 = Linear(dim, inter, fp8)
         self.w3 = Linear(dim, inter, fp8)
         self.w2 = Linear(inter, dim, fp8)
+        self.tp = None  # hai.parallel.tensor_parallel.TPGroup: w1/w3 column-split, w2 row-split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:
+            from hai.parallel.tensor_parallel import enter, exit_region
+
+            x = enter(x, self.tp)
+            return exit_region(self.w2(swiglu(self.w1(x), self.w3(x))), self.tp)
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 

@@ -38,6 +38,7 @@ class Route:
     topk_idx: torch.Tensor  # (T, K) int64 global expert ids
     topk_weight: torch.Tensor  # (T, K) fp32 gates (normalized, scaled)
     scores: torch.Tensor  # (T, E) fp32 unbiased affinities (carry grad to the router)
+    valid: torch.Tensor | None = None  # (T,) bool: positions that count (None: all; MTP's padding under SP)
 
 
 def group_scores(g_TGe: torch.Tensor, rule: str, k: int, topk_group: int) -> torch.Tensor:
@@ -129,7 +130,9 @@ class Router(nn.Module):
         forward is recomputed)."""
         if self.training:  # scatter-add, not bincount (which sizes its output from the data: a host sync)
             idx = route.topk_idx.flatten()
-            self.load.index_add_(0, idx, torch.ones_like(idx, dtype=self.load.dtype))
+            ones = torch.ones_like(idx, dtype=self.load.dtype) if route.valid is None else \
+                route.valid.to(self.load.dtype).repeat_interleave(route.topk_idx.shape[1])
+            self.load.index_add_(0, idx, ones)
 
     def forward(self, x_TD: torch.Tensor) -> Route:
         route = self.route(self.logits(x_TD))
@@ -340,6 +343,8 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
         self.recompute = "none"  # none | v3 | full (hai.model.recompute; set by Transformer.set_recompute)
         self.aux_grad_scale = 1.0  # set by the trainer to the micro-batch loss scale (1 / micro-batches)
+        self.tp = None  # tensor parallel (always with SP): this rank routes its sequence shard
+        self.valid_len = None  # MTP under SP: positions >= valid_len are padding (not counted, no balance loss)
 
     def seq_aux_loss(self, route: Route, batch: int) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
@@ -348,14 +353,40 @@ class MoE(nn.Module):
         s_BSE = route.scores.view(batch, -1, E)
         S = s_BSE.shape[1]
         s_norm = s_BSE / s_BSE.sum(-1, keepdim=True)
-        P_BE = s_norm.mean(1)
-        hits = torch.zeros(batch, E, device=s_BSE.device).scatter_add_(
-            1, route.topk_idx.view(batch, -1), torch.ones(batch, S * K, device=s_BSE.device))
+        hit = torch.ones(batch, S * K, device=s_BSE.device)
+        if route.valid is not None:  # padded positions (MTP under SP) take no part
+            v_BS = route.valid.view(batch, S).to(s_norm.dtype)
+            s_norm = s_norm * v_BS.unsqueeze(-1)
+            hit = v_BS.repeat_interleave(K, dim=1)
+        P_BE = s_norm.sum(1)
+        hits = torch.zeros(batch, E, device=s_BSE.device).scatter_add_(1, route.topk_idx.view(batch, -1), hit)
+        if self.tp is not None:  # sequence-sharded: the per-sequence sums over every TP rank's positions
+            import torch.distributed as dist
+
+            from hai.parallel.tensor_parallel import all_reduce_sum
+
+            P_BE = all_reduce_sum(P_BE, self.tp)
+            dist.all_reduce(hits, group=self.tp.group)
+            S = S * self.tp.size
+        if route.valid is not None:
+            S = self.valid_len
+        P_BE = P_BE / S
         f_BE = hits * (E / (K * S))
         return cfg.seq_aux_alpha * (f_BE * P_BE).sum(-1).mean()
 
     # --- the compute between the seams (Block.forward and the pipeline's overlapped F&B both use these) ---
+    def _mark_valid(self, route: Route, batch: int) -> Route:
+        """Positions beyond ``valid_len`` (global, along this rank's sequence shard) are padding."""
+        if self.valid_len is None:
+            return route
+        S = route.scores.shape[0] // batch
+        first = self.tp.rank * S if self.tp is not None else 0
+        pos = torch.arange(first, first + S, device=route.scores.device)
+        route.valid = (pos < self.valid_len).expand(batch, S).reshape(-1)
+        return route
+
     def _aux(self, route: Route, batch: int) -> torch.Tensor | None:
+        route = self._mark_valid(route, batch)
         if self.training and self.cfg.seq_aux_alpha > 0 and torch.is_grad_enabled():
             return self.seq_aux_loss(route, batch)
         return None
@@ -369,13 +400,32 @@ class MoE(nn.Module):
         if norm is None or self.recompute != "v3":
             x_TD = (x_BSD if norm is None else norm(x_BSD)).reshape(-1, x_BSD.shape[-1])
             route = self.router.route(self.router.logits(x_TD))
-            shared = self.shared(x_TD) if self.shared is not None else None
+            if self.shared is None:
+                shared = None
+            elif self.tp is None:
+                shared = self.shared(x_TD)
+            else:  # TP-split shared experts: enter/exit along the (sharded) sequence, so (B, S/tp, D) in and out
+                shared = self.shared(x_TD.view(B, -1, x_TD.shape[-1])).reshape(x_TD.shape)
             return x_TD, route, self._aux(route, B), shared
         r = self.router
         ops = [LinearOp(r.logits, r.logits_backward, r.weight)]
-        if self.shared is not None:
+        if self.shared is not None and self.tp is None:
             ops += [LinearOp(m.forward, m.backward, m.weight) for m in (self.shared.w1, self.shared.w3)]
         x, logits, *h = norm_linears([x_BSD], [norm], ops, keep_norm=True)
+        if self.tp is not None:  # TP (SP): the shared experts' region takes the gathered residual, norm inside
+            from hai.parallel.tensor_parallel import enter, exit_region
+
+            x_TD = x.reshape(-1, x.shape[-1])
+            route = r.route(logits.reshape(-1, logits.shape[-1]))
+            shared = None
+            if self.shared is not None:
+                sh = self.shared
+                h1, h3 = norm_linears([enter(x_BSD, self.tp)], [norm], [LinearOp(m.forward, m.backward, m.weight)
+                                                                       for m in (sh.w1, sh.w3)])
+                w2 = LinearOp(sh.w2.forward, sh.w2.backward, sh.w2.weight)
+                out = exit_region(swiglu_down(h1, h3, w2, self.cfg.precision == "fp8"), self.tp)
+                shared = out.reshape(-1, out.shape[-1])
+            return x_TD, route, self._aux(route, B), shared
         x_TD = x.reshape(-1, x.shape[-1])
         route = r.route(logits.reshape(-1, logits.shape[-1]))
         shared = None

@@ -70,8 +70,14 @@ class Block(nn.Module):
     def dense_part(self, h_BSD: torch.Tensor) -> torch.Tensor:
         if self.recompute == "v3":
             f = self.ffn
-            h1, h3 = norm_linears([h_BSD], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
-            return h_BSD + swiglu_down(h1, h3, _op(f.w2), self.fp8)
+            if f.tp is None:
+                h1, h3 = norm_linears([h_BSD], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
+                return h_BSD + swiglu_down(h1, h3, _op(f.w2), self.fp8)
+            from hai.parallel.tensor_parallel import enter, exit_region
+
+            # TP: the region entered on the residual, so the norm (recomputed) sits inside it
+            h1, h3 = norm_linears([enter(h_BSD, f.tp)], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
+            return h_BSD + exit_region(swiglu_down(h1, h3, _op(f.w2), self.fp8), f.tp)
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
     def moe_front(self, h_BSD: torch.Tensor):
@@ -126,6 +132,7 @@ class Transformer(nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size)  # never FP8 (V3 keeps the output head in bf16)
         self.mtp = nn.ModuleList(MTPModule(cfg, d + 1) for d in range(cfg.mtp_depth))
         self.recompute = "none"
+        self.tp = None  # tensor parallel: vocabulary-split embedding and head (hai.parallel.tensor_parallel)
 
     def set_recompute(self, mode: str) -> "Transformer":
         """``train.recompute``: none | v3 | full (:mod:`hai.model.recompute`), on every module that honours it."""
@@ -137,11 +144,27 @@ class Transformer(nn.Module):
         return self
 
     # --- pieces (the pipeline stages call these) ---
+    def embed_tokens(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """The embedding (vocabulary-parallel under TP; with SP this rank's sequence shard of it)."""
+        if self.tp is None:
+            return self.embed(tokens_BS)
+        from hai.parallel.tensor_parallel import vocab_embed
+
+        return vocab_embed(self.embed, tokens_BS, self.tp)
+
     def logits(self, h_BSD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         return self.head((norm or self.norm)(h_BSD)).float()
 
     def _loss(self, h_BSD: torch.Tensor, norm: nn.Module, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of head(norm(h)); under ``recompute='v3'`` the norm output is recomputed in the backward."""
+        if self.tp is not None:  # the head's vocabulary rows on this rank: a vocabulary-parallel cross-entropy
+            from hai.parallel.tensor_parallel import enter, vocab_parallel_ce
+
+            if self.recompute == "v3":  # the region entered on the residual, the norm recomputed inside it
+                (logits,) = norm_linears([enter(h_BSD, self.tp)], [norm], [_op(self.head)])
+            else:
+                logits = self.head(enter(norm(h_BSD), self.tp))
+            return vocab_parallel_ce(logits.flatten(0, 1), targets.flatten(), self.tp)
         if self.recompute == "v3":
             (logits,) = norm_linears([h_BSD], [norm], [_op(self.head)])
         else:
@@ -156,10 +179,29 @@ class Transformer(nn.Module):
         """Mean over MTP depths of their losses, from the last block's output (which re-uses embed and head)."""
         S = tokens.shape[1] - 1
         h = self.norm(h_BSD) if self.cfg.mtp_hidden == "post_norm" else h_BSD
+        if self.tp is not None and self.tp.sp:
+            return self._mtp_loss_sp(h, tokens)
         losses = []
         for k, module in enumerate(self.mtp, start=1):
-            h = module(h[:, : S - k], self.embed(tokens[:, k:S]))
+            h = module(h[:, : S - k], self.embed_tokens(tokens[:, k:S]))
             losses.append(self._loss(h, module.norm, tokens[:, k + 1:S + 1]))
+        return torch.stack(losses).mean()
+
+    def _mtp_loss_sp(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """MTP on sequence shards: depth k keeps all S positions (so every rank keeps its S/tp), the next-token
+        inputs padded with k tokens at the end; causal attention leaves the first S-k positions exactly as the
+        unpadded computation, the loss ignores the padding and the MoE neither counts it nor puts it in the
+        balance loss (``MoE.valid_len``)."""
+        S = tokens.shape[1] - 1
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            pad = tokens.new_zeros(tokens.shape[0], k)
+            nxt = torch.cat([tokens[:, k:S], pad], dim=1)
+            targets = torch.cat([tokens[:, k + 1:S + 1], pad - 1], dim=1)  # -1: padding
+            if isinstance(module.block.ffn, MoE):  # stays set: a recomputed segment must see the same padding
+                module.block.ffn.valid_len = S - k
+            h = module(h, self.embed_tokens(nxt))
+            losses.append(self._loss(h, module.norm, targets))
         return torch.stack(losses).mean()
 
     def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
@@ -169,7 +211,7 @@ class Transformer(nn.Module):
         return LossOutput(main + self.cfg.mtp_lambda * mtp, main.detach(), mtp.detach())
 
     def forward(self, tokens: torch.Tensor) -> LossOutput:
-        h = self.embed(tokens[:, :-1])
+        h = self.embed_tokens(tokens[:, :-1])
         for layer in self.layers:
             h = layer(h)
         return self.head_loss(h, tokens)

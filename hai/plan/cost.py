@@ -108,7 +108,7 @@ def spec_compute_s(cfg: Config, sp: StageSpec) -> float:
 def chunk_comm(cfg: Config, moe_layers: int) -> dict:
     """EP bytes and seconds of one chunk (forward: dispatch + combine; backward: their bf16 gradients)."""
     m, p, c = cfg.model, cfg.parallel, cfg.cluster
-    D, T = m.hidden_size, cfg.train.micro_batch_size * cfg.train.seq_len
+    D, T = m.hidden_size, cfg.train.micro_batch_size * cfg.train.seq_len // p.tp  # TP: each rank routes S/tp
     rows = ep_rows(cfg)
     Dp = -(-D // 128) * 128  # the FP8 payload is padded to whole 1x128 tiles
     disp = Dp + Dp // 128 * 4 if p.fp8_dispatch else 2 * D
@@ -124,7 +124,8 @@ def chunk_comm(cfg: Config, moe_layers: int) -> dict:
 
 def p2p_bytes_per_chunk(cfg: Config) -> float:
     """Activation (or gradient) bytes one chunk hands to the next stage: T x D in bf16."""
-    return cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size * 2
+    sp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1  # SP: a sequence shard per TP rank
+    return cfg.train.micro_batch_size * cfg.train.seq_len // sp * cfg.model.hidden_size * 2
 
 
 def zero1_bytes(cfg: Config, rank: int) -> dict:

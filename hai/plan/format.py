@@ -30,7 +30,10 @@ def _layout(r: dict) -> str:
     return _table("layout", [
         ("model / cluster", f"{lay['model']} on {lay['cluster']} ({lay['nodes']} x {lay['gpus_per_node']} "
                             f"{lay['gpu']} = {lay['world_size']} GPUs)"),
-        ("parallelism", f"pp={lay['pp']} dp={lay['dp']} ep={lay['ep']} edp={lay['edp']} schedule={lay['schedule']} "
+        ("parallelism", f"pp={lay['pp']} dp={lay['dp']} "
+                        + (f"tp={lay['tp']}{' (SP)' if lay.get('sequence_parallel') else ''} " if lay.get("tp", 1) > 1
+                           else "")
+                        + f"ep={lay['ep']} edp={lay['edp']} schedule={lay['schedule']} "
                         f"node_limit={lay['node_limit'] or 'unlimited'} dispatch={lay['dispatch']} "
                         f"fp8_dispatch={lay['fp8_dispatch']} precision={lay['precision']}"),
         ("stages (parallel.layout)", lay["stages"]),
@@ -89,7 +92,25 @@ def _comm(c: dict) -> str:
         ("ZeRO-1 reduce-scatter (fp32)", _gb(z["reduce_scatter"])),
         ("ZeRO-1 all-gather (params)", _gb(z["all_gather"])),
         ("DualPipe copy gradient sync", _gb(z["copy_grad_sync"])),
+        *_tp_rows(c),
     ])
+
+
+def _tp_rows(c: dict) -> list[tuple[str, str]]:
+    """Tensor-parallel collectives per micro-batch (tensor bytes; hai.plan.tp) and their NVLink time."""
+    t = c.get("tp_per_chunk")
+    if not t:
+        return []
+
+    def kinds(d):
+        return ", ".join(f"{k.replace('_', '-')} {v / 1e6:,.1f} MB" for k, v in d.items()) or "-"
+
+    rows = [(f"TP per micro-batch (stage {t['stage']})", f"fwd {kinds(t['bytes']['fwd'])}; bwd "
+                                                        f"{kinds(t['bytes']['bwd'])}; NVLink {t['fwd_s'] * 1e3:.2f} + "
+                                                        f"{t['bwd_s'] * 1e3:.2f} ms (not overlapped)")]
+    for piece, b in t["per_piece"].items():
+        rows.append((f"  TP {piece} layer", f"fwd {kinds(b['fwd'])}; bwd {kinds(b['bwd'])}"))
+    return rows
 
 
 def _step(r: dict) -> str:

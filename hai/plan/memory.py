@@ -1,7 +1,8 @@
 """Per-GPU memory of a layout: what the construction path allocates and what the model code keeps for the backward.
 
 Static bytes. Placement follows :class:`hai.parallel.layout.PipelineLayout` (the executor's and the construction
-path's): a rank holds the modules of its stages; routed-expert weights are its 1/ep share. ZeRO-1
+path's): a rank holds the modules of its stages; routed-expert weights are its 1/ep share, the weights tensor
+parallelism splits (heads, MLP columns, vocabulary rows) its 1/tp share. ZeRO-1
 (:mod:`hai.parallel.zero`) packs a rank's parameters into buckets keyed by (routed expert or not, matrix or vector,
 pipeline holders) and allocates per bucket a flat weight buffer (the model's dtype) and a flat fp32 gradient
 buffer, both padded to ``shard * world`` (:func:`hai.parallel.zero.bucket_layout`; dense buckets over dp, experts
@@ -134,14 +135,59 @@ def rank_params(cfg: Config, rank: int) -> StageParams:
     return StageParams(total.matrix + total.vector, total.expert)
 
 
+def _block_tensors(m: ModelConfig, prefix: str, moe: bool, ep: int) -> list[tuple[str, int]]:
+    """(parameter name, elements) of one block, from the paper's shapes (routed experts: this rank's 1/ep)."""
+    H, N, R, V, C, D, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank,
+                           m.hidden_size, m.q_lora_rank)
+    a = f"{prefix}attn."
+    out = [(f"{prefix}attn_norm.weight", D)]
+    out += [(f"{a}wq.weight", D * H * (N + R))] if Q is None else \
+        [(f"{a}wq_a.weight", D * Q), (f"{a}q_norm.weight", Q), (f"{a}wq_b.weight", Q * H * (N + R))]
+    out += [(f"{a}wkv_a.weight", D * (C + R)), (f"{a}kv_norm.weight", C), (f"{a}wkv_b.weight", C * H * (N + V)),
+            (f"{a}wo.weight", H * V * D), (f"{prefix}ffn_norm.weight", D)]
+    if not moe:
+        return out + [(f"{prefix}ffn.w{i}.weight", D * m.intermediate_size) for i in (1, 2, 3)]
+    F, Fs = m.moe_intermediate_size, m.n_shared_experts * m.moe_intermediate_size
+    out += [(f"{prefix}ffn.router.weight", m.n_routed_experts * D)]
+    out += [(f"{prefix}ffn.experts.w{i}", m.n_routed_experts // ep * D * F) for i in (1, 2, 3)]
+    return out + ([(f"{prefix}ffn.shared.w{i}.weight", D * Fs) for i in (1, 2, 3)] if Fs else [])
+
+
+def unit_tensors(m: ModelConfig, unit: str, ep: int) -> list[tuple[str, int]]:
+    """(parameter name, elements) of a placement unit, whole (before tensor parallelism splits any)."""
+    D = m.hidden_size
+    if unit.startswith("layers."):
+        return _block_tensors(m, f"{unit}.", is_moe_layer(m, int(unit.split(".")[1])), ep)
+    if unit in ("embed", "head"):
+        return [(f"{unit}.weight", m.vocab_size * D)]
+    if unit == "norm":
+        return [("norm.weight", D)]
+    if unit == "mtp":
+        out = []
+        for d in range(m.mtp_depth):
+            p = f"mtp.{d}."
+            out += [(f"{p}hnorm.weight", D), (f"{p}enorm.weight", D), (f"{p}proj.weight", 2 * D * D)]
+            out += _block_tensors(m, f"{p}block.", m.is_moe, ep) + [(f"{p}norm.weight", D)]
+        return out
+    raise ValueError(f"unknown placement unit {unit!r}")
+
+
 def rank_buckets(cfg: Config, rank: int) -> dict[tuple, int]:
-    """ZeRO-1 buckets of pipeline rank ``rank``: (expert, matrix, holders) -> elements."""
-    lay, buckets = _layout(cfg), {}
+    """ZeRO-1 buckets of pipeline rank ``rank`` (``hai.parallel.zero``'s keys): (expert, matrix, holders, summed
+    over tp, whole on every TP rank) -> elements of this rank (TP-split weights: their 1/tp)."""
+    from hai.parallel.tensor_parallel import tp_partial, tp_replicated, tp_split_dim
+
+    lay, buckets, p = _layout(cfg), {}, cfg.parallel
+    tp, sp = p.tp, p.tp > 1 and p.sequence_parallel
     for u in rank_units(cfg, rank):
-        p, h = unit_params(cfg.model, u, cfg.parallel.ep), lay.holders(u)
-        for key, n in (((False, True, h), p.matrix), ((False, False, h), p.vector), ((True, True, h), p.expert)):
-            if n:
-                buckets[key] = buckets.get(key, 0) + n
+        h = lay.holders(u)
+        for name, n in unit_tensors(cfg.model, u, p.ep):
+            expert, matrix = ".experts." in name, not name.endswith("norm.weight")
+            split = tp > 1 and tp_split_dim(name) is not None
+            partial = tp > 1 and tp_partial(name, sp, cfg.train.recompute)
+            whole = tp > 1 and tp_replicated(name)
+            key = (expert, matrix, h, partial, whole)
+            buckets[key] = buckets.get(key, 0) + (n // tp if split else n)
     return buckets
 
 
@@ -152,8 +198,8 @@ def static_bytes(cfg: Config, rank: int) -> dict[str, int]:
     wbytes = act_bytes(cfg.model)
     state = 4 + 2 * (2 if t.bf16_moments else 4)
     out = {"parameters": 0, "gradients": 0, "optimizer": 0}
-    for (expert, _, _), n in rank_buckets(cfg, rank).items():
-        shard, padded = bucket_layout(n, p.dp // p.ep if expert else p.dp)
+    for (expert, *_), n in rank_buckets(cfg, rank).items():
+        shard, padded = bucket_layout(n, p.dp * p.tp // p.ep if expert else p.dp)
         out["parameters"] += padded * wbytes
         out["gradients"] += padded * GRAD_BYTES
         out["optimizer"] += shard * state
@@ -273,13 +319,31 @@ def _mtp_bytes(m: ModelConfig, recompute: str, S: int, B: int, shares_h: bool) -
     return total
 
 
+# items tensor parallelism splits by heads or columns (1/tp on every rank, with or without SP)
+_TP_SPLIT_ITEMS = ("q, k after RoPE", "v", "attention output", "log-sum-exp", "SwiGLU inputs", "SwiGLU output",
+                   "shared SwiGLU")
+
+
+def _tp_layer_bytes(m: ModelConfig, moe: bool, recompute: str, S: int, B: int, tp: int, sp: bool) -> float:
+    """Per token of the micro-batch, one block's kept bytes on one TP rank (an estimate, not yet measured): the
+    head- and column-split items 1/tp; the rest 1/tp under SP (sequence shards), whole without."""
+    total = 0.0
+    for _, name, b in act_items(m, moe, recompute, S, B):
+        split = any(name.startswith(k) for k in _TP_SPLIT_ITEMS)
+        total += b / tp if split or sp else b
+    return total
+
+
 def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> float:
     """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk, as the
-    layout gives it (embedding, layers, L, m)."""
-    m, t = cfg.model, cfg.train
+    layout gives it (embedding, layers, L, m). Under tensor parallelism, per TP rank (:func:`_tp_layer_bytes`; the
+    logits 1/tp; the rest of L and m 1/tp under SP)."""
+    m, t, par = cfg.model, cfg.train, cfg.parallel
     mode = recompute or t.recompute
     sp = _layout(cfg).specs[stage]
     S, B = t.seq_len, t.micro_batch_size
+    if par.tp > 1:
+        return _tp_stage_act_bytes(cfg, sp, mode, S, B)
     per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), mode, S, B) for i in sp.layers)
     if sp.embed or sp.mtp:
         per_token += 8 * (S + 1) / S  # token ids (int64) kept by the embedding (once per stage)
@@ -287,6 +351,22 @@ def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> fl
         per_token += _main_head_bytes(m, mode)
     if sp.mtp:
         per_token += _mtp_bytes(m, mode, S, B, shares_h=sp.head and m.mtp_hidden == "pre_norm")
+    return per_token * B * S
+
+
+def _tp_stage_act_bytes(cfg: Config, sp, mode: str, S: int, B: int) -> float:
+    m, tp, seq = cfg.model, cfg.parallel.tp, cfg.parallel.sequence_parallel
+    per_token = sum(_tp_layer_bytes(m, is_moe_layer(m, i), mode, S, B, tp, seq) for i in sp.layers)
+    rest = 0.0
+    if sp.embed or sp.mtp:
+        rest += 8 * (S + 1) / S
+    logits = m.vocab_size * act_bytes(m)
+    if sp.head:
+        per_token += logits / tp
+        rest += _main_head_bytes(m, mode) - logits
+    if sp.mtp:
+        rest += _mtp_bytes(m, mode, S, B, shares_h=sp.head and m.mtp_hidden == "pre_norm")
+    per_token += rest / tp if seq else rest
     return per_token * B * S
 
 

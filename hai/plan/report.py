@@ -22,6 +22,7 @@ from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_sch
 from hai.pipeline.trace import KIND_COLORS, save_chrome_trace
 from hai.plan.cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F, chunk_comm, chunk_compute_s,
                            chunk_flops, p2p_bytes_per_chunk, zero1_bytes)
+from hai.plan.tp import tp_chunk_bytes, tp_chunk_seconds, tp_layer_bytes
 from hai.plan.memory import GB, GRAD_BYTES, memory_report
 
 
@@ -87,11 +88,13 @@ def build_fake_topology(topo: Topology) -> dict:
 # ---------------------------------------------------------------- step time
 
 
-def _stage_costs(F: float, cf: float, cb: float, overlap: bool, p2p: float) -> Costs:
+def _stage_costs(F: float, cf: float, cb: float, overlap: bool, p2p: float, tf: float = 0.0,
+                 tb: float = 0.0) -> Costs:
     """One stage chunk: forward F (+ its EP comm), full backward B_OVER_F*F (+ comm), W; F&B overlaps the EP
-    all-to-alls of one chunk with the other's compute (DualPipe) or runs them back to back."""
-    Fx, Bx = F + cf, B_OVER_F * F + cb
-    FB = max((1 + B_OVER_F) * F, cf + cb) if overlap else Fx + Bx
+    all-to-alls of one chunk with the other's compute (DualPipe) or runs them back to back. ``tf``/``tb``: the TP
+    collectives of the forward / backward, on the critical path (HAI does not overlap them)."""
+    Fx, Bx = F + cf + tf, B_OVER_F * F + cb + tb
+    FB = (max((1 + B_OVER_F) * F, cf + cb) + tf + tb) if overlap else Fx + Bx
     return Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p, F_comm=cf, B_comm=cb)
 
 
@@ -104,7 +107,9 @@ def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dic
     stages = []
     for s in range(n_st):
         fl = chunk_flops(cfg, s)
-        stages.append({"F": chunk_compute_s(cfg, s), "comm": chunk_comm(cfg, fl["moe_layers"])})
+        tf, tb = tp_chunk_seconds(cfg, s)
+        stages.append({"F": chunk_compute_s(cfg, s) / p.tp, "comm": chunk_comm(cfg, fl["moe_layers"]),
+                       "tp": (tf, tb)})
     overlap = p.schedule in ("dualpipe", "dualpipev")
     link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
     p2p = p2p_bytes_per_chunk(cfg) / (link * 1e9)
@@ -112,9 +117,10 @@ def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dic
     F = agg([x["F"] for x in stages])
     cf = agg([x["comm"]["fwd"]["seconds"] for x in stages])
     cb = agg([x["comm"]["bwd"]["seconds"] for x in stages])
-    costs = _stage_costs(F, cf, cb, overlap, p2p)
-    per_stage = tuple(_stage_costs(x["F"], x["comm"]["fwd"]["seconds"], x["comm"]["bwd"]["seconds"], overlap, p2p)
-                      for x in stages)
+    tf, tb = agg([x["tp"][0] for x in stages]), agg([x["tp"][1] for x in stages])
+    costs = _stage_costs(F, cf, cb, overlap, p2p, tf, tb)
+    per_stage = tuple(_stage_costs(x["F"], x["comm"]["fwd"]["seconds"], x["comm"]["bwd"]["seconds"], overlap, p2p,
+                                   *x["tp"]) for x in stages)
     compute_only = Costs(F=F, B=B_OVER_F * F, W=W_OVER_F * F, FB=(1 + B_OVER_F) * F,
                          stages=tuple(_stage_costs(x["F"], 0.0, 0.0, True, 0.0) for x in stages))
     if stage_cost == "per_stage":
@@ -122,7 +128,7 @@ def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dic
     else:
         compute_only = dataclasses.replace(compute_only, stages=())
     worst = max(range(n_st), key=lambda s: stages[s]["comm"]["fwd"]["seconds"])
-    return costs, {"F_compute": F, "comm_fwd": cf, "comm_bwd": cb, "overlap": overlap,
+    return costs, {"F_compute": F, "comm_fwd": cf, "comm_bwd": cb, "overlap": overlap, "tp_fwd": tf, "tp_bwd": tb,
                    "stage_F_compute": [x["F"] for x in stages], "compute_only": compute_only,
                    "comm_worst_stage": stages[worst]["comm"]}
 
@@ -213,8 +219,19 @@ def _comm_section(cfg: Config, n_micro: int, parts: dict, zero: dict) -> dict:
     w = parts["comm_worst_stage"]
     ep = {f"{d}_{link}": n_micro * w[d][f"{link}_bytes"] for d in ("fwd", "bwd") for link in ("ib", "nvlink")}
     p2p = 2 * n_micro * p2p_bytes_per_chunk(cfg) if cfg.parallel.pp > 1 else 0.0
-    return {"ep_per_step": ep, "ep_per_token_per_layer": w["per_token_per_layer"],
-            "pipeline_p2p_per_step": p2p, "zero1_per_step": zero}
+    out = {"ep_per_step": ep, "ep_per_token_per_layer": w["per_token_per_layer"],
+           "pipeline_p2p_per_step": p2p, "zero1_per_step": zero}
+    if cfg.parallel.tp > 1:  # per micro-batch: the busiest stage's TP collectives, and each piece's
+        m = cfg.model
+        stages = range(num_stages(cfg.parallel.schedule, cfg.parallel.pp))
+        worst = max(stages, key=lambda st: sum(tp_chunk_seconds(cfg, st)))
+        pieces = ["attention", "moe" if m.is_moe else "mlp", "embed", "head"]
+        if m.is_moe and m.first_k_dense_replace:
+            pieces.insert(1, "mlp")
+        out["tp_per_chunk"] = {"stage": worst, "bytes": tp_chunk_bytes(cfg, worst),
+                               "fwd_s": tp_chunk_seconds(cfg, worst)[0], "bwd_s": tp_chunk_seconds(cfg, worst)[1],
+                               "per_piece": {pc: tp_layer_bytes(cfg, pc) for pc in pieces}}
+    return out
 
 
 def save_gantt(timeline, path: str | Path, title: str = "", rank_labels: dict[int, str] | None = None) -> Path:
@@ -353,7 +370,8 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
     return {
         "layout": {"model": cfg.model.name, "cluster": c.name, "gpu": c.gpu_name, "nodes": c.nodes,
                    "gpus_per_node": c.gpus_per_node, "world_size": topo.world_size, "pp": p.pp, "dp": p.dp,
-                   "ep": p.ep, "edp": topo.edp, "schedule": p.schedule, "node_limit": p.node_limit,
+                   "ep": p.ep, "edp": topo.edp, "tp": p.tp, "sequence_parallel": topo.sequence_parallel,
+                   "schedule": p.schedule, "node_limit": p.node_limit,
                    "dispatch": p.dispatch, "fp8_dispatch": p.fp8_dispatch, "precision": cfg.model.precision,
                    "stages": describe_layout(cfg),
                    "seq_len": cfg.train.seq_len, "micro_batch_size": cfg.train.micro_batch_size,

@@ -1,0 +1,244 @@
+"""Tensor parallelism (and sequence parallelism) reproduces the single-process training run of the same model, seed
+and data: per-step losses and final parameters, every TP shard against the same slice of the reference (fp32, gloo).
+
+Tolerance: losses rel 1e-5, parameters rtol 1e-4 / atol 1e-5 after 3 AdamW steps (as tests/test_parallel_train.py):
+the layouts differ from the reference only in the order of the sums (the TP all-reduces and reduce-scatters, the
+vocabulary-parallel log-sum-exp, the all-to-all, P2P and the optimizer's reduce-scatter).
+"""
+
+import re
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from hai.config import ConfigError, compose
+from hai.data import TokenFile, ensure_token_file
+from hai.parallel import Topology
+from hai.parallel.expert import expert_range
+from hai.trainer import Trainer, init_distributed
+
+STEPS = 3
+BASE = ["model=tiny", "train=test", "cluster=cpu1", "parallel=single", f"train.steps={STEPS}", "wandb.mode=disabled"]
+DENSE = ["model.n_routed_experts=0"]  # the same tiny model with dense MLPs everywhere (TP without SP)
+SP = ["parallel.sequence_parallel=true"]
+
+
+def _run(overrides):
+    cfg = compose([*BASE, *overrides])
+    topo = Topology.from_config(cfg)
+    trainer = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+    losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    params, shards = {}, {}
+    for mod_name, module in trainer.model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            params[name] = p.detach().clone()
+            if pname in getattr(module, "tp_shard", {}):
+                shards[name] = module.tp_shard[pname]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return losses, params, shards, topo.coords(rank), topo.ep
+
+
+def _rank(rank, world, overrides):
+    return _run(overrides)
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {"moe": _run([]), "dense": _run(DENSE), "moe_v3": _run(["train.recompute=v3"]),
+            "dense_v3": _run([*DENSE, "train.recompute=v3"])}
+
+
+def _compare(results, reference, loss_rel=1e-5, rtol=1e-4, atol=1e-5):
+    ref_losses, ref_params, _, _, _ = reference
+    seen = set()
+    for losses, params, shards, coords, ep in results:
+        assert losses == pytest.approx(ref_losses, rel=loss_rel)
+        for name, p in params.items():
+            ref = ref_params[name]
+            if ".experts." in name and ep > 1:
+                e0, e1 = expert_range(ref.shape[0], coords["ep"], ep)
+                ref = ref[e0:e1]
+            if name in shards:
+                dim, start, size = shards[name]
+                assert ref.shape[dim] == size
+                ref = ref.narrow(dim, start, p.shape[dim])
+            torch.testing.assert_close(p, ref, rtol=rtol, atol=atol, msg=name)
+            seen.add(name)
+    assert seen == set(ref_params), f"parameters held by no rank: {set(ref_params) - seen}"
+
+
+LAYOUTS = {
+    "tp2_dense": ("dense", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", *DENSE]),
+    "tp2_sp_dense": ("dense", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", *SP, *DENSE]),
+    "tp2_sp_moe": ("moe", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", *SP]),
+    "tp2_dp2": ("moe", 4, ["cluster.gpus_per_node=4", "parallel.tp=2", "parallel.dp=2", *SP]),
+    "tp2_ep2": ("moe", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", "parallel.ep=2", *SP]),
+    "tp2_dp2_ep4": ("moe", 4, ["cluster.gpus_per_node=4", "parallel.tp=2", "parallel.dp=2", "parallel.ep=4", *SP]),
+    "tp4_ep4": ("moe", 4, ["cluster.gpus_per_node=4", "parallel.tp=4", "parallel.ep=4", *SP]),
+    "tp2_pp2_1f1b": ("moe", 4, ["cluster.gpus_per_node=4", "parallel.tp=2", "parallel.pp=2",
+                                "parallel.schedule=1f1b", *SP]),
+    "tp2_pp2_dualpipe": ("moe", 4, ["cluster.gpus_per_node=4", "parallel.tp=2", "parallel.pp=2",
+                                    "parallel.schedule=dualpipe", "train.micro_batch_size=1", *SP]),
+    "tp2_pp2_dense_zb1p": ("dense", 4, ["cluster.gpus_per_node=4", "parallel.tp=2", "parallel.pp=2",
+                                        "parallel.schedule=zb1p", "train.micro_batch_size=1", *DENSE]),
+    # V3's activation recipe on TP shards, and full recomputation (its segments re-run the TP collectives)
+    "tp2_sp_v3": ("moe_v3", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", "train.recompute=v3", *SP]),
+    "tp2_dense_v3": ("dense_v3", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", "train.recompute=v3", *DENSE]),
+    "tp2_sp_full": ("moe", 2, ["cluster.gpus_per_node=2", "parallel.tp=2", "train.recompute=full", *SP]),
+    "tp2_pp2_dualpipe_v3_ep2": ("moe_v3", 4, ["cluster.gpus_per_node=4", "parallel.tp=2", "parallel.pp=2",
+                                              "parallel.ep=2", "parallel.schedule=dualpipe", "train.micro_batch_size=1",
+                                              "train.recompute=v3", *SP]),
+}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_tensor_parallel_matches_single_process(name, references):
+    ref, world, overrides = LAYOUTS[name]
+    _compare(run_ranks(_rank, world, overrides), references[ref])
+
+
+def test_tp_shards_hold_the_reference_slices():
+    """On meta: what each TP rank keeps of each split weight (heads, MLP columns, vocabulary rows); the MTP module
+    shares the split embedding and head."""
+    from hai.model import build_model
+    from hai.parallel.parallelize import parallelize
+
+    cfg = compose([*BASE, "cluster.gpus_per_node=4", "parallel.tp=4", *SP])
+    topo = Topology.from_config(cfg)
+    m = cfg.model
+    model = build_model(m, device="meta")
+    parallelize(model, topo, cfg, None, rank=1)
+    attn = model.layers[1].attn
+    H = m.num_heads // 4
+    assert attn.n_heads == H
+    assert attn.wq_b.weight.shape == (H * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.q_lora_rank)
+    assert attn.wkv_b.weight.shape == (H * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+    assert attn.wo.weight.shape == (m.hidden_size, H * m.v_head_dim)
+    assert attn.wq_a.weight.shape == (m.q_lora_rank, m.hidden_size)  # the down-projections stay whole
+    assert model.embed.weight.shape == (m.vocab_size // 4, m.hidden_size)
+    assert model.head.weight.shape == (m.vocab_size // 4, m.hidden_size)
+    assert model.layers[0].ffn.w2.weight.shape == (m.hidden_size, m.intermediate_size // 4)
+    assert model.layers[1].ffn.router.weight.shape == (m.n_routed_experts, m.hidden_size)
+    assert model.embed.tp_shard["weight"] == (0, m.vocab_size // 4, m.vocab_size)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tp=3", "cluster.gpus_per_node=3"], "parallel.tp=3 does not divide model.num_heads=4"),
+    (["parallel.tp=2", "cluster.gpus_per_node=2", "model.vocab_size=321", *SP],
+     "parallel.tp=2 does not divide model.vocab_size=321"),
+    (["parallel.tp=4", "cluster.nodes=2", "cluster.gpus_per_node=2"], "parallel.tp=4 does not divide "
+                                                                      "cluster.gpus_per_node=2"),
+    (["parallel.tp=2", "cluster.gpus_per_node=2"], "needs parallel.sequence_parallel=true"),
+    (["parallel.tp=2", "cluster.gpus_per_node=4", *SP], "!= parallel.pp=1 x parallel.dp=1 x parallel.tp=2 = 2: set "
+                                                        "parallel.dp=2"),
+    (["parallel.tp=2", "cluster.gpus_per_node=4", "parallel.dp=2", "parallel.ep=8", *SP],
+     "parallel.ep=8 does not divide parallel.dp=2 x parallel.tp=2"),
+    (["parallel.tp=2", "cluster.gpus_per_node=2", "train.seq_len=33", *SP], "train.seq_len=33 over parallel.tp=2"),
+    (["parallel.tp=2", "cluster.gpus_per_node=2", "model.precision=fp8", *SP], "set model.precision=bf16"),
+])
+def test_tp_misconfigurations_name_value_and_fix(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Topology.from_config(compose([*BASE, *overrides]))
+
+
+def _trainer(overrides):
+    cfg = compose([*BASE, *overrides])
+    topo = Topology.from_config(cfg)
+    return Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+
+
+def _save_rank(rank, world, overrides):
+    tr = _trainer(overrides)
+    losses = [tr.train_step()["loss"] for _ in range(STEPS)]
+    return losses, tr.save_checkpoint()
+
+
+def _resume_rank(rank, world, overrides):
+    tr = _trainer(overrides)
+    tr.resume()
+    return tr.step, [tr.train_step()["loss"] for _ in range(STEPS)]
+
+
+@pytest.mark.multiproc
+def test_checkpoint_moves_between_tp_sizes(tmp_path):
+    """Saved at tp=2 (SP, with ep=2) after 3 steps, resumed at tp=1 (one process) and at tp=4: the next 3 losses
+    are those of an uninterrupted single-process run of 6 steps (rel 1e-5)."""
+    ref = _trainer([f"train.steps={2 * STEPS}"])
+    want = [ref.train_step()["loss"] for _ in range(2 * STEPS)]
+    out = tmp_path / "tp2"
+    saved = run_ranks(_save_rank, 2, ["cluster.gpus_per_node=2", "parallel.tp=2", "parallel.ep=2", *SP,
+                                      f"out_dir={out}", f"train.steps={2 * STEPS}"])
+    assert saved[0][0] == pytest.approx(want[:STEPS], rel=1e-5)
+    path = saved[0][1]
+    step, got = _resume_rank(0, 1, [f"resume={path}", f"out_dir={tmp_path / 'tp1'}", f"train.steps={2 * STEPS}"])
+    assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
+    for step, got in run_ranks(_resume_rank, 4, ["cluster.gpus_per_node=4", "parallel.tp=4", "parallel.ep=2", *SP,
+                                                 f"resume={path}", f"out_dir={tmp_path / 'tp4'}",
+                                                 f"train.steps={2 * STEPS}"]):
+        assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=small", "cluster=h100_node", "parallel=tp8_node"],
+    ["model=small", "cluster=h100_node", "cluster.nodes=2", "parallel=tp4_pp2", "train.global_batch_size=16",
+     "train.micro_batch_size=1"],
+    ["model=small", "cluster=h100_node", "parallel=tp8_node", "parallel.ep=4", "train.recompute=v3"],
+])
+def test_plan_static_bytes_equal_the_tp_rank_built_on_meta(overrides):
+    """`hai plan`'s formula for a TP layout (1/tp of the split weights, ZeRO-1 buckets keyed by TP role) equals
+    what the construction path allocates on meta, on the first and last rank of every stage."""
+    from hai.plan.construct import constructed_bytes
+    from hai.plan.memory import static_bytes
+
+    cfg = compose(overrides)
+    topo = Topology.from_config(cfg)
+    for pp in range(cfg.parallel.pp):
+        want = static_bytes(cfg, pp)
+        for rank in (topo.rank_of_dp(pp, 0, 0), topo.rank_of_dp(pp, cfg.parallel.dp - 1, cfg.parallel.tp - 1)):
+            built = constructed_bytes(cfg, rank)
+            assert {k: built[k] for k in want} == want, (rank, built, want)
+
+
+def _count_rank(rank, world, overrides):
+    import torch.distributed as dist
+
+    import hai.parallel.tensor_parallel as tpm
+    from hai.plan.report import n_micro_batches
+    from hai.plan.tp import tp_chunk_bytes
+
+    tr = _trainer(overrides)
+    got = {}
+    ag, rs, ar = tpm._all_gather, tpm._reduce_scatter, dist.all_reduce
+
+    def count(kind, t, group):
+        if group is tr.tp_group:
+            got[kind] = got.get(kind, 0) + t.numel() * t.element_size()
+
+    tpm._all_gather = lambda out, inp, group=None, **k: (count("all_gather", out, group), ag(out, inp, group=group,
+                                                                                           **k))[1]
+    tpm._reduce_scatter = lambda out, inp, group=None, **k: (count("reduce_scatter", inp, group),
+                                                             rs(out, inp, group=group, **k))[1]
+    dist.all_reduce = lambda t, op=dist.ReduceOp.SUM, group=None, **k: (count("all_reduce", t, group),
+                                                                        ar(t, op=op, group=group, **k))[1]
+    try:
+        tr.forward_backward(tr.sampler.micro_batches(0, tr.coords["dp"], tr.topo.dp, tr.cfg.train.micro_batch_size))
+    finally:
+        tpm._all_gather, tpm._reduce_scatter, dist.all_reduce = ag, rs, ar
+    want = {}
+    for phase in tp_chunk_bytes(tr.cfg, 0).values():
+        for k, v in phase.items():
+            want[k] = want.get(k, 0) + v * n_micro_batches(tr.cfg)
+    return got, want
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("overrides", [["parallel.tp=2", *SP], ["parallel.tp=2", *DENSE],
+                                       ["parallel.tp=2", *DENSE, "train.recompute=full"],
+                                       ["parallel.tp=2", *SP, "train.recompute=full"]])
+def test_plan_tp_bytes_equal_the_collectives_of_a_run(overrides):
+    """Every TP collective of one forward/backward (tensor bytes per kind, rank 0) is what `hai plan` counts."""
+    got, want = run_ranks(_count_rank, 2, ["cluster.gpus_per_node=2", *overrides])[0]
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-9) for k in got), (got, want)
