@@ -31,7 +31,7 @@ Why plain shards and not DTensor parameters (``parallelize_module``): HAI's ZeRO
 a flat bf16 buffer with an fp32 ``main_grad`` view, the zero-bubble W split and the FP8 GEMMs take plain tensors, and
 the DualPipe copies and expert shards already travel as plain local tensors; DTensor parameters would need all of
 them to unwrap and rewrap. The collectives are the same ones DTensor's Colwise/Rowwise/SequenceParallel styles issue,
-written out as six autograd functions; checkpoints record each shard's global offset, so DCP reshards across tp.
+written out as one autograd function over four collective pairs; checkpoints record each shard's global offset, so DCP reshards across tp.
 """
 
 from __future__ import annotations
@@ -80,67 +80,43 @@ def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x
 
 
-class _Copy(torch.autograd.Function):  # Megatron's f: identity forward, all-reduce backward
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.tp), None
+def _identity(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x
 
 
-class _Reduce(torch.autograd.Function):  # Megatron's g: all-reduce forward, identity backward
+class _Collective(torch.autograd.Function):
+    """``fwd`` in the forward, ``bwd`` on the gradient: Megatron's f (identity / all-reduce) and g (all-reduce /
+    identity), and SP's all-gather / reduce-scatter pair (entering a region) and its mirror (leaving one)."""
+
     @staticmethod
-    def forward(ctx, x, tp):
-        return _all_reduce(x, tp)
+    def forward(ctx, x, tp, fwd, bwd):
+        ctx.tp, ctx.bwd = tp, bwd
+        y = fwd(x, tp)
+        return x.view_as(x) if y is x else y
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
-
-
-class _GatherSeq(torch.autograd.Function):  # SP enter: all-gather forward, reduce-scatter backward
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _gather_seq(x, tp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_seq(g, ctx.tp), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):  # SP exit: reduce-scatter forward, all-gather backward
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _reduce_scatter_seq(x, tp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_seq(g, ctx.tp), None
+        return ctx.bwd(g, ctx.tp), None, None, None
 
 
 def enter(x: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
     """Into a TP region (the input of column-split weights): full sequence, replicated."""
     if tp is None:
         return x
-    return _GatherSeq.apply(x, tp) if tp.sp else _Copy.apply(x, tp)
+    return _Collective.apply(x, tp, *((_gather_seq, _reduce_scatter_seq) if tp.sp else (_identity, _all_reduce)))
 
 
 def exit_region(y: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
     """Out of a TP region (the output of row-split weights, partial sums): reduced, and with SP sequence-sharded."""
     if tp is None:
         return y
-    return _ReduceScatterSeq.apply(y, tp) if tp.sp else _Reduce.apply(y, tp)
+    return _Collective.apply(y, tp, *((_reduce_scatter_seq, _gather_seq) if tp.sp else (_all_reduce, _identity)))
 
 
 def all_reduce_sum(x: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
     """Sum over the TP group, gradient passed through unchanged (statistics every TP rank then uses identically,
     e.g. the sequence-wise balance loss's per-sequence sums under SP)."""
-    return x if tp is None else _Reduce.apply(x, tp)
+    return x if tp is None else _Collective.apply(x, tp, _all_reduce, _identity)
 
 
 # ------------------------------------------------------------------------------------------- vocabulary parallel

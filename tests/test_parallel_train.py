@@ -40,15 +40,22 @@ def reference(tmp_path_factory):
 
 
 def _compare(results, reference, loss_rel=1e-5, rtol=1e-4, atol=1e-5):
-    ref_losses, ref_params, _, _ = reference
+    """``results``: per rank (losses, params, coords, ep[, TP shards: name -> (dim, start, global size)]); each
+    parameter is compared with the slice of the reference it holds (its experts, its TP slice)."""
+    ref_losses, ref_params = reference[0], reference[1]
     seen = set()
-    for losses, params, coords, ep in results:
+    for losses, params, coords, ep, *rest in results:
+        shards = rest[0] if rest else {}
         assert losses == pytest.approx(ref_losses, rel=loss_rel)
         for name, p in params.items():
             ref = ref_params[name]
             if ".experts." in name and ep > 1:
                 e0, e1 = expert_range(ref.shape[0], coords["ep"], ep)
                 ref = ref[e0:e1]
+            if name in shards:
+                dim, start, size = shards[name]
+                assert ref.shape[dim] == size
+                ref = ref.narrow(dim, start, p.shape[dim])
             torch.testing.assert_close(p, ref, rtol=rtol, atol=atol, msg=name)
             seen.add(name)
     assert seen == set(ref_params), f"parameters held by no rank: {set(ref_params) - seen}"
