@@ -35,6 +35,12 @@ from hai.parallel.forked import run_ranks  # noqa: E402
 LAYOUTS = {
     "pp2 dualpipe x dp2 x ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe"],
     "pp1 x dp4 x ep4": ["parallel.pp=1", "parallel.dp=4", "parallel.ep=4"],
+    # tensor + sequence parallelism (bf16 only: FP8 on TP shards is refused); the plan's TP activations are an
+    # estimate (hai.plan.memory._tp_layer_bytes), these rows measure it
+    "tp2 SP x dp2 x ep2": ["parallel.pp=1", "parallel.dp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                           "parallel.ep=2"],
+    "pp2 dualpipe x tp2 SP": ["parallel.pp=2", "parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true",
+                              "parallel.ep=2", "parallel.schedule=dualpipe"],
 }
 
 
@@ -61,7 +67,8 @@ def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
     tokens = tr.sampler.micro_batches(0, tr.coords["dp"], topo.dp, cfg.train.micro_batch_size)[0]
     t, m = cfg.train, cfg.model
     gen = torch.Generator().manual_seed(1)
-    inputs = {s: None if s == 0 else torch.randn(t.micro_batch_size, t.seq_len, m.hidden_size, generator=gen,
+    seq = t.seq_len // (topo.tp if topo.sequence_parallel else 1)  # SP: a stage input is this rank's shard
+    inputs = {s: None if s == 0 else torch.randn(t.micro_batch_size, seq, m.hidden_size, generator=gen,
                                                  dtype=param_dtype(m)).requires_grad_() for s in tr.placement.stages}
 
     def forward(stage):
@@ -92,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--balance", type=int, default=30, help="no-grad router-balancing passes before measuring")
+    ap.add_argument("--only", default="", help="run the layouts whose name contains this (e.g. tp2)")
     args = ap.parse_args(argv)
     import tempfile
 
@@ -102,9 +110,9 @@ def main(argv=None) -> int:
     print(head + "\n" + "-" * len(head))
     worst, exact = [1.0, 1.0], True
     with tempfile.TemporaryDirectory() as out_dir:
-        for layout in LAYOUTS:
+        for layout in (x for x in LAYOUTS if args.only in x):
             for recompute in ("none", "v3"):
-                for precision in ("bf16", "fp8"):
+                for precision in ("bf16",) if "tp" in layout else ("bf16", "fp8"):
                     ov = _overrides(layout, recompute, precision, args.seq_len, args.micro_batch, out_dir)
                     for r in run_ranks(_rank, 4, ov, args.balance, timeout=1800):
                         rows = [(k, r["plan"][k], r["static"][k]) for k in ("parameters", "gradients", "optimizer")]

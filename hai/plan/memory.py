@@ -322,22 +322,35 @@ def _mtp_bytes(m: ModelConfig, recompute: str, S: int, B: int, shares_h: bool) -
 # items tensor parallelism splits by heads or columns (1/tp on every rank, with or without SP)
 _TP_SPLIT_ITEMS = ("q, k after RoPE", "v", "attention output", "log-sum-exp", "SwiGLU inputs", "SwiGLU output",
                    "shared SwiGLU")
+# items kept on the full sequence inside a TP region (the all-gathered region inputs under SP)
+_TP_GATHERED_ITEMS = ("q latent", "kv latent", "ffn norm output (w1/w3 input)")
 
 
 def _tp_layer_bytes(m: ModelConfig, moe: bool, recompute: str, S: int, B: int, tp: int, sp: bool) -> float:
-    """Per token of the micro-batch, one block's kept bytes on one TP rank (an estimate, not yet measured): the
-    head- and column-split items 1/tp; the rest 1/tp under SP (sequence shards), whole without."""
+    """Per token of the micro-batch, one block's kept bytes on one TP rank: the head- and column-split items 1/tp;
+    the region inputs gathered to the full sequence whole (under v3 the dense MLP's region is entered on the
+    residual, which it keeps); the rest 1/tp under SP (sequence shards), whole without; plus, for a MoE with shared
+    experts, the gathered input their region keeps. Checked by ``benchmarks/memory.py --only tp``."""
+    a = act_bytes(m)
     total = 0.0
     for _, name, b in act_items(m, moe, recompute, S, B):
-        split = any(name.startswith(k) for k in _TP_SPLIT_ITEMS)
-        total += b / tp if split or sp else b
+        if any(name.startswith(k) for k in _TP_SPLIT_ITEMS):
+            total += b / tp
+        elif any(name.startswith(k) for k in _TP_GATHERED_ITEMS) or (not moe and recompute == "v3" and
+                                                                     name == "ffn norm input"):
+            total += b
+        else:
+            total += b / tp if sp else b
+    if moe and sp and m.n_shared_experts and recompute != "full":
+        total += m.hidden_size * a  # the shared experts' gathered input (v3: the gathered residual)
     return total
 
 
 def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> float:
     """Activation bytes of one micro-batch (micro_batch_size x seq_len tokens) through one stage chunk, as the
     layout gives it (embedding, layers, L, m). Under tensor parallelism, per TP rank (:func:`_tp_layer_bytes`; the
-    logits 1/tp; the rest of L and m 1/tp under SP)."""
+    logits 1/tp, the head's gathered input and loss state whole, the rest of L and m 1/tp under SP; measured by
+    ``benchmarks/memory.py --only tp``: 0.99-1.03)."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
     mode = recompute or t.recompute
     sp = _layout(cfg).specs[stage]
@@ -360,10 +373,12 @@ def _tp_stage_act_bytes(cfg: Config, sp, mode: str, S: int, B: int) -> float:
     rest = 0.0
     if sp.embed or sp.mtp:
         rest += 8 * (S + 1) / S
-    logits = m.vocab_size * act_bytes(m)
-    if sp.head:
-        per_token += logits / tp
-        rest += _main_head_bytes(m, mode) - logits
+    a = act_bytes(m)
+    logits = m.vocab_size * a
+    if sp.head:  # the head works on the gathered sequence: its input and the loss's per-token state whole
+        gathered = m.hidden_size * a + 4 + 8 + (0 if mode == "v3" else 4)
+        per_token += logits / tp + gathered
+        rest += _main_head_bytes(m, mode) - logits - gathered
     if sp.mtp:
         rest += _mtp_bytes(m, mode, S, B, shares_h=sp.head and m.mtp_hidden == "pre_norm")
     per_token += rest / tp if seq else rest
