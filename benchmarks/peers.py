@@ -252,14 +252,9 @@ class _ZeroRedundancyRun:
             g["lr"] = lr_at(self.step, self.t)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        routers = self.model.routers()
-        if routers:
-            loads = torch.stack([r.load for r in routers])
-            dist.all_reduce(loads)
-            for r, load in zip(routers, loads):
-                if self.cfg.model.bias_update_speed > 0:
-                    r.update_bias(load, self.cfg.model.bias_update_speed)
-                r.load.zero_()
+        from zero1_vs_deepspeed import update_router_biases
+
+        update_router_biases(self.model, self.cfg.model.bias_update_speed)
         self.step += 1
         return {}
 

@@ -91,6 +91,20 @@ def _ds_config(cfg, n_micro: int) -> dict:
     }
 
 
+def update_router_biases(model, gamma: float) -> None:
+    """HAI's aux-loss-free rule for a peer's replicated model: loads summed over the world (dp), then
+    b += gamma * sign(mean - load)."""
+    routers = model.routers()
+    if not routers:
+        return
+    loads = torch.stack([r.load for r in routers])
+    dist.all_reduce(loads)
+    for r, load in zip(routers, loads):
+        if gamma > 0:
+            r.update_bias(load, gamma)
+        r.load.zero_()
+
+
 class _DeepSpeedRun:
     """The same model and batches through a DeepSpeed ZeRO-1 engine, one ``step()`` per global batch."""
 
@@ -129,16 +143,7 @@ class _DeepSpeedRun:
         return {"loss": sums[0].item() / (self.n_micro * self.dp), "grad_norm": self.engine.get_global_grad_norm()}
 
     def _update_router_biases(self) -> None:
-        """HAI's aux-loss-free rule: loads summed over dp, then b += gamma * sign(mean - load)."""
-        routers = self.model.routers()
-        if not routers:
-            return
-        loads = torch.stack([r.load for r in routers])
-        dist.all_reduce(loads)
-        for r, load in zip(routers, loads):
-            if self.cfg.model.bias_update_speed > 0:
-                r.update_bias(load, self.cfg.model.bias_update_speed)
-            r.load.zero_()
+        update_router_biases(self.model, self.cfg.model.bias_update_speed)
 
     def state_bytes(self) -> int:
         zero = self.optimizer  # DeepSpeedZeroOptimizer: fp32 partitions + the wrapped torch AdamW's state

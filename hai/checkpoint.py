@@ -383,6 +383,19 @@ def verify_checkpoint(path: str, model_cfg=None) -> dict:
     return meta
 
 
+def _dcp_load(state: dict, path: str) -> None:
+    """DCP-load ``state`` in place from ``path`` through the safe reader; any failure becomes a CheckpointError
+    naming the path and the fix."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, storage_reader=SafeReader(path), planner=_LoadPlanner())
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; report them with the path and the fix
+        raise checkpoint_error(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
+
+
 def load_checkpoint(trainer, path: str) -> dict:
     """Collective: restore model, optimizer shards, step, RNG from ``path`` (any dp size). Returns hai.json."""
     path = os.path.abspath(path)
@@ -402,14 +415,7 @@ def load_checkpoint(trainer, path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} this "
                               f"model needs ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): it was "
                               f"written by another model or code version; resume with that, or resume=none")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, storage_reader=SafeReader(path), planner=_LoadPlanner())
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; report them with the path and the fix
-        raise checkpoint_error(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
+    _dcp_load(state, path)
     trainer.step = int(state["trainer.step"])
     trainer.optimizer.step_count = int(state["optim.step_count"])
     if len(rng) == len(_rng_state(rank, trainer.device)):
@@ -423,14 +429,7 @@ def load_model_weights(model, path: str, model_cfg=None) -> dict:
     path = os.path.abspath(path)
     meta = verify_checkpoint(path, model_cfg)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, storage_reader=SafeReader(path), planner=_LoadPlanner())
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported with the path and the fix
-        raise checkpoint_error(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
+    _dcp_load(state, path)
     return meta
 
 
