@@ -131,7 +131,7 @@ class Router(nn.Module):
         if self.training:  # scatter-add, not bincount (which sizes its output from the data: a host sync)
             idx = route.topk_idx.flatten()
             ones = torch.ones_like(idx, dtype=self.load.dtype) if route.valid is None else \
-                route.valid.to(self.load.dtype).repeat_interleave(route.topk_idx.shape[1])
+                route.valid.to(self.load.dtype)[:, None].expand_as(route.topk_idx).reshape(-1)
             self.load.index_add_(0, idx, ones)
 
     def forward(self, x_TD: torch.Tensor) -> Route:
@@ -357,7 +357,7 @@ class MoE(nn.Module):
         if route.valid is not None:  # padded positions (MTP under SP) take no part
             v_BS = route.valid.view(batch, S).to(s_norm.dtype)
             s_norm = s_norm * v_BS.unsqueeze(-1)
-            hit = v_BS.repeat_interleave(K, dim=1)
+            hit = v_BS[:, :, None].expand(batch, S, K).reshape(batch, S * K)
         P_BE = s_norm.sum(1)
         hits = torch.zeros(batch, E, device=s_BSE.device).scatter_add_(1, route.topk_idx.view(batch, -1), hit)
         if self.tp is not None:  # sequence-sharded: the per-sequence sums over every TP rank's positions
