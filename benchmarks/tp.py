@@ -20,7 +20,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from hai.parallel.forked import run_ranks  # noqa: E402

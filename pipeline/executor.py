@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore

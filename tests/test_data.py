@@ -70,7 +70,7 @@ def test_sampler_shards_global_batch_independently_of_dp(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- bijection
 from hai.config import compose  # noqa: E402
-from hai.data import MIX_ROUND, Mixture, Permutation, WindowSet, open_dataset  # noqa: E402
+from hai.data import MIX_ROUND, Mixture, Permutation, open_dataset  # noqa: E402
 from hai.prepare import prepare_corpus  # noqa: E402
 
 
