@@ -2,16 +2,17 @@
 
 Inputs (``data.source``): a file, a directory (every file below it) or a glob. By extension: ``.jsonl``/``.json``
 (one JSON record per line, the document in ``data.text_field``; ``.gz`` accepted), ``.parquet`` (the column
-``data.text_field``, read with pyarrow batch by batch), anything else is one UTF-8 text document. Each file is
-tokenized by a worker process (``data.workers``; HF ``tokenizer.json`` or bytes), every document followed by the
-tokenizer's EOS. The parent writes the documents in input order:
+``data.text_field``, read with pyarrow batch by batch), anything else is one UTF-8 text document. Each file (a
+large jsonl: each 64 MB byte range of whole lines; a large parquet: each run of row groups) is tokenized by a worker
+process (``data.workers``; HF ``tokenizer.json`` or bytes), every document followed by the tokenizer's EOS. The
+parent writes the documents in input order:
 
 - ``data.path`` ending in ``.haitok``: one token file;
 - otherwise a directory of shards ``shard-00000.haitok`` ... of at most ``data.shard_mb`` MB each (cut at document
   boundaries unless a single document is larger), plus ``index.json`` (files, documents, tokens, shards).
 
-A file that cannot be read or parsed fails the run by name (``data.on_error=fail``) or is skipped and listed in the
-report (``skip``), never silently. The progress bar counts input bytes (MB/s).
+A file (or a range of a split file) that cannot be read or parsed fails the run by name (``data.on_error=fail``) or
+is skipped and listed in the report (``skip``), never silently. The progress bar counts input bytes (MB/s).
 """
 
 from __future__ import annotations
@@ -58,24 +59,73 @@ def _kind(path: str) -> str:
     return "text"
 
 
-def _documents(path: str, field: str):
+CHUNK_BYTES = 64 << 20  # an uncompressed jsonl / a parquet file larger than this is split across workers
+
+
+def _jobs(files: list[str], field: str) -> list[tuple]:
+    """(path, field, part) per worker job, in input order: a large uncompressed jsonl in byte ranges (each a whole
+    number of lines: a line belongs to the range it starts in), a large parquet in runs of row groups."""
+    jobs = []
+    for path in files:
+        size, kind = os.path.getsize(path), _kind(path)
+        if size <= CHUNK_BYTES or path.endswith(".gz") or kind == "text":
+            jobs.append((path, field, None))
+        elif kind == "jsonl":
+            jobs += [(path, field, ("bytes", a, min(size, a + CHUNK_BYTES))) for a in range(0, size, CHUNK_BYTES)]
+        else:
+            try:
+                import pyarrow.parquet as pq
+
+                meta = pq.ParquetFile(path).metadata
+            except Exception:  # noqa: BLE001 - unreadable: the worker reports it by name
+                jobs.append((path, field, None))
+                continue
+            start, acc, total = 0, 0, sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+            for g in range(meta.num_row_groups):
+                acc += meta.row_group(g).total_byte_size
+                if acc >= CHUNK_BYTES or g == meta.num_row_groups - 1:  # last: the share of the file's bytes
+                    jobs.append((path, field, ("rows", start, g + 1, round(size * acc / max(total, 1)))))
+                    start, acc = g + 1, 0
+    return jobs
+
+
+def _jsonl_lines(path: str, part):
+    """(where, line) of a jsonl file, or of the lines starting in byte range ``part``."""
+    if part is None:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                yield f"line {n}", line
+        return
+    _, start, end = part
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the line holding byte start-1 belongs to the previous range
+        while f.tell() < end:
+            pos, raw = f.tell(), f.readline()
+            if not raw:
+                break
+            yield f"the line at byte {pos}", raw.decode("utf-8")
+
+
+def _documents(path: str, field: str, part=None):
     kind = _kind(path)
     opener = gzip.open if path.endswith(".gz") else open
     if kind == "text":
         with opener(path, "rb") as f:
             yield f.read().decode("utf-8")
     elif kind == "jsonl":
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"line {n} is not JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise ValueError(f"line {n} has no string field {field!r} (set data.text_field)")
-                yield rec[field]
+        for where, line in _jsonl_lines(path, part):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise ValueError(f"{where} has no string field {field!r} (set data.text_field)")
+            yield rec[field]
     else:
         try:
             import pyarrow.parquet as pq
@@ -84,7 +134,8 @@ def _documents(path: str, field: str):
         pf = pq.ParquetFile(path)
         if field not in pf.schema_arrow.names:
             raise ValueError(f"has no column {field!r} (columns: {pf.schema_arrow.names}; set data.text_field)")
-        for batch in pf.iter_batches(columns=[field]):
+        groups = None if part is None else list(range(part[1], part[2]))
+        for batch in pf.iter_batches(columns=[field], row_groups=groups):
             for text in batch.column(0).to_pylist():
                 if text is not None:
                     yield text
@@ -99,11 +150,16 @@ def _init_worker(spec: str) -> None:
     _TOKENIZER = load_tokenizer(spec)
 
 
-def _tokenize(args: tuple[str, str]):
-    """(path, field) -> (path, bytes read, token array or None, documents, error or None)."""
-    path, field = args
+def _tokenize(args: tuple):
+    """(path, field, part) -> (name, bytes read, token arrays or None, documents, error or None)."""
+    path, field, part = args
     tok = _TOKENIZER
     size = os.path.getsize(path) if os.path.exists(path) else 0
+    if part is not None:  # a byte range of a jsonl (its size), or row groups of a parquet (their share)
+        size = part[2] - part[1] if part[0] == "bytes" else part[3]
+        name = f"{path} [{'bytes' if part[0] == 'bytes' else 'row groups'} {part[1]}-{part[2]}]"
+    else:
+        name = path
     try:
         parts, batch = [], []
 
@@ -113,16 +169,14 @@ def _tokenize(args: tuple[str, str]):
                 parts.append(np.asarray(ids, dtype=np.uint32))
             batch.clear()
 
-        for text in _documents(path, field):
+        for text in _documents(path, field, part):
             batch.append(text)
             if len(batch) == 256:  # the Rust tokenizer's batch call: far less Python per document
                 flush()
         flush()
-        return path, size, parts, len(parts), None
-    except (OSError, UnicodeDecodeError, ValueError, EOFError) as e:
-        return path, size, None, 0, f"{type(e).__name__}: {e}"
-    except Exception as e:  # noqa: BLE001 - pyarrow and friends raise their own types for corrupt files
-        return path, size, None, 0, f"{type(e).__name__}: {e}"
+        return name, size, parts, len(parts), None
+    except Exception as e:  # noqa: BLE001 - OSError, UnicodeDecodeError, ValueError, and pyarrow's own types
+        return name, size, None, 0, f"{type(e).__name__}: {e}"
 
 
 class _ShardWriter:
@@ -166,17 +220,17 @@ def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool 
     out = out_path or cfg.path or default_token_file(cfg)
     files = source_files(cfg.source)
     capped = cfg.source is None
-    workers = min(len(files), cfg.workers or os.cpu_count() or 1)
+    jobs = _jobs(files, cfg.text_field)
+    workers = min(len(jobs), cfg.workers or os.cpu_count() or 1)
     writer = _ShardWriter(out, tok.vocab_size, tok.name, tok.eos_id, cfg.shard_mb * 2**20)
     skipped: dict[str, str] = {}
-    t0, read, used, n_files = time.perf_counter(), 0, 0, 0
+    t0, read, used, done = time.perf_counter(), 0, 0, set()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, unit_divisor=2**20,
                    desc="hai prepare", file=sys.stderr, dynamic_ncols=True)
-    jobs = [(p, cfg.text_field) for p in files]
     pool = None
     if workers > 1:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
@@ -204,7 +258,7 @@ def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool 
                 break
             used += size
             writer.add(parts)
-            n_files += 1
+            done.add(path.split(" [")[0])  # a split file's ranges count once
     finally:
         if pool is not None:
             pool.terminate()
@@ -215,7 +269,7 @@ def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool 
         raise DataError(f"data.source={cfg.source!r} produced no tokens ({len(skipped)} of {len(files)} file(s) "
                         f"skipped): give it readable text, jsonl or parquet files")
     seconds = time.perf_counter() - t0
-    report = {"path": out, "shards": len(writer.shards), "files": n_files, "skipped": skipped,
+    report = {"path": out, "shards": len(writer.shards), "files": len(done), "skipped": skipped,
               "documents": sum(s["docs"] for s in writer.shards), "tokens": sum(s["tokens"] for s in writer.shards),
               "vocab_size": tok.vocab_size, "tokenizer": tok.name, "input_bytes": read, "seconds": seconds,
               "mb_per_s": read / 2**20 / max(seconds, 1e-9), "workers": workers}

@@ -292,3 +292,28 @@ def test_prepare_cli_reports(tmp_path, capsys):
     assert main(["prepare", f"data.source={src}", f"data.path={tmp_path / 'out'}", "output=json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["documents"] == len(expect) and rep["mb_per_s"] > 0 and rep["vocab_size"] == 257
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_splits_large_files_without_changing_the_documents(tmp_path, monkeypatch, workers):
+    """A jsonl larger than CHUNK_BYTES is tokenized in byte ranges of whole lines, a parquet in runs of row groups,
+    by several workers: the shards hold exactly the documents, in order, of the unsplit run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import hai.prepare as hp
+
+    src = tmp_path / "big"
+    src.mkdir()
+    docs = [f"document {i}: " + "é" * (i % 37) + "x" * (i % 101) for i in range(400)]
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:250]))
+    pq.write_table(pa.table({"text": docs[250:]}), src / "b.parquet", row_group_size=16)
+    whole = prepare_corpus(DataConfig(source=str(src), path=str(tmp_path / "whole.haitok"), workers=1))
+    monkeypatch.setattr(hp, "CHUNK_BYTES", 997)  # odd: ranges start mid-line and mid-UTF-8 character
+    jobs = hp._jobs(hp.source_files(str(src)), "text")
+    assert sum(1 for j in jobs if j[2] and j[2][0] == "bytes") > 10 and sum(1 for j in jobs if j[2] and
+                                                                            j[2][0] == "rows") > 1
+    split = prepare_corpus(DataConfig(source=str(src), path=str(tmp_path / "split"), workers=workers, shard_mb=1))
+    assert split["files"] == 2 and split["documents"] == whole["documents"] == 400
+    assert _decode_docs(sorted(str(p) for p in (tmp_path / "split").glob("*.haitok"))) == docs
+    assert split["input_bytes"] == pytest.approx(whole["input_bytes"], abs=8)
