@@ -31,7 +31,8 @@ Why plain shards and not DTensor parameters (``parallelize_module``): HAI's ZeRO
 a flat bf16 buffer with an fp32 ``main_grad`` view, the zero-bubble W split and the FP8 GEMMs take plain tensors, and
 the DualPipe copies and expert shards already travel as plain local tensors; DTensor parameters would need all of
 them to unwrap and rewrap. The collectives are the same ones DTensor's Colwise/Rowwise/SequenceParallel styles issue,
-written out as one autograd function over four collective pairs; checkpoints record each shard's global offset, so DCP reshards across tp.
+written out as one autograd function over four collective pairs; checkpoints record each shard's global offset,
+so DCP reshards across tp.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ Each step:
 2. each bucket's gradient buffer is reduce-scattered in place (sum) into this rank's shard of it and divided by dp —
    for experts too, since the all-to-all already summed the ep ranks' contributions into the expert's owner;
 3. the global gradient norm is the square root of the sum of every shard's squares over ``norm_groups`` (dp, then
-   pp, and tp; copies and TP replicas counted once), gradients are clipped by it (torch's ``clip_grad_norm_`` rule) and a non-finite norm
-   skips the step;
+   pp, and tp; copies and TP replicas counted once), gradients are clipped by it (torch's ``clip_grad_norm_``
+   rule) and a non-finite norm skips the step;
 4. each shard takes the AdamW step on its fp32 master (``torch.optim.AdamW``'s arithmetic, decoupled weight decay);
 5. the master shard is cast into this rank's slice of the parameter buffer and the buffer is all-gathered in place.
 

@@ -226,7 +226,8 @@ def _corpus(tmp_path):
     docs = {"a.txt": ["plain text file, ünïcode ✓"]}
     docs["b.jsonl"] = [f"json doc {i} " + "x" * i for i in range(40)]
     (src / "a.txt").write_text(docs["a.txt"][0])
-    (src / "b.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs["b.jsonl"])))
+    (src / "b.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n"
+                                         for i, t in enumerate(docs["b.jsonl"])))
     docs["c.jsonl.gz"] = ["gzipped ☃ doc", "second"]
     with gzip.open(src / "c.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps({"text": t}) + "\n" for t in docs["c.jsonl.gz"]))
