@@ -442,15 +442,16 @@ class Sampler:
         self.data, self.seq_len, self.global_batch, self.seed = data, seq_len, global_batch, seed
         self.n_windows = data.n_windows
 
+    def _draws(self, step: int, start: int, count: int) -> np.ndarray:
+        return step * self.global_batch + np.arange(start, start + count, dtype=np.int64)
+
     def window_ids(self, step: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, window) of sequences start..start+count-1 of step's global batch."""
-        g = step * self.global_batch + np.arange(start, start + count, dtype=np.int64)
-        return self.data.locate(g)
+        return self.data.locate(self._draws(step, start, count))
 
     def sequences(self, step: int, start: int, count: int) -> torch.Tensor:
         """Sequences start..start+count-1 of step's global batch, as int64 (count, seq_len+1)."""
-        g = step * self.global_batch + np.arange(start, start + count, dtype=np.int64)
-        return torch.from_numpy(self.data.rows(g).astype(np.int64))
+        return torch.from_numpy(self.data.rows(self._draws(step, start, count)).astype(np.int64))
 
     def micro_batches(self, step: int, dp_rank: int, dp: int, micro_batch: int) -> list[torch.Tensor]:
         """This rank's share of step's global batch, split into micro-batches."""

@@ -134,8 +134,8 @@ def vocab_embed(embed: nn.Embedding, tokens: torch.Tensor, tp: TPGroup | None) -
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Mean cross-entropy of logits split by vocabulary rows over the TP group: max, sum of exponentials and the
-    target's logit are all-reduced (three scalars per token), the logits never gathered. Softmax in fp32; keeps the
+    """Mean cross-entropy of logits split by vocabulary rows over the TP group: the max, then the sum of
+    exponentials with the target's logit (two all-reduces, three scalars per token); the logits never gathered. Softmax in fp32; keeps the
     local logits, one fp32 log-sum-exp and the target per row (as the single-device cross-entropy)."""
 
     @staticmethod
@@ -149,11 +149,11 @@ class _VocabParallelCE(torch.autograd.Function):
             inside = (local >= 0) & (local < V)
             m = l32.max(dim=1).values
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp.group)
-            sum_exp = torch.exp(l32 - m[:, None]).sum(dim=1)
-            dist.all_reduce(sum_exp, group=tp.group)
-            lse = m + torch.log(sum_exp)
             tl = l32.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1) * inside
-            dist.all_reduce(tl, group=tp.group)
+            sums = torch.stack([torch.exp(l32 - m[:, None]).sum(dim=1), tl])  # one all-reduce for both sums
+            dist.all_reduce(sums, group=tp.group)
+            sum_exp, tl = sums
+            lse = m + torch.log(sum_exp)
             loss = ((lse - tl) * valid).sum() / n_valid
         ctx.save_for_backward(logits_TV, lse, local, inside, valid, n_valid)
         return loss

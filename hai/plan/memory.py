@@ -83,37 +83,18 @@ class StageParams:
         return self.dense + self.expert
 
 
-def _attention(m: ModelConfig) -> UnitParams:
-    H, N, R, V, C, D, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank,
-                           m.hidden_size, m.q_lora_rank)
-    q = UnitParams(D * H * (N + R)) if Q is None else UnitParams(D * Q + Q * H * (N + R), Q)
-    return q + UnitParams(D * (C + R) + C * H * (N + V) + H * V * D, C)
-
-
-def _block(m: ModelConfig, moe: bool, ep: int) -> UnitParams:
-    D = m.hidden_size
-    base = _attention(m) + UnitParams(0, 2 * D)  # + attention and ffn norms
-    if not moe:
-        return base + UnitParams(3 * D * m.intermediate_size)
-    F = m.moe_intermediate_size
-    return base + UnitParams(m.n_routed_experts * D + m.n_shared_experts * 3 * D * F, 0,
-                             m.n_routed_experts // ep * 3 * D * F)
-
-
 def unit_params(m: ModelConfig, unit: str, ep: int) -> UnitParams:
-    """Parameters of a placement unit (``layers.<i>``, ``embed``, ``norm``, ``head``, ``mtp``)."""
-    D, V = m.hidden_size, m.vocab_size
-    if unit.startswith("layers."):
-        i = int(unit.split(".")[1])
-        return _block(m, is_moe_layer(m, i), ep)
-    if unit in ("embed", "head"):
-        return UnitParams(V * D)
-    if unit == "norm":
-        return UnitParams(0, D)
-    if unit == "mtp":  # per depth: hnorm, enorm, proj [D, 2D], a block (MoE if the model is), its final norm
-        one = _block(m, m.is_moe, ep) + UnitParams(2 * D * D, 3 * D)
-        return UnitParams(one.matrix * m.mtp_depth, one.vector * m.mtp_depth, one.expert * m.mtp_depth)
-    raise ValueError(f"unknown placement unit {unit!r}")
+    """Parameters of a placement unit (``layers.<i>``, ``embed``, ``norm``, ``head``, ``mtp``), summed from
+    :func:`unit_tensors`: matrices, norm vectors, routed-expert elements (this rank's 1/ep)."""
+    matrix = vector = expert = 0
+    for name, n in unit_tensors(m, unit, ep):
+        if ".experts." in name:
+            expert += n
+        elif name.endswith("norm.weight"):
+            vector += n
+        else:
+            matrix += n
+    return UnitParams(matrix, vector, expert)
 
 
 def _layout(cfg: Config) -> PipelineLayout:
