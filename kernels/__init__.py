@@ -4,11 +4,15 @@ Each op is a Triton kernel + typed launcher (``*_triton``) with a torch referenc
 submodule (quant, gemm, linear); the names below dispatch: Triton for CUDA tensors or under TRITON_INTERPRET=1,
 the torch reference otherwise.
 """
+if __name__ != "hai.kernels":  # imported as a bare `kernels` from the checkout root: see hai/_shadow.py
+    from hai._shadow import step_aside
 
-from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_k_grouped_gemm
-from .linear import (Fp8Rows, expert_counts, fp8_dgrad, fp8_fprop, fp8_grouped_dgrad, fp8_grouped_fprop,
-                     fp8_grouped_linear, fp8_grouped_wgrad, fp8_linear, fp8_wgrad, quantize_rows)
-from .quant import quant_1x128, quant_128x1, quant_128x128
+    step_aside(__name__, __file__)  # the lines below then only import hai.kernels
+
+from hai.kernels.gemm import fp8_gemm, fp8_grouped_gemm, fp8_k_grouped_gemm
+from hai.kernels.linear import (Fp8Rows, expert_counts, fp8_dgrad, fp8_fprop, fp8_grouped_dgrad, fp8_grouped_fprop,
+                                fp8_grouped_linear, fp8_grouped_wgrad, fp8_linear, fp8_wgrad, quantize_rows)
+from hai.kernels.quant import quant_1x128, quant_128x1, quant_128x128
 
 __all__ = [
     "quant_1x128", "quant_128x1", "quant_128x128",

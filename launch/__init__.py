@@ -11,8 +11,12 @@
 
 ``dry_run=true`` prints what would run (the torchrun command of every node, or the sbatch script) and starts nothing.
 """
-
 from __future__ import annotations
+
+if __name__ != "hai.launch":  # imported as a bare `launch` from the checkout root: see hai/_shadow.py
+    from hai._shadow import step_aside
+
+    step_aside(__name__, __file__)  # the lines below then only import hai.launch
 
 import shlex
 import sys

@@ -6,6 +6,10 @@ prints; ``hai.pipeline.trace`` writes Chrome traces and Gantt PNGs of a timeline
 ``hai.pipeline.executor.PipelineExecutor`` runs any schedule on real stages with batched P2P, and
 ``hai.pipeline.overlap`` overlaps an FB pair's expert all-to-alls with the other chunk's compute.
 """
+if __name__ != "hai.pipeline":  # imported as a bare `pipeline` from the checkout root: see hai/_shadow.py
+    from hai._shadow import step_aside
+
+    step_aside(__name__, __file__)  # the lines below then only import hai.pipeline
 
 from hai.pipeline.schedules import (
     SCHEDULE_NAMES,
