@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hai.config import DataConfig  # noqa: E402
 from hai.data import Mixture, Sampler, WindowSet, TokenFile, write_token_file  # noqa: E402
-from hai.prepare import prepare_corpus  # noqa: E402
+from hai.data.prepare import prepare_corpus  # noqa: E402
 
 
 class Virtual:

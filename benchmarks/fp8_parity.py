@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny GEMMs: one thread is ~10-5
 import torch  # noqa: E402
 
 from hai.cli import main as hai_main  # noqa: E402
-from hai.metrics import read_metrics  # noqa: E402
+from hai.train.metrics import read_metrics  # noqa: E402
 
 DEEPSEEK_BOUND = 0.0025  # < 0.25% (DeepSeek-V3 technical report, FP8 vs BF16 validation)
 

@@ -108,8 +108,8 @@ def _gemm_tflops() -> list[dict]:
 
 def _train(device: str, smoke: bool, out_dir: str) -> list[dict]:
     """Short training runs through the CLI, each next to hai plan's prediction for the same layout."""
-    from hai.config import compose
-    from hai.metrics import read_metrics
+    from hai.config.compose import compose
+    from hai.train.metrics import read_metrics
     from hai.plan import plan
 
     if smoke:

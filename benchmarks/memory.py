@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/memory.py [--seq-len 128] [--micro-batch 2]
 
 A small DeepSeek-V3-shaped model (``model=small``: first layer dense, MLA with q-LoRA, 16 routed experts top-4 + 1
-shared, MTP depth 1) is built by the real construction path on every rank (``hai.trainer.Trainer``), for two
+shared, MTP depth 1) is built by the real construction path on every rank (``hai.train.trainer.Trainer``), for two
 layouts (pp=2 DualPipe x dp=2 x ep=2, and pp=1 x dp=4 x ep=4), ``train.recompute`` in {none, v3} and
 ``model.precision`` in {bf16, fp8}. Per rank and item:
 
@@ -53,13 +53,13 @@ def _overrides(layout: str, recompute: str, precision: str, seq: int, mb: int, o
 
 
 def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
-    from hai.config import compose
+    from hai.config.compose import compose
     from hai.data import TokenFile, ensure_token_file
     from hai.model import param_dtype
     from hai.parallel import Topology
     from hai.plan.measure import kept_for_backward
     from hai.plan.memory import stage_act_bytes, static_bytes
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
 
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)

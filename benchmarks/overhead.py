@@ -26,11 +26,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch; other processes s
 
 import torch  # noqa: E402
 
-from hai.config import compose  # noqa: E402
+from hai.config.compose import compose  # noqa: E402
 from hai.data import Sampler, TokenFile, ensure_token_file  # noqa: E402
 from hai.model import build_model  # noqa: E402
 from hai.parallel import Topology  # noqa: E402
-from hai.trainer import Trainer, lr_at  # noqa: E402
+from hai.train.trainer import Trainer, lr_at  # noqa: E402
 
 __all__ = ["PlainLoop", "measure", "format_table"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hai.config import compose
+from hai.config.compose import compose
 from hai.parallel.pending import Pending
 from hai.model.wgrad import WeightGradStore
 from hai.model.transformer import build_model

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 
-from hai.config import compose  # noqa: E402
+from hai.config.compose import compose  # noqa: E402
 from hai.data import Sampler, TokenFile, ensure_token_file  # noqa: E402
 from hai.model import build_model  # noqa: E402
 from hai.parallel import Topology  # noqa: E402
@@ -124,7 +124,7 @@ def pipeline_rank(rank: int, world: int, schedule: str, pairs: int, warmup: int)
     from hai.model.init import materialize, param_dtype
     from hai.parallel.parallelize import parallelize
     from hai.pipeline.executor import PipelineExecutor
-    from hai.trainer import init_distributed
+    from hai.train.trainer import init_distributed
 
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.distributed.pipelining").setLevel(logging.ERROR)
@@ -239,7 +239,7 @@ class _ZeroRedundancyRun:
         self.step = 0
 
     def train_step(self) -> dict:
-        from hai.trainer import lr_at
+        from hai.train.trainer import lr_at
 
         mbs = self.sampler.micro_batches(self.step, self.dp_rank, self.dp, self.t.micro_batch_size)
         for i, tokens in enumerate(mbs):
@@ -267,7 +267,7 @@ class _ZeroRedundancyRun:
 def zero1_rank(rank: int, world: int, out_dir: str, pairs: int, warmup: int) -> dict:
     from zero1_vs_deepspeed import EXTENSIONS_DIR, _cfg, _DeepSpeedRun
 
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
     warnings.filterwarnings("ignore")

@@ -62,12 +62,12 @@ def _count(tp_group, counts: dict, on: list):
 
 
 def _rank(rank, world, overrides, steps):
-    from hai.config import compose
+    from hai.config.compose import compose
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology
     from hai.plan.report import n_micro_batches
     from hai.plan.tp import tp_chunk_bytes
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
 
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from hai.config import ConfigError, compose
+from hai.config import ConfigError
+from hai.config.compose import compose
 
 __all__ = ["main"]
 
@@ -45,7 +46,7 @@ def cmd_train(cfg, overrides: list[str]) -> int:
             raise ConfigError(f"cluster {cfg.cluster.name!r} has {cfg.cluster.nodes} nodes: start it with "
                               f"`hai launch launcher.kind=torchrun ...` on each node or `launcher.kind=slurm`")
         return run_local(overrides, topo.world_size)
-    from hai.trainer import train
+    from hai.train.trainer import train
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -60,7 +61,7 @@ def preflight(cfg) -> None:
     vocabulary that fits the model; the default corpus is built here, once), ``train.seq_len <= model.max_seq_len``,
     the resume checkpoint (exists, complete, this model). (``model.init_from``'s directory is read, and
     checked, when the config is composed.)"""
-    from hai.trainer import load_data
+    from hai.train.trainer import load_data
 
     m, t = cfg.model, cfg.train
     if t.seq_len > m.max_seq_len:
@@ -75,7 +76,7 @@ def preflight(cfg) -> None:
         print("hai: no held-out split (data.val_fraction=0 and no data.val_path): validation loss is off",
               file=sys.stderr)
     if cfg.resume not in ("", "none"):
-        from hai.checkpoint_files import check_model, read_meta, resolve_resume
+        from hai.checkpoint.files import check_model, read_meta, resolve_resume
 
         path = resolve_resume(cfg.resume, cfg.out_dir)
         if path is not None:
@@ -123,7 +124,7 @@ def cmd_account(cfg, overrides: list[str]) -> int:
 
 
 def cmd_prepare(cfg, overrides: list[str]) -> int:
-    from hai.prepare import prepare_corpus
+    from hai.data.prepare import prepare_corpus
 
     report = prepare_corpus(cfg.data, progress=cfg.output != "json")
     if cfg.output == "json":
@@ -158,7 +159,7 @@ def cmd_plan(cfg, overrides: list[str]) -> int:
 
 def cmd_generate(cfg, overrides: list[str]) -> int:
     from hai.data import load_tokenizer
-    from hai.generate import generate, load_model
+    from hai.inference.generate import generate, load_model
 
     model, tok_spec = load_model(cfg)
     tok = load_tokenizer(tok_spec)
@@ -197,11 +198,11 @@ def cmd_convert(cfg, overrides: list[str]) -> int:
         raise ConfigError("hai convert needs convert.src and convert.dst: convert.src=CKPT_DIR convert.dst=HF_DIR "
                           "(HAI -> Hugging Face) or convert.src=hf:DIR convert.dst=RUN_DIR (-> a HAI checkpoint)")
     if c.src.startswith("hf:"):
-        from hai.convert import hf_to_hai
+        from hai.checkpoint.convert import hf_to_hai
 
         out = hf_to_hai(cfg, c.src, c.dst)
     else:
-        from hai.convert import hai_to_hf
+        from hai.checkpoint.convert import hai_to_hf
 
         out = hai_to_hf(cfg, c.src, c.dst, int(c.max_shard_gb * 2**30))
     print(json.dumps(out))

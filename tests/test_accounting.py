@@ -7,7 +7,7 @@ import torch
 
 from hai.plan.accounting import account, param_counts
 from hai.cli import main
-from hai.config import compose
+from hai.config.compose import compose
 from hai.model import build_model
 
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.checkpoint import (CheckpointError, SafeReader, latest_checkpoint, list_checkpoints, resolve_resume,
+from hai.checkpoint.state import (CheckpointError, SafeReader, latest_checkpoint, list_checkpoints, resolve_resume,
                             verify_checkpoint)
-from hai.config import compose
+from hai.config.compose import compose
 
-from hai.metrics import read_metrics
+from hai.train.metrics import read_metrics
 from hai.parallel import Topology
-from hai.trainer import Trainer, init_distributed, load_data
+from hai.train.trainer import Trainer, init_distributed, load_data
 
 pytestmark = pytest.mark.multiproc
 STEPS = 6
@@ -51,7 +51,7 @@ def fit_rank(rank: int, world: int, ov: list[str]):
 
 def load_error_rank(rank: int, world: int, ov: list[str], path: str):
     """Try to load ``path``; the error (type, message) or None."""
-    from hai.checkpoint import load_checkpoint
+    from hai.checkpoint.state import load_checkpoint
 
     try:
         load_checkpoint(make_trainer(ov), path)
@@ -198,7 +198,7 @@ def test_loading_never_unpickles_arbitrary_objects(dp2, tmp_path, monkeypatch):
     shutil.copytree(out / "checkpoints" / "step_00000006", ck)
     (ck / ".metadata").write_bytes(pickle.dumps(_Evil()))
     meta = json.loads((ck / "hai.json").read_text())
-    from hai.checkpoint_files import file_info
+    from hai.checkpoint.files import file_info
 
     meta["files"].update(file_info(str(ck), [".metadata"]))
     (ck / "hai.json").write_text(json.dumps(meta))

@@ -3,7 +3,8 @@
 import pytest
 
 from hai.cli import main
-from hai.config import ConfigError, compose
+from hai.config import ConfigError
+from hai.config.compose import compose
 from hai.parallel import Topology
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from hai.cli import main
 from hai.config import DataConfig
-from hai.data import ByteTokenizer, DataError, Sampler, TokenFile, prepare, write_token_file
+from hai.data import ByteTokenizer, DataError, Sampler, TokenFile, write_token_file
+from hai.data.prepare import prepare
 
 
 def test_prepare_roundtrip(tmp_path):
@@ -69,9 +70,9 @@ def test_sampler_shards_global_batch_independently_of_dp(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- bijection
-from hai.config import compose  # noqa: E402
+from hai.config.compose import compose  # noqa: E402
 from hai.data import MIX_ROUND, Mixture, Permutation, open_dataset  # noqa: E402
-from hai.prepare import prepare_corpus  # noqa: E402
+from hai.data.prepare import prepare_corpus  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097, 123_457])
@@ -262,7 +263,7 @@ def test_prepare_bounds_shard_size_at_document_boundaries(tmp_path):
     out = tmp_path / "out"
     cfg = DataConfig(source=str(src), path=str(out), text_field="body", workers=1, shard_mb=1)
     cfg.shard_mb = 1
-    import hai.prepare as hp
+    import hai.data.prepare as hp
     rep = prepare_corpus(cfg)
     assert rep["shards"] == 1  # 200 KB fits in 1 MB
     # a smaller bound (bytes, through the writer) cuts at document boundaries
@@ -302,7 +303,7 @@ def test_prepare_splits_large_files_without_changing_the_documents(tmp_path, mon
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import hai.prepare as hp
+    import hai.data.prepare as hp
 
     src = tmp_path / "big"
     src.mkdir()

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.parallel import Topology
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 pytestmark = pytest.mark.multiproc
 

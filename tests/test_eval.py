@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import ensure_token_file, open_dataset
 from hai.parallel import Topology
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 BASE = ["model=tiny", "train=test", "cluster=cpu1", "parallel=single", "wandb.mode=disabled", "train.eval_every=1",
         "train.eval_batches=2", "data.val_fraction=0.02"]

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_utils import run_ranks
-from hai.config import ConfigError, ModelConfig, compose
+from hai.config import ConfigError, ModelConfig
+from hai.config.compose import compose
 from hai.model.moe import MoE, Router
 from hai.parallel import Topology
 from hai.parallel.expert import EPDispatcher, check_ep_config, expert_range, shard_experts

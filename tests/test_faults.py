@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.checkpoint import latest_checkpoint, verify_checkpoint
-from hai.metrics import read_metrics
+from hai.checkpoint.state import latest_checkpoint, verify_checkpoint
+from hai.train.metrics import read_metrics
 from test_checkpoint import make_trainer, fit_rank, losses, overrides
 
 pytestmark = pytest.mark.multiproc
@@ -101,7 +101,7 @@ def _die_during_save(ov: list[str], mode: str, die_at: int) -> None:
     """Forked child: train single-process and SIGKILL itself inside the save of step ``die_at``."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    import hai.checkpoint as ck
+    import hai.checkpoint.state as ck
 
     if mode == "before_commit":  # every byte of data written, nothing committed yet
         commit = ck.commit_checkpoint

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import hai.kernels
 from hai.cli import main
-from hai.config import compose
-from hai.metrics import read_metrics
+from hai.config.compose import compose
+from hai.train.metrics import read_metrics
 from hai.model import build_model
 from hai.model.layers import Linear, RMSNorm
 from hai.model.moe import GroupedExperts, Router

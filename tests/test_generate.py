@@ -10,8 +10,8 @@ import torch
 import hf_models
 from dist_utils import run_ranks
 from hai.cli import main
-from hai.config import compose
-from hai.generate import generate, load_model, sample
+from hai.config.compose import compose
+from hai.inference.generate import generate, load_model, sample
 
 
 @pytest.mark.parametrize("speculative", [False, True])
@@ -43,7 +43,7 @@ def test_sampling_respects_top_p():
 def _train_rank(rank, world, overrides):
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
 
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)

@@ -16,8 +16,8 @@ import torch
 
 import hf_models
 from dist_utils import run_ranks
-from hai import hf
-from hai.config import compose
+from hai.model import hf
+from hai.config.compose import compose
 from hai.model import build_model, materialize
 
 transformers = pytest.importorskip("transformers")
@@ -158,7 +158,7 @@ def test_fp8_checkpoint_dequantizes_within_e4m3_rounding(tmp_path):
 def _loss_rank(rank, world, overrides, tokens):
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
 
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)

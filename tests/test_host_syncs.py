@@ -11,13 +11,13 @@ balance statistics in one transfer). Before this budget the same steps took 43-8
 import pytest
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.model.moe import MoE
 from hai.parallel import Topology
 from hai.parallel.host_syncs import count_host_syncs
 from hai.pipeline.schedules import Kind
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 BASE = ["model=tiny", "train=test", "wandb.mode=disabled", "train.progress=false"]
 LAYOUTS = {

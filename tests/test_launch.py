@@ -18,7 +18,8 @@ import sys
 import pytest
 
 from hai.cli import main
-from hai.config import ConfigError, compose
+from hai.config import ConfigError
+from hai.config.compose import compose
 from hai.launch import launch, plan_nodes
 from hai.launch.slurm import default_job, render_sbatch
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hai.config import ModelConfig, compose
+from hai.config import ModelConfig
+from hai.config.compose import compose
 from hai.model import KVCache, LocalDispatcher, build_model
 from hai.model.moe import MoE, Router, route_reference
 

@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.model.transformer import build_model
 from hai.parallel import Topology
 from hai.parallel.expert import EPDispatcher, shard_experts
 from hai.pipeline.overlap import Tape, block_forward, run_fb, supports_seams
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 
 def _forward(model, tokens, tape, out):

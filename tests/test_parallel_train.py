@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.model import build_model
 from hai.parallel import Topology
 from hai.parallel.expert import expert_range
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 STEPS = 3
 BASE = ["model=tiny", "train=test", "cluster=cpu1", "parallel=single", f"train.steps={STEPS}", "wandb.mode=disabled"]
@@ -180,7 +180,7 @@ def test_executed_timeline_is_written(tmp_path):
     forwards = sum(e["name"].count("F") for e in spans if "SEND" not in e["name"] and "RECV" not in e["name"])
     assert forwards == 8
     assert (tmp_path / "schedule.png").stat().st_size > 1000
-    from hai.metrics import read_metrics
+    from hai.train.metrics import read_metrics
 
     bubble = read_metrics(str(tmp_path))[0]["pipeline_bubble_fraction"]
     assert 0.0 < bubble < 1.0  # pp=2 with 4 micro-batches: rank 0 waits for rank 1 at the start and the end

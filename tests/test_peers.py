@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import ensure_token_file
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "peers.py")
@@ -51,7 +51,7 @@ def test_weight_grad_store_attached_only_where_the_schedule_defers_w():
 
 def _store_rank(rank, world, schedule):
     from hai.parallel import Topology
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
     from hai.data import TokenFile
 
     cfg = compose(["model=tiny", "train=test", "cluster=cpu1", "parallel=single", "cluster.gpus_per_node=2",

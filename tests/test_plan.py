@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hai.cli import main
-from hai.config import compose
+from hai.config.compose import compose
 from hai.model.transformer import build_model
 from hai.parallel.zero import is_expert_param
 from hai.parallel import Topology
@@ -179,7 +179,7 @@ def test_v3_ranks_built_on_meta_allocate_exactly_the_plans_bytes():
 def _measured_rank(rank, world, out_dir):
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology
-    from hai.trainer import Trainer, init_distributed
+    from hai.train.trainer import Trainer, init_distributed
 
     cfg = compose(["model=tiny", "train=test", "wandb.mode=disabled", "train.seq_len=128", f"out_dir={out_dir}",
                    "model.bias_update_speed=0.01"])
@@ -281,7 +281,7 @@ _PEAK_SCRIPT = r"""
 import json, resource, sys
 import torch
 import hai.kernels, hai.model, hai.parallel.zero  # noqa: F401  (imports before the baseline)
-from hai.config import compose
+from hai.config.compose import compose
 from hai.model import build_model, materialize, param_dtype
 from hai.parallel import Topology
 from hai.parallel.parallelize import parallelize

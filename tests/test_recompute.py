@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hai.config import compose
+from hai.config.compose import compose
 from hai.model import build_model
 from hai.model.attention import attention
 from hai.model.layers import cross_entropy, rms_norm, swiglu

@@ -13,10 +13,11 @@ import torch
 
 from dist_utils import run_ranks
 from test_parallel_train import _compare
-from hai.config import ConfigError, compose
+from hai.config import ConfigError
+from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.parallel import Topology
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 STEPS = 3
 # bias_update_speed 0.01 (10x the preset): the router biases move enough in 3 steps that a wrong load sum shows

@@ -3,7 +3,7 @@
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
-from hai.config import compose
+from hai.config.compose import compose
 from hai.parallel import Topology, stage_layer_split
 
 

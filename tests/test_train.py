@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from hai.cli import main
-from hai.metrics import read_metrics
+from hai.train.metrics import read_metrics
 
 KEYS = {"step", "loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu",
         "expert_load_max_violation", "step_time_s"}

@@ -10,11 +10,11 @@ is not in the plan's price and is not checked here. Every pipeline send is one m
 import pytest
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.parallel import Topology
 from hai.plan.cost import chunk_comm, p2p_bytes_per_chunk
-from hai.trainer import Trainer, init_distributed
+from hai.train.trainer import Trainer, init_distributed
 
 pytestmark = pytest.mark.multiproc
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from hai.config import compose
+from hai.config.compose import compose
 from hai.data import Sampler, TokenFile, ensure_token_file
 from hai.model import build_model
 from hai.parallel import Topology
-from hai.trainer import Trainer, init_distributed, lr_at
+from hai.train.trainer import Trainer, init_distributed, lr_at
 
 STEPS = 4
 

@@ -23,7 +23,7 @@ Keys (all tensors; nothing is pickled):
 
 Loading reads tensors with ``torch.load(weights_only=True)`` (DCP's reader) and DCP's pickled ``.metadata`` through
 an unpickler that admits only DCP's metadata classes; byte (pickled-object) entries are refused. Paths, the atomic
-commit and the on-disk checks live in ``hai.checkpoint_files``.
+commit and the on-disk checks live in ``hai.checkpoint.files``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from hai.checkpoint_files import (FORMAT, META_FILE, CheckpointError, check_model, checkpoint_error, checkpoint_root,
+from hai.checkpoint.files import (FORMAT, META_FILE, CheckpointError, check_model, checkpoint_error, checkpoint_root,
                                   clean_stale, commit_checkpoint, crc32, file_info, latest_checkpoint, list_checkpoints,
                                   read_meta, resolve_resume)
 

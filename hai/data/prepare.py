@@ -22,6 +22,7 @@ import gzip
 import json
 import multiprocessing as mp
 import os
+import hashlib
 import sys
 import sysconfig
 import time
@@ -29,9 +30,10 @@ import time
 import numpy as np
 
 from hai.config import DataConfig
-from hai.data import DataError, load_tokenizer, write_token_file
+from hai.data.tokenizer import load_tokenizer
+from hai.data.tokens import DataError, write_token_file
 
-__all__ = ["prepare_corpus", "source_files"]
+__all__ = ["prepare_corpus", "prepare", "source_files", "default_token_file", "ensure_token_file"]
 
 
 def source_files(source: str | None) -> list[str]:
@@ -214,8 +216,6 @@ class _ShardWriter:
 def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool = False) -> dict:
     """Tokenize ``cfg.source`` (default: Python's stdlib sources, up to ``cfg.max_bytes``) into ``out_path`` (or
     ``cfg.path``). Returns the report: path, shards, files, skipped (name -> error), documents, tokens, MB/s."""
-    from hai.data import default_token_file
-
     tok = load_tokenizer(cfg.tokenizer)
     out = out_path or cfg.path or default_token_file(cfg)
     files = source_files(cfg.source)
@@ -277,3 +277,24 @@ def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool 
         with open(os.path.join(out, "index.json"), "w") as f:
             json.dump({**report, "shard_files": writer.shards}, f, indent=1)
     return report
+
+
+def prepare(cfg: DataConfig, out_path: str | None = None, progress: bool = False) -> str:
+    """Tokenize ``cfg.source`` into a token file or a directory of shards; returns the path."""
+    return prepare_corpus(cfg, out_path, progress=progress)["path"]
+
+
+def default_token_file(cfg: DataConfig) -> str:
+    key = hashlib.sha1(f"v2|{cfg.source}|{cfg.tokenizer}|{cfg.max_bytes}|{sysconfig.get_paths()['stdlib']}".encode())
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hai")
+    return os.path.join(cache, f"corpus-{key.hexdigest()[:12]}.haitok")
+
+
+def ensure_token_file(cfg: DataConfig) -> str:
+    """The token file to train on: ``data.path`` if set, else the cached default corpus (built on first use)."""
+    if cfg.path:
+        return cfg.path
+    path = default_token_file(cfg)
+    if not os.path.isfile(path):
+        prepare(cfg, path)
+    return path

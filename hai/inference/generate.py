@@ -122,14 +122,14 @@ def load_model(cfg, dtype: torch.dtype | None = None):
     device = torch.device("cuda") if cfg.cluster.device == "cuda" and torch.cuda.is_available() else \
         torch.device("cpu")
     if cfg.model.init_from:
-        from hai.hf import hf_dir, load_into
+        from hai.model.hf import hf_dir, load_into
 
         mcfg, path = cfg.model, hf_dir(cfg.model.init_from)
         tok = os.path.join(path, "tokenizer.json")
         tokenizer = tok if os.path.isfile(tok) else cfg.data.tokenizer
     else:
-        from hai.checkpoint import load_model_weights, resolve_resume
-        from hai.checkpoint_files import read_meta
+        from hai.checkpoint.state import load_model_weights, resolve_resume
+        from hai.checkpoint.files import read_meta
 
         if cfg.resume == "none":
             raise ConfigError("hai generate needs a model: resume=PATH (or auto, with out_dir) for a HAI checkpoint, "

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from hai.plan.accounting import train_flops_per_token
-from hai.config import Config, ConfigError, to_yaml
+from hai.config import Config, ConfigError
+from hai.config.compose import to_yaml
 from hai.data import Dataset, Sampler, TokenFile, ensure_token_file, open_dataset
 from hai.model import Router, build_model, materialize, param_dtype
 from hai.parallel.parallelize import parallelize
@@ -80,7 +81,7 @@ class Trainer:
         materialize(self.model, self.device, param_dtype(cfg.model), t.seed, cfg.model.init_std)
         self.imported = None
         if cfg.model.init_from:  # released weights: each rank reads the tensors (and experts) it holds
-            from hai.hf import hf_dir, load_into
+            from hai.model.hf import hf_dir, load_into
 
             self.imported = load_into(self.model, cfg.model, hf_dir(cfg.model.init_from))
         self.model.set_aux_grad_scale(1.0 / self.n_micro)
@@ -246,7 +247,7 @@ class Trainer:
         resumed = self.resume()
         sink = None
         if self.rank == 0:
-            from hai.metrics import MetricsSink
+            from hai.train.metrics import MetricsSink
 
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
@@ -296,7 +297,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> dict | None:
         """Load the checkpoint ``resume`` names (none | auto | PATH): model, ZeRO-1 state (any dp size), step, RNG."""
-        from hai.checkpoint import load_checkpoint, resume_path
+        from hai.checkpoint.state import load_checkpoint, resume_path
 
         path = resume_path(self.cfg)
         if path is None:
@@ -309,7 +310,7 @@ class Trainer:
 
     def save_checkpoint(self, sink=None) -> str:
         """Collective: write OUT_DIR/checkpoints/step_N atomically (keeps the last train.keep_last)."""
-        from hai.checkpoint import save_checkpoint
+        from hai.checkpoint.state import save_checkpoint
 
         t0 = time.perf_counter()
         path = save_checkpoint(self)

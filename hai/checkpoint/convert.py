@@ -13,14 +13,14 @@ def hai_to_hf(cfg, src: str, dst: str, max_shard_bytes: int) -> dict:
     """Reshard the checkpoint's model into one process (its own dtype) and write it in the release's layout."""
     import resource
 
-    from hai.checkpoint_files import read_meta
+    from hai.checkpoint.files import read_meta
     from hai.config import ModelConfig
-    from hai.hf import save
+    from hai.model.hf import save
     from hai.model import param_dtype
 
     t0 = time.perf_counter()
     mcfg = ModelConfig(**read_meta(src)["model"])
-    from hai.generate import load_model
+    from hai.inference.generate import load_model
 
     model, _ = load_model(dataclasses.replace(cfg, resume=src, model=dataclasses.replace(cfg.model, init_from=None)),
                           dtype=param_dtype(mcfg))
@@ -32,11 +32,10 @@ def hai_to_hf(cfg, src: str, dst: str, max_shard_bytes: int) -> dict:
 def hf_to_hai(cfg, src: str, dst: str) -> dict:
     """A one-process trainer initialized from the checkpoint (``model.init_from``), saved as step 0 under
     ``dst/checkpoints``."""
-    from hai.config import compose  # noqa: F401  (cfg is already composed)
     from hai.data import TokenFile, ensure_token_file
-    from hai.hf import apply_init_from
+    from hai.model.hf import apply_init_from
     from hai.parallel.topology import Topology
-    from hai.trainer import Trainer
+    from hai.train.trainer import Trainer
 
     t0 = time.perf_counter()
     cfg = apply_init_from(dataclasses.replace(cfg, out_dir=dst, model=dataclasses.replace(cfg.model, init_from=src)))

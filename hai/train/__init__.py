@@ -1,0 +1,1 @@
+"""The training run: the loop over steps (``trainer``) and what it records (``metrics``)."""
