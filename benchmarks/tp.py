@@ -65,7 +65,6 @@ def _rank(rank, world, overrides, steps):
     from hai.config.compose import compose
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology
-    from hai.plan.report import n_micro_batches
     from hai.plan.tp import tp_chunk_bytes
     from hai.train.trainer import Trainer, init_distributed
 
@@ -96,7 +95,7 @@ def _rank(rank, world, overrides, steps):
     plan = {}
     if topo.tp > 1:
         by = tp_chunk_bytes(cfg, 0)
-        n = n_micro_batches(cfg)
+        n = cfg.n_micro_batches
         for phase in by.values():
             for k, v in phase.items():
                 plan[k] = plan.get(k, 0) + v * n

@@ -106,9 +106,8 @@ def format_summary(cfg, s: dict) -> str:
 def _check_fits(cfg) -> None:
     """The plan's memory check, in the parent, before any rank starts (ConfigError naming the rank and the fix)."""
     from hai.plan.memory import check_fits
-    from hai.plan.report import n_micro_batches
 
-    check_fits(cfg, n_micro_batches(cfg))
+    check_fits(cfg, cfg.n_micro_batches)
 
 
 def cmd_account(cfg, overrides: list[str]) -> int:

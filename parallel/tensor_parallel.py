@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hai.model.regions import Region
+
 __all__ = ["TPGroup", "shard_tensor_parallel", "enter", "exit_region", "vocab_embed", "vocab_parallel_ce",
            "all_reduce_sum", "TP_SPLITS"]
 
@@ -51,11 +53,32 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 @dataclass
-class TPGroup:
+class TPGroup(Region):
+    """The model's :class:`~hai.model.regions.Region` over a TP group: its crossings are the collectives below."""
+
     group: object  # the TP process group (None only for accounting on meta)
     size: int
     rank: int
     sp: bool  # sequence parallelism
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return enter(x, self)
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
+        return exit_region(y, self)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(x, self)
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def embed(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+        return vocab_embed(embedding, tokens, self)
+
+    def cross_entropy(self, logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_ce(logits_TV, target_T, self)
 
 
 # ------------------------------------------------------------------------------------------------ the collectives

@@ -193,7 +193,6 @@ def _count_rank(rank, world, overrides):
     import torch.distributed as dist
 
     import hai.parallel.tensor_parallel as tpm
-    from hai.plan.report import n_micro_batches
     from hai.plan.tp import tp_chunk_bytes
 
     tr = _trainer(overrides)
@@ -217,7 +216,7 @@ def _count_rank(rank, world, overrides):
     want = {}
     for phase in tp_chunk_bytes(tr.cfg, 0).values():
         for k, v in phase.items():
-            want[k] = want.get(k, 0) + v * n_micro_batches(tr.cfg)
+            want[k] = want.get(k, 0) + v * tr.cfg.n_micro_batches
     return got, want
 
 

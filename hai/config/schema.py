@@ -379,3 +379,9 @@ class Config:
     def __post_init__(self) -> None:
         _choice("output", self.output, ("text", "json"))
         _require(self.nproc >= 0, f"nproc={self.nproc} must be >= 0")
+
+    @property
+    def n_micro_batches(self) -> int:
+        """Micro-batches per step on each data-parallel rank (the pipeline's micro-batches): global_batch_size /
+        (dp x micro_batch_size). ``parallel.micro_batches``, when set, must equal it (checked with the topology)."""
+        return self.train.global_batch_size // (self.parallel.dp * self.train.micro_batch_size)

@@ -26,6 +26,7 @@ from torch import nn
 from hai.config import ModelConfig
 from hai.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, softmax_scale
 from hai.model.recompute import LinearOp, norm_linears
+from hai.model.regions import LOCAL, Region
 
 __all__ = ["MLA", "KVCache", "attention", "attention_forward", "attention_backward"]
 
@@ -165,7 +166,7 @@ class MLA(nn.Module):
         self.wo = Linear(H * V, cfg.hidden_size, fp8)
         self.softmax_scale = softmax_scale(cfg)
         self.n_heads = H  # heads on this rank (H / tp under tensor parallelism)
-        self.tp = None  # hai.parallel.tensor_parallel.TPGroup: heads split, latents replicated
+        self.tp: Region = LOCAL  # hai.model.regions: under TP heads split, latents replicated
 
     def _rope(self, S: int, device, offset: int):
         if offset + S > self.cfg.max_seq_len:
@@ -193,41 +194,29 @@ class MLA(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """Causal self-attention over x (already normed). With ``cache``, x continues the cached sequence (absorbed
-        decode)."""
-        if self.tp is not None:
-            return self._forward_tp(x_BSD)
-        q_in, kv = self._q_down()(x_BSD), self.wkv_a(x_BSD)
+        decode).
+
+        Under tensor parallelism (``self.tp`` split) the down-projections run replicated on this rank's positions,
+        the region is entered on their outputs (the latents, much narrower than the hidden state), this rank's heads
+        attend, and the out-projection's partial sums leave the region; on one device both crossings are the
+        identity."""
         if cache is not None:
-            return self._decode(q_in, kv, cache, layer)
+            return self._decode(self._q_down()(x_BSD), self.wkv_a(x_BSD), cache, layer)
+        kv = self.tp.enter(self.wkv_a(x_BSD))
+        q_in = self.tp.enter(self.wq_a(x_BSD)) if self.cfg.q_lora_rank else self.wq(self.tp.enter(x_BSD))
         q, k, v = self._qkv(q_in, kv)
         o = attention(q, k, v, self.softmax_scale)
-        return self.wo(o.flatten(2))
-
-    def _forward_tp(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """Tensor parallel: the replicated down-projections on this rank's positions, the TP region entered on
-        their outputs (the latents: 2 of them, much narrower than the hidden state), this rank's heads, and the
-        out-projection's partial sums reduced (hai.parallel.tensor_parallel)."""
-        from hai.parallel.tensor_parallel import enter, exit_region
-
-        kv = enter(self.wkv_a(x_BSD), self.tp)
-        q_in = enter(self.wq_a(x_BSD), self.tp) if self.cfg.q_lora_rank else self.wq(enter(x_BSD, self.tp))
-        q, k, v = self._qkv(q_in, kv)
-        o = attention(q, k, v, self.softmax_scale)
-        return exit_region(self.wo(o.flatten(2)), self.tp)
+        return self.tp.exit(self.wo(o.flatten(2)))
 
     def forward_recompute(self, x_BSD: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """attn(norm(x)) under V3's recipe: keeps x, the latents, the attention output and the log-sum-exp."""
-        if self.tp is not None and self.cfg.q_lora_rank is None:  # wq is head-split: its input must enter first
-            return self._forward_tp(norm(x_BSD))
+        if self.tp.split and self.cfg.q_lora_rank is None:  # wq is head-split: its input must enter first
+            return self.forward(norm(x_BSD))
         ops = [LinearOp(m.forward, m.backward, m.weight) for m in (self._q_down(), self.wkv_a)]
         q_in, kv = norm_linears([x_BSD], [norm], ops)
         weights = [p for p in self.parameters() if p.requires_grad]
-        if self.tp is None:
-            return _MLACore.apply(self, q_in, kv, *weights)
-        from hai.parallel.tensor_parallel import enter, exit_region
-
-        q_in, kv = enter(q_in, self.tp), enter(kv, self.tp)
-        return exit_region(_MLACore.apply(self, q_in, kv, *weights), self.tp)
+        q_in, kv = self.tp.enter(q_in), self.tp.enter(kv)
+        return self.tp.exit(_MLACore.apply(self, q_in, kv, *weights))
 
     def _decode(self, q_in, kv, cache: KVCache, layer: int) -> torch.Tensor:
         """Decode path: scores and outputs computed against the latent cache without expanding it."""

@@ -4,7 +4,7 @@
 Every matrix is Normal(0, std) (V3 used std 0.006), every vector (norm weights) is ones, every buffer (the router's
 balancing bias and its load counters) zeros. The random values of a parameter come from a generator seeded with a
 hash of (seed, name) and, for the stacked routed-expert weights, of the *global* expert id of each row: so the
-shard a rank holds after :func:`hai.parallel.parallelize` (a pipeline stage, a slice of the experts) equals the same
+shard a rank holds after the parallel layer's ``parallelize`` (a pipeline stage, a slice of the experts) equals the same
 slice of the single-process model, and nothing depends on the order in which modules were built or initialized.
 Values are drawn in fp32 on the target device (one tensor at a time) and rounded to the parameter dtype.
 """

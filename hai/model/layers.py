@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hai.model.regions import LOCAL, Region
 from hai.model.wgrad import accumulate_wgrad, defer_or_run
 
 __all__ = ["RMSNorm", "Linear", "SwiGLU", "rope_cos_sin", "apply_rope", "rms_norm", "rms_norm_forward",
@@ -150,15 +151,11 @@ class SwiGLU(nn.Module):
         self.w1 = Linear(dim, inter, fp8)
         self.w3 = Linear(dim, inter, fp8)
         self.w2 = Linear(inter, dim, fp8)
-        self.tp = None  # hai.parallel.tensor_parallel.TPGroup: w1/w3 column-split, w2 row-split
+        self.tp: Region = LOCAL  # hai.model.regions: w1/w3 column-split, w2 row-split under TP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp is not None:
-            from hai.parallel.tensor_parallel import enter, exit_region
-
-            x = enter(x, self.tp)
-            return exit_region(self.w2(swiglu(self.w1(x), self.w3(x))), self.tp)
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        x = self.tp.enter(x)
+        return self.tp.exit(self.w2(swiglu(self.w1(x), self.w3(x))))
 
 
 # ------------------------------------------------------------------------------------------------- cross-entropy

@@ -4,7 +4,7 @@ The forward pass is split at the seams the parallel layer needs:
 
     route (router)  ->  dispatch (Dispatcher)  ->  experts (grouped GEMM)  ->  combine (Dispatcher)
 
-``LocalDispatcher`` keeps everything on one device; ``hai.parallel`` provides the expert-parallel all-to-all one with
+``LocalDispatcher`` keeps everything on one device; the parallel layer provides the expert-parallel all-to-all one with
 the same interface. Each dispatcher also exposes the seams *without* autograd (``dispatch_start``,
 ``combine_start`` and their backward counterparts, each returning a pending result), which the pipeline's
 overlapped F&B (``hai.pipeline.overlap``) uses to keep one micro-batch's all-to-all in flight while another
@@ -27,6 +27,7 @@ from torch import nn
 from hai.config import ModelConfig
 from hai.model.layers import SwiGLU, swiglu
 from hai.model.recompute import LinearOp, expert_ffn, norm_linears, swiglu_down
+from hai.model.regions import LOCAL, Region
 from hai.model.wgrad import accumulate_wgrad, weight_grad_output
 
 __all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Ready", "route_reference",
@@ -169,7 +170,7 @@ def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Te
 
 class Ready:
     """A seam result that is already there: the local dispatcher's answer to the ``Pending`` protocol of
-    ``hai.parallel.pending`` (``step()`` -> False, ``ready()`` -> True, ``wait()`` -> the value)."""
+    the parallel layer's ``Pending`` (``step()`` -> False, ``ready()`` -> True, ``wait()`` -> the value)."""
 
     def __init__(self, value: Any):
         self._value = value
@@ -191,7 +192,7 @@ class Dispatcher(Protocol):
     The same seams without autograd, for code that drives the backward itself (the pipeline's overlapped F&B): the
     dispatch moves N buffer rows of x and of the K gates; ``gather_rows`` picks the R expert rows out of them;
     ``scatter_rows`` gates and pre-sums the expert outputs back into N rows, which the combine returns to the tokens.
-    Each ``*_start`` issues its communication and returns a pending result (``hai.parallel.pending.Pending``; the
+    Each ``*_start`` issues its communication and returns a pending result (the parallel layer's ``Pending``; the
     local dispatcher's :class:`Ready`).
     """
 
@@ -275,7 +276,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, inter: int, fp8: bool = False):
         super().__init__()
         self.num_experts, self.fp8 = num_experts, fp8
-        self.expert_offset = 0  # global id of local expert 0 (set by hai.parallel.shard_experts)
+        self.expert_offset = 0  # global id of local expert 0 (set by the parallel layer's shard_experts)
         self.wgrad_store = None  # set by the pipeline for the zero-bubble weight-gradient split
         self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))
@@ -343,7 +344,7 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
         self.recompute = "none"  # none | v3 | full (hai.model.recompute; set by Transformer.set_recompute)
         self.aux_grad_scale = 1.0  # set by the trainer to the micro-batch loss scale (1 / micro-batches)
-        self.tp = None  # tensor parallel (always with SP): this rank routes its sequence shard
+        self.tp: Region = LOCAL  # hai.model.regions; under TP (always with SP) this rank routes its sequence shard
         self.valid_len = None  # MTP under SP: positions >= valid_len are padding (not counted, no balance loss)
 
     def seq_aux_loss(self, route: Route, batch: int) -> torch.Tensor:
@@ -360,14 +361,8 @@ class MoE(nn.Module):
             hit = v_BS[:, :, None].expand(batch, S, K).reshape(batch, S * K)
         P_BE = s_norm.sum(1)
         hits = torch.zeros(batch, E, device=s_BSE.device).scatter_add_(1, route.topk_idx.view(batch, -1), hit)
-        if self.tp is not None:  # sequence-sharded: the per-sequence sums over every TP rank's positions
-            import torch.distributed as dist
-
-            from hai.parallel.tensor_parallel import all_reduce_sum
-
-            P_BE = all_reduce_sum(P_BE, self.tp)
-            dist.all_reduce(hits, group=self.tp.group)
-            S = S * self.tp.size
+        # sequence-sharded (TP with SP): the per-sequence sums over every TP rank's positions
+        P_BE, hits, S = self.tp.sum(P_BE), self.tp.sum_(hits), S * self.tp.size
         if route.valid is not None:
             S = self.valid_len
         P_BE = P_BE / S
@@ -380,7 +375,7 @@ class MoE(nn.Module):
         if self.valid_len is None:
             return route
         S = route.scores.shape[0] // batch
-        first = self.tp.rank * S if self.tp is not None else 0
+        first = self.tp.rank * S
         pos = torch.arange(first, first + S, device=route.scores.device)
         route.valid = (pos < self.valid_len).expand(batch, S).reshape(-1)
         return route
@@ -402,28 +397,26 @@ class MoE(nn.Module):
             route = self.router.route(self.router.logits(x_TD))
             if self.shared is None:
                 shared = None
-            elif self.tp is None:
+            elif not self.tp.split:
                 shared = self.shared(x_TD)
             else:  # TP-split shared experts: enter/exit along the (sharded) sequence, so (B, S/tp, D) in and out
                 shared = self.shared(x_TD.view(B, -1, x_TD.shape[-1])).reshape(x_TD.shape)
             return x_TD, route, self._aux(route, B), shared
         r = self.router
         ops = [LinearOp(r.logits, r.logits_backward, r.weight)]
-        if self.shared is not None and self.tp is None:
+        if self.shared is not None and not self.tp.split:
             ops += [LinearOp(m.forward, m.backward, m.weight) for m in (self.shared.w1, self.shared.w3)]
         x, logits, *h = norm_linears([x_BSD], [norm], ops, keep_norm=True)
-        if self.tp is not None:  # TP (SP): the shared experts' region takes the gathered residual, norm inside
-            from hai.parallel.tensor_parallel import enter, exit_region
-
+        if self.tp.split:  # TP (SP): the shared experts' region takes the gathered residual, norm inside
             x_TD = x.reshape(-1, x.shape[-1])
             route = r.route(logits.reshape(-1, logits.shape[-1]))
             shared = None
             if self.shared is not None:
                 sh = self.shared
-                h1, h3 = norm_linears([enter(x_BSD, self.tp)], [norm], [LinearOp(m.forward, m.backward, m.weight)
+                h1, h3 = norm_linears([self.tp.enter(x_BSD)], [norm], [LinearOp(m.forward, m.backward, m.weight)
                                                                        for m in (sh.w1, sh.w3)])
                 w2 = LinearOp(sh.w2.forward, sh.w2.backward, sh.w2.weight)
-                out = exit_region(swiglu_down(h1, h3, w2, self.cfg.precision == "fp8"), self.tp)
+                out = self.tp.exit(swiglu_down(h1, h3, w2, self.cfg.precision == "fp8"))
                 shared = out.reshape(-1, out.shape[-1])
             return x_TD, route, self._aux(route, B), shared
         x_TD = x.reshape(-1, x.shape[-1])

@@ -23,6 +23,7 @@ from hai.model.init import materialize, param_dtype
 from hai.model.layers import Linear, RMSNorm, SwiGLU, cross_entropy
 from hai.model.moe import MoE, Router
 from hai.model.recompute import RECOMPUTE_MODES, LinearOp, norm_linears, swiglu_down
+from hai.model.regions import LOCAL, Region
 
 __all__ = ["Block", "MTPModule", "Transformer", "LossOutput", "build_model"]
 
@@ -69,15 +70,9 @@ class Block(nn.Module):
 
     def dense_part(self, h_BSD: torch.Tensor) -> torch.Tensor:
         if self.recompute == "v3":
-            f = self.ffn
-            if f.tp is None:
-                h1, h3 = norm_linears([h_BSD], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
-                return h_BSD + swiglu_down(h1, h3, _op(f.w2), self.fp8)
-            from hai.parallel.tensor_parallel import enter, exit_region
-
-            # TP: the region entered on the residual, so the norm (recomputed) sits inside it
-            h1, h3 = norm_linears([enter(h_BSD, f.tp)], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
-            return h_BSD + exit_region(swiglu_down(h1, h3, _op(f.w2), self.fp8), f.tp)
+            f = self.ffn  # under TP the region is entered on the residual, so the norm (recomputed) sits inside it
+            h1, h3 = norm_linears([f.tp.enter(h_BSD)], [self.ffn_norm], [_op(f.w1), _op(f.w3)])
+            return h_BSD + f.tp.exit(swiglu_down(h1, h3, _op(f.w2), self.fp8))
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
     def moe_front(self, h_BSD: torch.Tensor):
@@ -132,7 +127,7 @@ class Transformer(nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size)  # never FP8 (V3 keeps the output head in bf16)
         self.mtp = nn.ModuleList(MTPModule(cfg, d + 1) for d in range(cfg.mtp_depth))
         self.recompute = "none"
-        self.tp = None  # tensor parallel: vocabulary-split embedding and head (hai.parallel.tensor_parallel)
+        self.tp: Region = LOCAL  # hai.model.regions: under TP a vocabulary-split embedding and head
 
     def set_recompute(self, mode: str) -> "Transformer":
         """``train.recompute``: none | v3 | full (:mod:`hai.model.recompute`), on every module that honours it."""
@@ -146,29 +141,19 @@ class Transformer(nn.Module):
     # --- pieces (the pipeline stages call these) ---
     def embed_tokens(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         """The embedding (vocabulary-parallel under TP; with SP this rank's sequence shard of it)."""
-        if self.tp is None:
-            return self.embed(tokens_BS)
-        from hai.parallel.tensor_parallel import vocab_embed
-
-        return vocab_embed(self.embed, tokens_BS, self.tp)
+        return self.tp.embed(self.embed, tokens_BS)
 
     def logits(self, h_BSD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         return self.head((norm or self.norm)(h_BSD)).float()
 
     def _loss(self, h_BSD: torch.Tensor, norm: nn.Module, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of head(norm(h)); under ``recompute='v3'`` the norm output is recomputed in the backward."""
-        if self.tp is not None:  # the head's vocabulary rows on this rank: a vocabulary-parallel cross-entropy
-            from hai.parallel.tensor_parallel import enter, vocab_parallel_ce
-
-            if self.recompute == "v3":  # the region entered on the residual, the norm recomputed inside it
-                (logits,) = norm_linears([enter(h_BSD, self.tp)], [norm], [_op(self.head)])
-            else:
-                logits = self.head(enter(norm(h_BSD), self.tp))
-            return vocab_parallel_ce(logits.flatten(0, 1), targets.flatten(), self.tp)
-        if self.recompute == "v3":
-            (logits,) = norm_linears([h_BSD], [norm], [_op(self.head)])
+        if self.recompute == "v3":  # under TP the region entered on the residual, the norm recomputed inside it
+            (logits,) = norm_linears([self.tp.enter(h_BSD)], [norm], [_op(self.head)])
         else:
-            logits = self.head(norm(h_BSD))
+            logits = self.head(self.tp.enter(norm(h_BSD)))
+        if self.tp.split:  # the head's vocabulary rows on this rank: a vocabulary-parallel cross-entropy
+            return self.tp.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def main_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -179,7 +164,7 @@ class Transformer(nn.Module):
         """Mean over MTP depths of their losses, from the last block's output (which re-uses embed and head)."""
         S = tokens.shape[1] - 1
         h = self.norm(h_BSD) if self.cfg.mtp_hidden == "post_norm" else h_BSD
-        if self.tp is not None and self.tp.sp:
+        if self.tp.sp:
             return self._mtp_loss_sp(h, tokens)
         losses = []
         for k, module in enumerate(self.mtp, start=1):
@@ -271,7 +256,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     """Build the whole model on ``meta`` and, unless ``device='meta'``, materialize it on ``device`` with weights in
     ``dtype`` (default: :func:`~hai.model.init.param_dtype`) initialized from ``seed`` (:mod:`hai.model.init`).
 
-    A parallel run builds on ``meta``, applies its layout (``hai.parallel.parallelize``) and materializes only then."""
+    A parallel run builds on ``meta``, applies its layout (the parallel layer's ``parallelize``) and materializes only then."""
     if cfg.precision == "fp8" and str(device) != "meta":
         import hai.kernels as k
 

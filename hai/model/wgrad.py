@@ -53,7 +53,7 @@ class WeightGradStore:
 @torch.no_grad()
 def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int] = None) -> None:
     """Add a weight gradient computed outside autograd: into the optimizer's fp32 ``main_grad`` when the parameter
-    has one (``hai.parallel.zero``), else into ``weight.grad``."""
+    has one (the ZeRO-1 optimizer's flat buffer), else into ``weight.grad``."""
     target = getattr(weight, "main_grad", None)
     if target is None:
         if weight.grad is None:
@@ -68,7 +68,7 @@ def weight_grad_output(weight: torch.Tensor, g: torch.Tensor) -> Optional[torch.
     """For a Function that forms its weight's gradient ``g`` (fp32) itself: with the optimizer's ``main_grad`` (HAI's
     trainer) it is accumulated there in fp32 and the Function returns None; otherwise it is returned, in the weight's
     dtype, for autograd to accumulate like any other gradient (``.grad``, hooks, and graph-based weight/input splits
-    such as torch.distributed.pipelining's see it)."""
+    such as PyTorch's pipelining schedules see it)."""
     if getattr(weight, "main_grad", None) is not None:
         accumulate_wgrad(weight, g)
         return None

@@ -8,6 +8,6 @@
 """
 
 from hai.plan.format import format_plan
-from hai.plan.report import ASSUMPTIONS, PUBLISHED, build_fake_topology, n_micro_batches, plan, save_gantt
+from hai.plan.report import ASSUMPTIONS, PUBLISHED, build_fake_topology, plan, save_gantt
 
-__all__ = ["plan", "format_plan", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
+__all__ = ["plan", "format_plan", "PUBLISHED", "ASSUMPTIONS", "build_fake_topology", "save_gantt"]

@@ -52,10 +52,9 @@ def _score(loads: list[float]) -> tuple[float, float]:
 def _fits(cfg: Config, specs: tuple[StageSpec, ...]) -> bool:
     """Whether every rank's static bytes plus its activation peak fit ``cluster.memory_gb`` under this layout."""
     from hai.plan.memory import rank_act_peaks, static_bytes
-    from hai.plan.report import n_micro_batches
 
     alt = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, layout=layout_text(specs)))
-    peaks = rank_act_peaks(alt, n_micro_batches(alt))
+    peaks = rank_act_peaks(alt, alt.n_micro_batches)
     cap = cfg.cluster.memory_gb * 1e9
     return all(sum(static_bytes(alt, r).values()) + peaks[r] <= cap for r in range(cfg.parallel.pp))
 
@@ -105,7 +104,7 @@ def choose_layout(cfg: Config) -> dict:
     """The layout minimizing the simulated step among those that fit (module docstring). Returns {text, loads,
     busiest_over_mean, step_time_s, candidates}."""
     from hai.plan.memory import memory_report
-    from hai.plan.report import n_micro_batches, predict_step_time
+    from hai.plan.step import predict_step_time
 
     m, p = cfg.model, cfg.parallel
     S = num_stages(p.schedule, p.pp)
@@ -136,7 +135,7 @@ def choose_layout(cfg: Config) -> dict:
                     continue
                 alt = dataclasses.replace(cfg, parallel=dataclasses.replace(p, layout=text))
                 loads = rank_loads(cfg, build(counts))
-                mem = memory_report(alt, n_micro_batches(alt))
+                mem = memory_report(alt, alt.n_micro_batches)
                 results.append({"text": text, "loads": loads, "busiest_over_mean": max(loads) / (sum(loads) / len(loads)),
                                 "fits": mem["fits"], "memory_gb": mem["total"] / 1e9,
                                 "step_time_s": predict_step_time(alt)})

@@ -467,7 +467,7 @@ def check_fits(cfg: Config, n_micro: int) -> dict:
     for name, alt in _variants(cfg):
         try:
             Topology.from_config(alt)
-            t = memory_report(alt, cfg.train.global_batch_size // (alt.parallel.dp * alt.train.micro_batch_size))
+            t = memory_report(alt, alt.n_micro_batches)
         except (ConfigError, ValueError):
             continue
         fixes.append(f"{name} -> {t['total'] / GB:.2f} GB ({'fits' if t['fits'] else 'still too large'})")

@@ -11,19 +11,14 @@ turns per-chunk costs into ``pipeline.simulate`` costs, runs the schedule, and w
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict
 from pathlib import Path
 
-from hai.plan.accounting import train_flops_per_token
 from hai.config import Config, ConfigError
 from hai.parallel.topology import Topology
-from hai.pipeline.schedules import num_stages, param_copies
-from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_schedule
 from hai.pipeline.trace import KIND_COLORS, save_chrome_trace
-from hai.plan.cost import (ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F, chunk_comm, chunk_compute_s,
-                           chunk_flops, p2p_bytes_per_chunk, zero1_bytes)
-from hai.plan.tp import tp_chunk_bytes, tp_chunk_seconds, tp_layer_bytes
-from hai.plan.memory import GB, GRAD_BYTES, memory_report
+from hai.plan.cost import ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F
+from hai.plan.memory import GB, GRAD_BYTES
+from hai.plan.step import predict, predict_step_time
 
 
 def _layout(cfg: Config):
@@ -36,7 +31,7 @@ def _layout(cfg: Config):
 def describe_layout(cfg: Config) -> str:
     return _layout(cfg).describe()
 
-__all__ = ["plan", "predict_step_time", "PUBLISHED", "ASSUMPTIONS", "n_micro_batches", "build_fake_topology", "save_gantt"]
+__all__ = ["plan", "predict_step_time", "PUBLISHED", "ASSUMPTIONS", "build_fake_topology", "save_gantt"]
 
 # DeepSeek-V3 technical report: 180K H800 GPU-hours per trillion tokens on 2048 GPUs; 250 GFLOPs/token at 4K.
 PUBLISHED = {
@@ -64,11 +59,6 @@ ASSUMPTIONS = {
 }
 
 
-def n_micro_batches(cfg: Config) -> int:
-    p, t = cfg.parallel, cfg.train
-    return p.micro_batches or t.global_batch_size // (p.dp * t.micro_batch_size)
-
-
 def build_fake_topology(topo: Topology) -> dict:
     """Build the layout's device meshes with the fake backend in this process (when no group exists yet)."""
     import torch.distributed as dist
@@ -86,152 +76,6 @@ def build_fake_topology(topo: Topology) -> dict:
 
 
 # ---------------------------------------------------------------- step time
-
-
-def _stage_costs(F: float, cf: float, cb: float, overlap: bool, p2p: float, tf: float = 0.0,
-                 tb: float = 0.0) -> Costs:
-    """One stage chunk: forward F (+ its EP comm), full backward B_OVER_F*F (+ comm), W; F&B overlaps the EP
-    all-to-alls of one chunk with the other's compute (DualPipe) or runs them back to back. ``tf``/``tb``: the TP
-    collectives of the forward / backward, on the critical path (HAI does not overlap them)."""
-    Fx, Bx = F + cf + tf, B_OVER_F * F + cb + tb
-    FB = (max((1 + B_OVER_F) * F, cf + cb) + tf + tb) if overlap else Fx + Bx
-    return Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p, F_comm=cf, B_comm=cb)
-
-
-def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dict]:
-    """Simulator costs (seconds) and the pieces they came from. ``per_stage`` (the plan): every stage its own costs
-    (the uniform fields hold the slowest stage, for the report and the published formulas); ``max`` / ``mean``:
-    every stage priced as the slowest / the mean stage (sensitivity checks)."""
-    p, c = cfg.parallel, cfg.cluster
-    n_st = num_stages(p.schedule, p.pp)
-    stages = []
-    for s in range(n_st):
-        fl = chunk_flops(cfg, s)
-        tf, tb = tp_chunk_seconds(cfg, s)
-        stages.append({"F": chunk_compute_s(cfg, s) / p.tp, "comm": chunk_comm(cfg, fl["moe_layers"]),
-                       "tp": (tf, tb)})
-    overlap = p.schedule in ("dualpipe", "dualpipev")
-    link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
-    p2p = p2p_bytes_per_chunk(cfg) / (link * 1e9)
-    agg = (lambda xs: sum(xs) / len(xs)) if stage_cost == "mean" else max
-    F = agg([x["F"] for x in stages])
-    cf = agg([x["comm"]["fwd"]["seconds"] for x in stages])
-    cb = agg([x["comm"]["bwd"]["seconds"] for x in stages])
-    tf, tb = agg([x["tp"][0] for x in stages]), agg([x["tp"][1] for x in stages])
-    costs = _stage_costs(F, cf, cb, overlap, p2p, tf, tb)
-    per_stage = tuple(_stage_costs(x["F"], x["comm"]["fwd"]["seconds"], x["comm"]["bwd"]["seconds"], overlap, p2p,
-                                   *x["tp"]) for x in stages)
-    compute_only = Costs(F=F, B=B_OVER_F * F, W=W_OVER_F * F, FB=(1 + B_OVER_F) * F,
-                         stages=tuple(_stage_costs(x["F"], 0.0, 0.0, True, 0.0) for x in stages))
-    if stage_cost == "per_stage":
-        costs = dataclasses.replace(costs, stages=per_stage)
-    else:
-        compute_only = dataclasses.replace(compute_only, stages=())
-    worst = max(range(n_st), key=lambda s: stages[s]["comm"]["fwd"]["seconds"])
-    return costs, {"F_compute": F, "comm_fwd": cf, "comm_bwd": cb, "overlap": overlap, "tp_fwd": tf, "tp_bwd": tb,
-                   "stage_F_compute": [x["F"] for x in stages], "compute_only": compute_only,
-                   "comm_worst_stage": stages[worst]["comm"]}
-
-
-def _zero_seconds(cfg: Config, zero: dict) -> float:
-    c, p = cfg.cluster, cfg.parallel
-    bw = c.ib_gbps if c.nodes > 1 and (p.dp > c.gpus_per_node or p.pp > 1) else c.nvlink_gbps
-    return sum(zero.values()) / (bw * 1e9)
-
-
-def _no_pipeline(n_micro: int, costs: Costs) -> SimResult:
-    """pp=1: micro-batches run back to back (gradient accumulation), one micro-batch's activations live at a time."""
-    busy = n_micro * (costs.F + costs.B)
-    return SimResult(busy, [busy], [0.0], 0.0, [1], [])
-
-
-def _pipeline_section(name: str, pp: int, n_micro: int, costs: Costs, res) -> dict:
-    """The same fields as ``pipeline.simulate.report`` (computed from one simulation)."""
-    return {
-        "schedule": name, "pp": pp, "micro_batches": n_micro, "stages": num_stages(name, pp),
-        "costs": asdict(costs), "step_time": res.step_time, "bubble": res.bubble,
-        "bubble_formula": bubble_formula(name, pp, costs) if pp > 1 else 0.0, "bubble_per_rank": res.bubble_per_rank,
-        "busy_per_rank": res.busy, "peak_activations": res.peak,
-        "peak_activations_per_rank": res.peak_activations, "param_copies": param_copies(name),
-    }
-
-
-def _throughput(cfg: Config, step_s: float) -> dict:
-    t, c = cfg.train, cfg.cluster
-    tokens_gpu = t.global_batch_size * t.seq_len / c.world_size
-    tps = tokens_gpu / step_s
-    flops_tok = train_flops_per_token(cfg.model, t.seq_len)
-    tflops = tps * flops_tok / 1e12
-    return {"tokens_per_step_per_gpu": tokens_gpu, "tokens_per_s_per_gpu": tps, "flops_per_token": flops_tok,
-            "tflops_per_gpu": tflops, "mfu_bf16": tflops / c.peak_tflops_bf16,
-            "gpu_hours_per_trillion_tokens": 1e12 / tps / 3600}
-
-
-def _predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, stage_cost: str = "per_stage",
-             recompute: str | None = None) -> dict:
-    """``with_comm=False`` (the comparison variants) skips placing SEND/RECV; p2p latency is still charged."""
-    p = cfg.parallel
-    n_micro = n_micro_batches(cfg)
-    costs, parts = _chunk_costs(cfg, stage_cost)
-    res = (simulate_schedule(p.schedule, p.pp, n_micro, costs, with_comm=with_comm) if p.pp > 1
-           else _no_pipeline(n_micro, costs))
-    mem = memory_report(cfg, n_micro, recompute)
-    zero = zero1_bytes(cfg, mem["worst_param_rank"])
-    zero_s = _zero_seconds(cfg, zero)
-    step = res.step_time + zero_s
-    # the busiest rank's busy time, and how much of it is compute (the rest: EP comm that overlap did not hide)
-    co = parts["compute_only"]
-    if p.pp > 1:
-        compute_r = [0.0] * p.pp
-        for e in res.timeline:
-            if e.action.is_compute:
-                compute_r[e.rank] += co.of(e.action)
-    else:
-        compute_r = [n_micro * (co.F + co.B)]
-    r_busy = max(range(len(res.busy)), key=lambda r: res.busy[r])
-    busy, compute = res.busy[r_busy], compute_r[r_busy]
-    mean_compute = sum(compute_r) / len(compute_r)
-    out = {
-        "pipeline": _pipeline_section(p.schedule, p.pp, n_micro, costs, res),
-        "memory": mem,
-        "step": {"step_time_s": step, "pipeline_s": res.step_time, "compute_s": compute,
-                 "exposed_comm_s": busy - compute, "bubble_s": res.step_time - busy, "zero1_s": zero_s,
-                 "busiest_rank": r_busy, "rank_compute_s": compute_r, "rank_busy_s": list(res.busy),
-                 "busiest_over_mean_compute": max(compute_r) / mean_compute if mean_compute else 1.0,
-                 "chunk_F_compute_s": parts["F_compute"], "stage_F_compute_s": parts["stage_F_compute"],
-                 "chunk_comm_fwd_s": parts["comm_fwd"],
-                 "chunk_comm_bwd_s": parts["comm_bwd"], "fb_overlap": parts["overlap"]},
-        "throughput": _throughput(cfg, step),
-        "communication": _comm_section(cfg, n_micro, parts, zero),
-    }
-    if with_timeline:
-        out["_timeline"] = res.timeline
-    return out
-
-
-def predict_step_time(cfg: Config) -> float:
-    """The simulated step time (seconds) of a layout (no P2P placement: the comparison variants' model)."""
-    return _predict(cfg, with_comm=False)["step"]["step_time_s"]
-
-
-def _comm_section(cfg: Config, n_micro: int, parts: dict, zero: dict) -> dict:
-    """Per-step bytes a GPU sends (EP at the busiest stage; each rank runs n_micro chunks per step)."""
-    w = parts["comm_worst_stage"]
-    ep = {f"{d}_{link}": n_micro * w[d][f"{link}_bytes"] for d in ("fwd", "bwd") for link in ("ib", "nvlink")}
-    p2p = 2 * n_micro * p2p_bytes_per_chunk(cfg) if cfg.parallel.pp > 1 else 0.0
-    out = {"ep_per_step": ep, "ep_per_token_per_layer": w["per_token_per_layer"],
-           "pipeline_p2p_per_step": p2p, "zero1_per_step": zero}
-    if cfg.parallel.tp > 1:  # per micro-batch: the busiest stage's TP collectives, and each piece's
-        m = cfg.model
-        stages = range(num_stages(cfg.parallel.schedule, cfg.parallel.pp))
-        worst = max(stages, key=lambda st: sum(tp_chunk_seconds(cfg, st)))
-        pieces = ["attention", "moe" if m.is_moe else "mlp", "embed", "head"]
-        if m.is_moe and m.first_k_dense_replace:
-            pieces.insert(1, "mlp")
-        out["tp_per_chunk"] = {"stage": worst, "bytes": tp_chunk_bytes(cfg, worst),
-                               "fwd_s": tp_chunk_seconds(cfg, worst)[0], "bwd_s": tp_chunk_seconds(cfg, worst)[1],
-                               "per_piece": {pc: tp_layer_bytes(cfg, pc) for pc in pieces}}
-    return out
 
 
 def save_gantt(timeline, path: str | Path, title: str = "", rank_labels: dict[int, str] | None = None) -> Path:
@@ -270,7 +114,7 @@ def save_gantt(timeline, path: str | Path, title: str = "", rank_labels: dict[in
 
 def _variant(cfg: Config, parallel: dict | None = None, model: dict | None = None) -> dict:
     """The plan of a changed config, its memory under the base config's recompute mode (like for like)."""
-    return _predict(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **(parallel or {})),
+    return predict(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **(parallel or {})),
                                         model=dataclasses.replace(cfg.model, **(model or {}))), with_comm=False,
                     recompute=cfg.train.recompute)
 
@@ -314,7 +158,7 @@ def _published(cfg: Config, pred: dict) -> dict:
     pub_step = th["tokens_per_step_per_gpu"] / PUBLISHED["tokens_per_s_per_gpu"]
     other = st["step_time_s"] - st["compute_s"]
     implied = GEMM_EFFICIENCY * st["compute_s"] / (pub_step - other) if pub_step > other else None
-    balanced = _predict(cfg, with_comm=False, stage_cost="mean")["throughput"]["tokens_per_s_per_gpu"]
+    balanced = predict(cfg, with_comm=False, stage_cost="mean")["throughput"]["tokens_per_s_per_gpu"]
     stage_f = st["stage_F_compute_s"]
     return {"published": PUBLISHED, "ratio_plan_over_published": ratio, "published_step_time_s": pub_step,
             "compute_share_of_step": st["compute_s"] / st["step_time_s"],
@@ -353,7 +197,7 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
     """Validate the layout and return the full plan (JSON-ready); writes schedule.png / trace.json to ``out_dir``."""
     topo = Topology.from_config(cfg)
     topo_info = build_fake_topology(topo) if build_topology else {"built": False}
-    pred = _predict(cfg, with_timeline=out_dir is not None)
+    pred = predict(cfg, with_timeline=out_dir is not None)
     timeline = pred.pop("_timeline", None)
     pred["memory"]["formula"] = dict(pred["memory"]["bytes"])
     pred["memory"]["constructed"] = _constructed(cfg, topo, pred["memory"]["worst_param_rank"], build_topology)
@@ -364,7 +208,7 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
         labels = _layout(cfg).rank_labels()
         files["trace"] = str(save_chrome_trace(timeline, d / "trace.json", unit_us=1e6, rank_labels=labels))
         files["gantt"] = str(save_gantt(timeline, d / "schedule.png", title=f"{cfg.parallel.schedule} "
-                                        f"pp={cfg.parallel.pp} micro_batches={n_micro_batches(cfg)} (seconds)\n"
+                                        f"pp={cfg.parallel.pp} micro_batches={cfg.n_micro_batches} (seconds)\n"
                                         f"layout {describe_layout(cfg)}", rank_labels=labels))
     p, c = cfg.parallel, cfg.cluster
     return {
@@ -375,7 +219,7 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
                    "dispatch": p.dispatch, "fp8_dispatch": p.fp8_dispatch, "precision": cfg.model.precision,
                    "stages": describe_layout(cfg),
                    "seq_len": cfg.train.seq_len, "micro_batch_size": cfg.train.micro_batch_size,
-                   "global_batch_size": cfg.train.global_batch_size, "micro_batches": n_micro_batches(cfg)},
+                   "global_batch_size": cfg.train.global_batch_size, "micro_batches": cfg.n_micro_batches},
         "topology": topo_info,
         **pred,
         "comparisons": _comparisons(cfg, pred),

@@ -72,7 +72,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if topo.device == "cuda" else \
             torch.device("cpu")
         t = cfg.train
-        self.n_micro = t.global_batch_size // (topo.dp * t.micro_batch_size)
+        self.n_micro = cfg.n_micro_batches
         self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
         self.tp_group = _group(mesh, "tp") if topo.tp > 1 else None
         # per-rank construction: the architecture on meta, this rank's layout, then only its share materialized
