@@ -30,13 +30,14 @@ No step allocates anything the size of a bucket: the collectives work on the per
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ZeroAdamW", "StepResult", "is_expert_param", "bucket_layout"]
+__all__ = ["ZeroAdamW", "StepResult", "ParamShard", "is_expert_param", "bucket_layout"]
 
 # torch 2.13 renamed the flat collectives (*_single); older versions only have the *_tensor names
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -61,6 +62,18 @@ class StepResult:
 
 def _world_rank(group) -> tuple[int, int]:
     return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+
+
+@dataclass
+class ParamShard:
+    """One parameter's part of this rank's optimizer shard: flattened elements ``[lo, hi)`` of ``param`` and the
+    views of them in each state tensor (``master``, ``exp_avg``, ``exp_avg_sq``; empty when this rank holds none)."""
+
+    name: str
+    param: nn.Parameter
+    lo: int
+    hi: int
+    state: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -263,8 +276,17 @@ class ZeroAdamW:
             exp_avg_sq.copy_(v)
 
     # ------------------------------------------------------------------ checkpoint support
-    def shard_state(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, b in enumerate(self.buckets):
-            out[f"b{i}.master"], out[f"b{i}.exp_avg"], out[f"b{i}.exp_avg_sq"] = b.master, b.exp_avg, b.exp_avg_sq
-        return out
+    STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+    def shard_state(self) -> Iterator[ParamShard]:
+        """This rank's optimizer state per parameter (in bucket order): for each parameter the range ``[lo, hi)`` of
+        its flattened elements this rank's shard holds (empty when ``lo == hi``) and views of that range of the
+        fp32 master weights and both moments, so a checkpoint reads and writes them in place."""
+        for b in self.buckets:
+            lo, hi = b.rank * b.shard, min((b.rank + 1) * b.shard, b.numel)
+            start = 0
+            for name, p in zip(b.names, b.params):
+                a, z = max(lo, start), min(hi, start + p.numel())
+                state = {k: getattr(b, k)[a - lo:z - lo] for k in self.STATE_KINDS} if a < z else {}
+                yield ParamShard(name, p, max(a - start, 0), max(z - start, 0), state)
+                start += p.numel()

@@ -54,7 +54,8 @@ def load_error_rank(rank: int, world: int, ov: list[str], path: str):
     from hai.checkpoint.state import load_checkpoint
 
     try:
-        load_checkpoint(make_trainer(ov), path)
+        tr = make_trainer(ov)
+        load_checkpoint(tr.run_state(), path, tr.cfg.model)
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return type(e).__name__, isinstance(e, ValueError), str(e)
     return None

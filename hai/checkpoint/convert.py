@@ -30,12 +30,14 @@ def hai_to_hf(cfg, src: str, dst: str, max_shard_bytes: int) -> dict:
 
 
 def hf_to_hai(cfg, src: str, dst: str) -> dict:
-    """A one-process trainer initialized from the checkpoint (``model.init_from``), saved as step 0 under
-    ``dst/checkpoints``."""
-    from hai.data import TokenFile, ensure_token_file
-    from hai.model.hf import apply_init_from
+    """The released weights read into one process, saved as a step-0 HAI checkpoint under ``dst/checkpoints``: the
+    weights with a fresh ZeRO-1 state (master weights = the weights, zero moments), which ``resume=PATH`` continues
+    on any layout. Builds the model and its optimizer only: no trainer, no data."""
+    from hai.checkpoint.state import Progress, RunState, ShardLayout, save_checkpoint
+    from hai.model import build_model, param_dtype
+    from hai.model.hf import apply_init_from, hf_dir, load_into
     from hai.parallel.topology import Topology
-    from hai.train.trainer import Trainer
+    from hai.parallel.zero import ZeroAdamW
 
     t0 = time.perf_counter()
     cfg = apply_init_from(dataclasses.replace(cfg, out_dir=dst, model=dataclasses.replace(cfg.model, init_from=src)))
@@ -43,6 +45,12 @@ def hf_to_hai(cfg, src: str, dst: str) -> dict:
     if topo.world_size != 1:
         raise ValueError(f"hai convert runs in one process: pass cluster=cpu1 parallel=single (the layout was "
                          f"{topo.world_size} ranks); a checkpoint resumes onto any layout")
-    trainer = Trainer(cfg, topo, None, TokenFile.open(ensure_token_file(cfg.data)))
-    path = trainer.save_checkpoint()
-    return {"src": src, "dst": path, **trainer.imported, "seconds": time.perf_counter() - t0}
+    t = cfg.train
+    model = build_model(cfg.model, t.seed, dtype=param_dtype(cfg.model))
+    imported = load_into(model, cfg.model, hf_dir(src))
+    optimizer = ZeroAdamW(model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                          weight_decay=t.weight_decay, bf16_moments=t.bf16_moments, max_grad_norm=t.grad_clip)
+    run = RunState(model, optimizer, Progress(0), ShardLayout(model, cfg.model.n_routed_experts), topo)
+    path = save_checkpoint(run, dst, t.keep_last, {"model": dataclasses.asdict(cfg.model),
+                                                   "train": dataclasses.asdict(t)})
+    return {"src": src, "dst": path, **imported, "seconds": time.perf_counter() - t0}

@@ -28,18 +28,19 @@ commit and the on-disk checks live in ``hai.checkpoint.files``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import random
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
@@ -49,8 +50,9 @@ from hai.checkpoint.files import (FORMAT, META_FILE, CheckpointError, check_mode
                                   clean_stale, commit_checkpoint, crc32, file_info, latest_checkpoint, list_checkpoints,
                                   read_meta, resolve_resume)
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_weights", "latest_checkpoint", "list_checkpoints",
-           "resolve_resume", "resume_path", "verify_checkpoint", "checkpoint_root"]
+__all__ = ["CheckpointError", "RunState", "Progress", "ShardLayout", "ModelState", "OptimizerState", "save_checkpoint",
+           "load_checkpoint", "load_model_weights", "latest_checkpoint", "list_checkpoints", "resolve_resume",
+           "resume_path", "verify_checkpoint", "checkpoint_root"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ZeRO-1 state as per-parameter flat slices
@@ -104,27 +106,27 @@ def _rectangles(flat: torch.Tensor, a: int, z: int, cols: int, row0: int, col0: 
     return out
 
 
-class _Layout:
+class ShardLayout:
     """Where this rank's tensors sit in the global ones: routed-expert parameters stacked as (E, ...) and sharded by
     rows over the "ep" axis (expert j on ep rank j // (E / ep)); tensor-parallel slices at their global offset along
     their split dimension; parameters held by several pipeline ranks (DualPipe's two copies of a stage, an embedding
     shared by the first and last stage) are written by the lowest one, parameters every TP rank holds whole by TP
     rank 0."""
 
-    def __init__(self, trainer):
+    def __init__(self, model: nn.Module, n_experts: int, ep: int = 1, coords: dict | None = None, placement=None):
         from hai.parallel.tensor_parallel import tp_split_dim
         from hai.parallel.zero import is_expert_param
 
         self._is_expert, self.tp_split_dim = is_expert_param, tp_split_dim
-        coords = getattr(trainer, "coords", {}) or {}
-        self.ep, self.ep_rank, self.pp_rank = trainer.topo.ep, coords.get("ep", 0), coords.get("pp", 0)
-        self.experts = trainer.cfg.model.n_routed_experts
-        holders = trainer.placement.holders
+        coords = coords or {}
+        self.ep, self.ep_rank, self.pp_rank = ep, coords.get("ep", 0), coords.get("pp", 0)
+        self.experts = n_experts
+        holders = placement.holders if placement is not None else {}
         self.secondary = {n for n, h in holders.items() if h and h[0] != self.pp_rank}
         if coords.get("tp", 0):
-            self.secondary |= set(getattr(trainer.placement, "tp_replicated", ()))
+            self.secondary |= set(getattr(placement, "tp_replicated", ()))
         self.tp_shards = {}  # name -> (dim, first global index, global size)
-        for mod_name, module in trainer.model.named_modules():
+        for mod_name, module in model.named_modules():
             for pname, spec in getattr(module, "tp_shard", {}).items():
                 self.tp_shards[f"{mod_name}.{pname}" if mod_name else pname] = spec
 
@@ -145,47 +147,102 @@ class _Layout:
         return tuple(offsets), tuple(shape)
 
 
-def _model_state(model, layout: _Layout) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in model.state_dict().items():
-        rows = layout.expert_rows(k, v)
-        if rows is not None:
-            out[f"model.{k}"] = _Piece(v, (rows[0],) + (0,) * (v.dim() - 1), (rows[1],) + tuple(v.shape[1:]))
-        elif k in layout.tp_shards:
-            out[f"model.{k}"] = _Piece(v, *layout.tp_block(k, v))
-        else:
-            out[f"model.{k}"] = v
-    return out
+class ModelState:
+    """DCP Stateful: ``<name>`` -> the module's parameters and persistent buffers (router biases), expert and TP
+    shards as pieces of their global tensors. The values are the module's own tensors, so loading fills them."""
+
+    def __init__(self, model: nn.Module, layout: ShardLayout):
+        self.model, self.layout = model, layout
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self.model.state_dict().items():
+            rows = self.layout.expert_rows(k, v)
+            if rows is not None:
+                out[k] = _Piece(v, (rows[0],) + (0,) * (v.dim() - 1), (rows[1],) + tuple(v.shape[1:]))
+            elif k in self.layout.tp_shards:
+                out[k] = _Piece(v, *self.layout.tp_block(k, v))
+            else:
+                out[k] = v
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # loaded in place
 
 
-def _optimizer_slices(optimizer, layout: _Layout, saving: bool) -> dict[str, _Piece]:
-    """``optim.<param>.<state>`` -> this rank's piece of the parameter's (global) state, from ZeroAdamW's flat
-    buckets (params in bucket order; this rank's shard is bucket range [rank*shard, (rank+1)*shard)). Flat 1-D,
-    except the weights tensor parallelism splits: those keep their 2-D global shape (at any tp, so a checkpoint
-    moves between tp sizes), this rank's range cut into rectangles."""
-    out = {}
-    for b in optimizer.buckets:
-        lo, hi = b.rank * b.shard, min((b.rank + 1) * b.shard, b.numel)
-        start = 0
-        for name, p in zip(b.names, b.params):
-            n = p.numel()
-            a, z = max(lo, start), min(hi, start + n)
-            mine = a < z and not (saving and name in layout.secondary)
-            if layout.tp_split_dim(name) is not None and p.dim() == 2:
-                (row0, col0), shape = layout.tp_block(name, p)
-                for kind in ("master", "exp_avg", "exp_avg_sq"):
-                    blocks = _rectangles(getattr(b, kind)[a - lo:z - lo], a - start, z - start, p.shape[1], row0,
-                                         col0) if mine else []
-                    out[f"optim.{name}.{kind}"] = _Piece(None, (), shape, blocks=blocks)
-                start += n
-                continue
-            rows = layout.expert_rows(name, p)
-            base, total = (0, n) if rows is None else (rows[0] * (n // p.shape[0]), rows[1] * (n // p.shape[0]))
-            for kind in ("master", "exp_avg", "exp_avg_sq"):
-                view = getattr(b, kind)[a - lo:z - lo] if mine else None
-                out[f"optim.{name}.{kind}"] = _Piece(view, (base + a - start if mine else 0,), (total,))
-            start += n
-    return out
+class OptimizerState:
+    """DCP Stateful over ``ZeroAdamW.shard_state()``: ``<param>.master|exp_avg|exp_avg_sq`` -> this rank's piece of
+    the parameter's (global) state, and ``step_count``. Flat 1-D, except the weights tensor parallelism splits: those
+    keep their 2-D global shape (at any tp, so a checkpoint moves between tp sizes), this rank's range cut into
+    rectangles. ``saving``: a parameter another rank writes (a secondary copy) is left out."""
+
+    def __init__(self, optimizer, layout: ShardLayout, saving: bool):
+        self.optimizer, self.layout, self.saving = optimizer, layout, saving
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step_count": torch.tensor(self.optimizer.step_count, dtype=torch.int64)}
+        for sh in self.optimizer.shard_state():
+            mine = sh.lo < sh.hi and not (self.saving and sh.name in self.layout.secondary)
+            for kind in self.optimizer.STATE_KINDS:
+                out[f"{sh.name}.{kind}"] = self._piece(sh, sh.state.get(kind) if mine else None)
+        return out
+
+    def _piece(self, sh, view: torch.Tensor | None) -> _Piece:
+        p, layout = sh.param, self.layout
+        if layout.tp_split_dim(sh.name) is not None and p.dim() == 2:
+            (row0, col0), shape = layout.tp_block(sh.name, p)
+            blocks = _rectangles(view, sh.lo, sh.hi, p.shape[1], row0, col0) if view is not None else []
+            return _Piece(None, (), shape, blocks=blocks)
+        rows = layout.expert_rows(sh.name, p)
+        n = p.numel()
+        base, total = (0, n) if rows is None else (rows[0] * (n // p.shape[0]), rows[1] * (n // p.shape[0]))
+        return _Piece(view, (base + sh.lo if view is not None else 0,), (total,))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.step_count = int(state["step_count"])  # the shard itself was loaded in place
+
+
+class Progress:
+    """DCP Stateful: the run's position. ``step`` is also the data position (the sampler is a pure function of it);
+    ``run_id`` (the metrics/wandb run this training continues) travels in hai.json."""
+
+    def __init__(self, step: int = 0, run_id: str | None = None):
+        self.step, self.run_id = step, run_id
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"step": torch.tensor(self.step, dtype=torch.int64)}  # host values: CPU tensors on every device
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds: the model, the optimizer's shard state and the run's progress (each a DCP
+    Stateful), where this rank's tensors sit in the global ones, and the topology the hai.json records."""
+
+    model: nn.Module
+    optimizer: Any  # hai.parallel.ZeroAdamW
+    progress: Progress
+    layout: ShardLayout
+    topo: Any  # hai.parallel.Topology
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def parts(self, saving: bool) -> dict[str, Any]:
+        return {"model": ModelState(self.model, self.layout),
+                "optim": OptimizerState(self.optimizer, self.layout, saving),
+                "trainer": self.progress}
+
+
+def _flat(parts: dict[str, Any]) -> dict[str, Any]:
+    """The Stateful parts' entries as one flat DCP state dict (``<part>.<key>``: the on-disk keys)."""
+    return {f"{name}.{k}": v for name, part in parts.items() for k, v in part.state_dict().items()}
+
+
+def _unflat(parts: dict[str, Any], state: dict[str, Any]) -> None:
+    for name, part in parts.items():
+        pre = name + "."
+        part.load_state_dict({k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
 
 
 class _SavePlanner(DefaultSavePlanner):
@@ -301,34 +358,25 @@ def _set_rng_state(state: dict[str, torch.Tensor], rank: int, device: torch.devi
         torch.cuda.set_rng_state(state[f"rng.{rank}.cuda"], device)
 
 
-def _state(trainer, saving: bool) -> dict[str, Any]:
-    layout = _Layout(trainer)
-    state = _model_state(trainer.model, layout)
-    state.update(_optimizer_slices(trainer.optimizer, layout, saving))
-    # host values (the RNG states too): CPU tensors on every device
-    state["optim.step_count"] = torch.tensor(trainer.optimizer.step_count, dtype=torch.int64, device="cpu")
-    state["trainer.step"] = torch.tensor(trainer.step, dtype=torch.int64, device="cpu")
-    return state
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(trainer, out_dir: str | None = None) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    cfg = trainer.cfg
-    root = checkpoint_root(out_dir or cfg.out_dir)
+def save_checkpoint(run: RunState, out_dir: str, keep_last: int, config: dict[str, Any]) -> str:
+    """Collective: every rank calls it. Writes ``OUT_DIR/checkpoints/step_N`` atomically (keeping the last
+    ``keep_last``); ``config`` (the model and train sections) goes into hai.json. Returns the directory."""
+    root = checkpoint_root(out_dir)
     rank, world = _rank_world()
-    name = f"step_{trainer.step:08d}"
+    step = run.progress.step
+    name = f"step_{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         clean_stale(root)
         os.makedirs(tmp)
     _barrier()
-    state = _state(trainer, saving=True)
-    state.update(_rng_state(rank, trainer.device))
+    state = _flat(run.parts(saving=True))
+    state.update(_rng_state(rank, run.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns when it runs without a process group (one process)
         dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
@@ -337,12 +385,11 @@ def save_checkpoint(trainer, out_dir: str | None = None) -> str:
     files = {k: v for part in _gather(file_info(tmp, mine)) for k, v in part.items()}
     if rank == 0:
         files.update(file_info(tmp, [".metadata"]))
-        meta = {"format": FORMAT, "step": trainer.step, "optimizer_steps": trainer.optimizer.step_count,
-                "world_size": world, "pp": trainer.topo.pp, "dp": trainer.topo.dp, "ep": trainer.topo.ep,
-                "tp": trainer.topo.tp,
-                "time": time.time(), "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
-                "run_id": getattr(trainer, "run_id", None), "files": files}
-        commit_checkpoint(tmp, final, root, meta, cfg.train.keep_last)
+        topo = run.topo
+        meta = {"format": FORMAT, "step": step, "optimizer_steps": run.optimizer.step_count, "world_size": world,
+                "pp": topo.pp, "dp": topo.dp, "ep": topo.ep, "tp": topo.tp, "time": time.time(), **config,
+                "run_id": run.progress.run_id, "files": files}
+        commit_checkpoint(tmp, final, root, meta, keep_last)
     _barrier()
     return final
 
@@ -396,19 +443,21 @@ def _dcp_load(state: dict, path: str) -> None:
         raise checkpoint_error(path, f"could not be loaded ({type(e).__name__}: {str(e).strip()[:500]})") from None
 
 
-def load_checkpoint(trainer, path: str) -> dict:
-    """Collective: restore model, optimizer shards, step, RNG from ``path`` (any dp size). Returns hai.json."""
+def load_checkpoint(run: RunState, path: str, model_cfg=None) -> dict:
+    """Collective: restore model, optimizer shards, progress and RNG from ``path`` (any dp, ep, tp or pipeline
+    layout) into ``run``'s objects. Returns hai.json."""
     path = os.path.abspath(path)
-    meta = verify_checkpoint(path, trainer.cfg.model)
+    meta = verify_checkpoint(path, model_cfg)
     rank, _ = _rank_world()
     reader = SafeReader(path)
     try:
         saved = reader.read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is reported with the path and the fix
         raise checkpoint_error(path, f"has unreadable DCP metadata ({type(e).__name__}: {e})") from None
-    state = _state(trainer, saving=False)
+    parts = run.parts(saving=False)
+    state = _flat(parts)
     rng = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype, device="cpu")
-           for k in _rng_state(rank, trainer.device) if k in saved}
+           for k in _rng_state(rank, run.device) if k in saved}
     state.update(rng)
     missing = sorted(k for k in state if k not in saved)
     if missing:
@@ -416,10 +465,10 @@ def load_checkpoint(trainer, path: str) -> dict:
                               f"model needs ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): it was "
                               f"written by another model or code version; resume with that, or resume=none")
     _dcp_load(state, path)
-    trainer.step = int(state["trainer.step"])
-    trainer.optimizer.step_count = int(state["optim.step_count"])
-    if len(rng) == len(_rng_state(rank, trainer.device)):
-        _set_rng_state(state, rank, trainer.device)
+    _unflat(parts, state)
+    run.progress.run_id = meta.get("run_id")
+    if len(rng) == len(_rng_state(rank, run.device)):
+        _set_rng_state(state, rank, run.device)
     return meta
 
 

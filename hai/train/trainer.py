@@ -303,17 +303,27 @@ class Trainer:
         if path is None:
             return None
         t0 = time.perf_counter()
-        meta = load_checkpoint(self, path)
-        self.run_id = meta.get("run_id")
+        run = self.run_state()
+        meta = load_checkpoint(run, path, self.cfg.model)
+        self.step, self.run_id = run.progress.step, run.progress.run_id
         return {"step": self.step, "path": path, "saved_dp": meta.get("dp"),
                 "saved_world_size": meta.get("world_size"), "seconds": time.perf_counter() - t0}
+
+    def run_state(self):
+        """The checkpoint's view of this rank: model, optimizer shard, progress and where its shards sit."""
+        from hai.checkpoint.state import Progress, RunState, ShardLayout
+
+        layout = ShardLayout(self.model, self.cfg.model.n_routed_experts, self.topo.ep, self.coords, self.placement)
+        return RunState(self.model, self.optimizer, Progress(self.step, self.run_id), layout, self.topo, self.device)
 
     def save_checkpoint(self, sink=None) -> str:
         """Collective: write OUT_DIR/checkpoints/step_N atomically (keeps the last train.keep_last)."""
         from hai.checkpoint.state import save_checkpoint
 
         t0 = time.perf_counter()
-        path = save_checkpoint(self)
+        t = self.cfg.train
+        path = save_checkpoint(self.run_state(), self.cfg.out_dir, t.keep_last,
+                               {"model": asdict(self.cfg.model), "train": asdict(t)})
         if sink is not None:
             sink.event("checkpoint", step=self.step, path=path, seconds=time.perf_counter() - t0)
         return path
