@@ -310,5 +310,5 @@ class PipelineExecutor:
         events = [e for part, _ in gathered for e in part]
         save_chrome_trace(events, f"{out_dir}/trace.json", unit_us=1e6, marks=[m for _, ms in gathered for m in ms],
                           rank_labels=self.rank_labels)
-        save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step (s)\n"
-                       f"layout {self.layout_text}", rank_labels=self.rank_labels)
+        save_gantt_png(events, f"{out_dir}/schedule.png", f"executed {self.name}, pp={self.pp}, last step\n"
+                       f"layout {self.layout_text}", rank_labels=self.rank_labels, unit_s=1.0)

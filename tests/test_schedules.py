@@ -35,7 +35,7 @@ from hai.pipeline import (
     to_text,
     validate,
 )
-from hai.pipeline.trace import save_chrome_trace
+from hai.pipeline.trace import save_chrome_trace, time_unit
 
 NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 GOLDEN = Path(__file__).resolve().parents[1] / "pipeline" / "golden" / "dualpipe_pp8_mb20.txt"
@@ -385,6 +385,32 @@ def test_chrome_trace_and_gantt(tmp_path):
     png = save_gantt_png(res.timeline, tmp_path / "schedule.png", title="DualPipe pp=4, 8 micro-batches")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_gantt_time_axis_reads_in_ms_or_us(tmp_path, monkeypatch):
+    """A timeline in seconds is drawn in the unit that keeps its span >= 1 (the plan's 0.35 s step in ms, a
+    5e-5 s step in µs); the ticks are the seconds scaled by that unit."""
+    assert time_unit(0.35) == (1e-3, "ms") and time_unit(2.5) == (1.0, "s")
+    assert time_unit(5e-5) == (1e-6, "µs") and time_unit(3e-10) == (1e-9, "ns")
+    res = simulate_schedule("dualpipe", 4, 8)
+    scale = 2e-6  # seconds per cost unit: a step of a few dozen µs
+    timeline = [e._replace(start=e.start * scale, end=e.end * scale) for e in res.timeline]
+    from matplotlib.figure import Figure
+
+    captured = {}
+    orig = Figure.savefig
+
+    def spy(fig, *a, **k):
+        ax = fig.axes[0]
+        captured["xlabel"] = ax.get_xlabel()
+        captured["ticks"] = [(x, ax.xaxis.get_major_formatter()(x, 0)) for x in ax.get_xticks()]
+        return orig(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    save_gantt_png(timeline, tmp_path / "s.png", unit_s=1.0)
+    assert captured["xlabel"] == "time (µs)"
+    for x, text in captured["ticks"]:
+        assert float(text) == pytest.approx(x * 1e6)
 
 
 if __name__ == "__main__" and "--regen-golden" in sys.argv:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hai.config import Config, ConfigError
 from hai.parallel.topology import Topology
-from hai.pipeline.trace import KIND_COLORS, save_chrome_trace
+from hai.pipeline.trace import save_chrome_trace, save_gantt_png
 from hai.plan.cost import ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F
 from hai.plan.memory import GB, GRAD_BYTES
 from hai.plan.step import predict, predict_step_time
@@ -79,34 +79,8 @@ def build_fake_topology(topo: Topology) -> dict:
 
 
 def save_gantt(timeline, path: str | Path, title: str = "", rank_labels: dict[int, str] | None = None) -> Path:
-    """Gantt chart like ``pipeline.trace.save_gantt_png`` but one ``broken_barh`` per (rank, kind), so thousands of
-    actions draw in about a second (``save_gantt_png`` adds one collection per action, quadratic in matplotlib)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    bars: dict = {}
-    for e in timeline:
-        if e.action.is_compute:
-            bars.setdefault((e.rank, e.action.kind), []).append((e.start, e.end - e.start))
-    ranks = sorted({r for r, _ in bars})
-    span = max((e.end for e in timeline), default=1.0) or 1.0
-    fig = Figure(figsize=(16.0, 0.45 * len(ranks) + 1.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for (r, kind), xs in bars.items():
-        ax.broken_barh(xs, (r - 0.4, 0.8), facecolor=KIND_COLORS[kind], edgecolor="white", linewidth=0.3)
-    ax.set_yticks(ranks, [(rank_labels or {}).get(r, f"rank {r}") for r in ranks])
-    ax.set_ylim(max(ranks, default=0) + 0.6, -0.6)
-    ax.set_xlim(0, span)
-    ax.set_xlabel("time")
-    ax.set_title(title)
-    used = [k for k in KIND_COLORS if any(k is kk for _, kk in bars)]
-    ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k.value) for k in used], loc="upper left",
-              bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(Path(path), dpi=100)
-    return Path(path)
+    """The plan's Gantt chart: ``pipeline.trace.save_gantt_png`` of a timeline in seconds (axis in s/ms/µs)."""
+    return save_gantt_png(timeline, path, title, rank_labels, unit_s=1.0, width=16.0, dpi=100)
 
 
 # ---------------------------------------------------------------- the plan
@@ -208,7 +182,7 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
         labels = _layout(cfg).rank_labels()
         files["trace"] = str(save_chrome_trace(timeline, d / "trace.json", unit_us=1e6, rank_labels=labels))
         files["gantt"] = str(save_gantt(timeline, d / "schedule.png", title=f"{cfg.parallel.schedule} "
-                                        f"pp={cfg.parallel.pp} micro_batches={cfg.n_micro_batches} (seconds)\n"
+                                        f"pp={cfg.parallel.pp} micro_batches={cfg.n_micro_batches} (simulated step)\n"
                                         f"layout {describe_layout(cfg)}", rank_labels=labels))
     p, c = cfg.parallel, cfg.cluster
     return {
