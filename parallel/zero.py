@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ZeroAdamW", "StepResult", "ParamShard", "is_expert_param", "bucket_layout"]
+__all__ = ["ZeroAdamW", "ZeroGroups", "StepResult", "ParamShard", "is_expert_param", "bucket_layout"]
 
 # torch 2.13 renamed the flat collectives (*_single); older versions only have the *_tensor names
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -170,16 +170,34 @@ def _to_main_grad(p: torch.Tensor) -> None:
     p.grad = None
 
 
-class ZeroAdamW:
-    """``named_params``: the module parameters (materialized); ``copies``: name -> (number of pipeline copies, group
-    summing their gradients or None)."""
+@dataclass(frozen=True)
+class ZeroGroups:
+    """The process groups ZeRO-1 works over (None: one rank): dense parameters' shards over ``dp``, routed experts'
+    over ``edp``, TP-partial gradients summed over ``tp``; the gradient norm's squares summed over ``norm``; the
+    summed gradients divided by ``grad_divisor`` (the data-parallel size: each rank's loss is its own mean)."""
 
-    def __init__(self, named_params, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 dp_group=None, edp_group=None, grad_divisor: int = 1, norm_groups=(), bf16_moments: bool = False,
-                 max_grad_norm: float = 0.0, copies: dict[str, tuple[int, object]] | None = None,
-                 tp_group=None, tp_partial: set[str] = frozenset(), tp_replicated: set[str] = frozenset()):
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.grad_divisor, self.norm_groups, self.max_grad_norm = grad_divisor, list(norm_groups), max_grad_norm
+    dp: object = None
+    edp: object = None
+    tp: object = None
+    norm: tuple = ()
+    grad_divisor: int = 1
+
+
+class ZeroAdamW:
+    """``named_params``: the module parameters (materialized); ``train``: the ``train`` config section (lr, betas,
+    eps, weight decay, ``grad_clip``, ``bf16_moments``); ``placement``: the parallel layout of this rank
+    (:class:`hai.parallel.parallelize.Placement`: the pipeline copies of each parameter and the group summing
+    them, the TP-partial and TP-replicated parameters), None on one rank."""
+
+    def __init__(self, named_params, train, groups: ZeroGroups = ZeroGroups(), placement=None):
+        self.lr, self.betas, self.eps = train.lr, (train.beta1, train.beta2), train.eps
+        self.weight_decay, self.max_grad_norm = train.weight_decay, train.grad_clip
+        self.grad_divisor, self.norm_groups = groups.grad_divisor, list(groups.norm)
+        holders = placement.holders if placement is not None else {}
+        copies = {n: (placement.copies(n), placement.copy_group(n)) for n in holders}
+        tp_partial = placement.tp_partial if placement is not None else set()
+        tp_replicated = placement.tp_replicated if placement is not None else set()
+        dp_group, edp_group, tp_group = groups.dp, groups.edp, groups.tp
         self.step_count = 0
         self.buckets: list[_Bucket] = []
         groups: dict[tuple, _Bucket] = {}
@@ -198,7 +216,7 @@ class ZeroAdamW:
                                       tp_group if partial else None, tp_size if whole else 1)
             groups[key].names.append(name)
             groups[key].params.append(p)
-        moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
+        moment_dtype = torch.bfloat16 if train.bf16_moments else torch.float32
         for key in sorted(groups):
             groups[key].setup(moment_dtype)
             self.buckets.append(groups[key])

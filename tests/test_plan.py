@@ -285,7 +285,7 @@ from hai.config.compose import compose
 from hai.model import build_model, materialize, param_dtype
 from hai.parallel import Topology
 from hai.parallel.parallelize import parallelize
-from hai.parallel.zero import ZeroAdamW
+from hai.parallel.zero import ZeroAdamW, ZeroGroups
 from hai.plan.construct import fake_world
 cfg = compose(sys.argv[1:])
 topo = Topology.from_config(cfg)
@@ -298,8 +298,7 @@ with fake_world(0, topo.world_size):
     placement = parallelize(model, topo, cfg, mesh, 0)
     largest = max(p.numel() for p in model.parameters())
     materialize(model, "cpu", param_dtype(cfg.model), 0, cfg.model.init_std)
-    ZeroAdamW(model.named_parameters(), lr=1e-3, dp_group=mesh["dp"].get_group(), edp_group=mesh["edp"].get_group(),
-              copies={n: (placement.copies(n), placement.copy_group(n)) for n in placement.holders})
+    ZeroAdamW(model.named_parameters(), cfg.train, ZeroGroups(mesh["dp"].get_group(), mesh["edp"].get_group()), placement)
     print(json.dumps({"peak": rss() - base, "largest": largest}))
 """
 

@@ -48,8 +48,7 @@ def hf_to_hai(cfg, src: str, dst: str) -> dict:
     t = cfg.train
     model = build_model(cfg.model, t.seed, dtype=param_dtype(cfg.model))
     imported = load_into(model, cfg.model, hf_dir(src))
-    optimizer = ZeroAdamW(model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                          weight_decay=t.weight_decay, bf16_moments=t.bf16_moments, max_grad_norm=t.grad_clip)
+    optimizer = ZeroAdamW(model.named_parameters(), t)
     run = RunState(model, optimizer, Progress(0), ShardLayout(model, cfg.model.n_routed_experts), topo)
     path = save_checkpoint(run, dst, t.keep_last, {"model": dataclasses.asdict(cfg.model),
                                                    "train": dataclasses.asdict(t)})

@@ -37,7 +37,7 @@ def constructed_bytes(cfg: Config, rank: int) -> dict:
     from hai.model import build_model, materialize, param_dtype
     from hai.parallel.parallelize import parallelize
     from hai.parallel.topology import Topology
-    from hai.parallel.zero import ZeroAdamW, is_expert_param
+    from hai.parallel.zero import ZeroAdamW, ZeroGroups, is_expert_param
 
     topo = Topology.from_config(cfg)
     with fake_world(rank, topo.world_size) as made:
@@ -49,9 +49,7 @@ def constructed_bytes(cfg: Config, rank: int) -> dict:
         def group(axis):
             return mesh[axis].get_group() if mesh is not None else None
 
-        opt = ZeroAdamW(model.named_parameters(), lr=cfg.train.lr, dp_group=group("dp"), edp_group=group("edp"),
-                        bf16_moments=cfg.train.bf16_moments,
-                        copies={n: (placement.copies(n), placement.copy_group(n)) for n in placement.holders})
+        opt = ZeroAdamW(model.named_parameters(), cfg.train, ZeroGroups(group("dp"), group("edp")), placement)
         dense = sum(p.numel() for n, p in model.named_parameters() if not is_expert_param(n))
         expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n))
         return {"rank": rank, "pp_rank": topo.coords(rank)["pp"], **opt.buffer_bytes(),

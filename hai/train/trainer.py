@@ -28,7 +28,7 @@ from hai.data import Dataset, Sampler, TokenFile, ensure_token_file, open_datase
 from hai.model import Router, build_model, materialize, param_dtype
 from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
-from hai.parallel.zero import ZeroAdamW
+from hai.parallel.zero import ZeroAdamW, ZeroGroups
 
 __all__ = ["train", "Trainer", "lr_at", "init_distributed"]
 
@@ -88,14 +88,9 @@ class Trainer:
         self._ep_clocks = [m.dispatcher.links for m in self.model.moe_layers()
                            if hasattr(m.dispatcher, "links") and dist.get_backend(m.dispatcher.group) == "gloo"]
         self.pipeline = self._pipeline()
-        self.optimizer = ZeroAdamW(
-            self.model.named_parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-            weight_decay=t.weight_decay, dp_group=self.dp_group, edp_group=_group(mesh, "edp"),
-            grad_divisor=topo.dp, norm_groups=[self.dp_group, self.pp_group, self.tp_group],
-            bf16_moments=t.bf16_moments, max_grad_norm=t.grad_clip,
-            copies={n: (self.placement.copies(n), self.placement.copy_group(n)) for n in self.placement.holders},
-            tp_group=self.tp_group, tp_partial=self.placement.tp_partial,
-            tp_replicated=self.placement.tp_replicated)
+        groups = ZeroGroups(self.dp_group, _group(mesh, "edp"), self.tp_group,
+                            (self.dp_group, self.pp_group, self.tp_group), topo.dp)
+        self.optimizer = ZeroAdamW(self.model.named_parameters(), t, groups, self.placement)
         if isinstance(data, Dataset):  # training windows, and the held-out split when there is one
             self.sampler = Sampler(data.train, t.seq_len, t.global_batch_size, t.seed)
             self.val_sampler = Sampler(data.val, t.seq_len, t.global_batch_size, t.seed) \
