@@ -3,9 +3,10 @@
     python benchmarks/fp8_gemm.py [--warmup-ms 25 --rep-ms 100]
 
 Shapes are DeepGEMM's DeepSeek-V3 ones, M x N x K (c[M, N] = a[M, K]·b[N, K]ᵀ): dense 4096x7168x16384 and
-4096x2112x7168 in the fprop layout (both operands K-contiguous), the first also in the dgrad layout (b is a transposed
-view of a 128x128-quantized W) and the wgrad layout (both operands transposed views of token-major 128x1 data), and the
-grouped 8x4096x4096x7168 (8 experts x 4096 tokens, N=4096, K=7168). Timings exclude quantization (operands are
+4096x2112x7168 in the fprop layout, the first also in the dgrad layout (b = Wᵀ written transposed by the 128x128
+quantizer) and the wgrad layout (both operands 128x1 tiles written token-contiguous by the 128x1 quantizer): every
+operand K-contiguous, as the training path quantizes them. Also the grouped 8x4096x4096x7168 (8 experts x 4096 tokens,
+N=4096, K=7168). Timings exclude quantization (operands are
 pre-quantized, as the GEMM sees them). The last column is the Triton result's relative error against the torch
 reference (fp32 per-128-K-block dequantized matmul), a correctness smoke test on the GPU.
 
@@ -66,12 +67,10 @@ def _dense_operands(M: int, N: int, K: int, layout: str):
     b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     if layout == "fprop":
         return (*quant_1x128(a), *quant_128x128(b)), a, b
-    if layout == "dgrad":  # b = W.t() with W[K, N] quantized 128x128
-        w_q, w_s = quant_128x128(b.t().contiguous())
-        return (*quant_1x128(a), w_q.t(), w_s.t()), a, b
-    a_q, a_s = quant_128x1(a.t().contiguous())  # wgrad: a = dyᵀ, b = xᵀ, tokens (K) outermost in memory
-    b_q, b_s = quant_128x1(b.t().contiguous())
-    return (a_q.t(), a_s.t(), b_q.t(), b_s.t()), a, b
+    if layout == "dgrad":  # b = Wᵀ of W[K, N], its 128x128 blocks written transposed
+        return (*quant_1x128(a), *quant_128x128(b.t().contiguous(), transpose=True)), a, b
+    # wgrad: a = dyᵀ, b = xᵀ from token-major dy[K, M], x[K, N] (K = tokens), 128x1 tiles written transposed
+    return (*quant_128x1(a.t().contiguous(), transpose=True), *quant_128x1(b.t().contiguous(), transpose=True)), a, b
 
 
 def _scaled_mm_blockwise(a_bf16: torch.Tensor, b_bf16: torch.Tensor):
@@ -113,8 +112,7 @@ def grouped_row(E: int, m: int, N: int, K: int, args) -> dict:
 
     a = torch.randn(E * m, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16)
-    w_q, w_s = quant_128x128(w.reshape(E * N, K))
-    ops = (*quant_1x128(a), w_q.view(E, N, K), w_s.view(E, N // 128, K // 128), [m] * E)
+    ops = (*quant_1x128(a), *quant_128x128(w), [m] * E)
     flops = 2.0 * E * m * N * K
     a_EmK = a.view(E, m, K)
     row = {"shape": f"{E}x{m}x{N}x{K}", "layout": "grouped",

@@ -3,17 +3,22 @@
 For each 128-wide K block kb the fp32 partial product of the e4m3 tiles is multiplied by both operands' scales and
 added to an fp32 accumulator:  c[m, n] = Σ_kb (Σ_{k in kb} a[m, k]·b[n, k]) · sa[m, kb] · sb[n (or n//128), kb].
 
-Operand layouts (in the a·bᵀ frame; any strides, so transposed views need no copy):
+Operand layouts (in the a·bᵀ frame):
   a[M, K] e4m3 with a_scale[M, K/128] (per row per K block: 1x128 tiles, or 128x1 tiles of a transposed operand)
   b[N, K] e4m3 with b_scale[N, K/128] (per row, as a) or b_scale[ceil(N/128), K/128] (128x128 blocks); the shape
   of b_scale selects which. K % 128 == 0 (ValueError otherwise; fp8_linear pads).
+Any strides work, but only K-contiguous operands (stride 1 along K, "K-major", DeepGEMM's NT rule on SM90) are copied
+asynchronously into shared memory and pipelined: the quantizers write each operand in that layout.
 The three training products of y = x·Wᵀ:
   fprop  y[M, N]  = fp8_gemm(x_q, x_s(1x128), W_q, W_s(128x128))
-  dgrad  dx[M, K] = fp8_gemm(dy_q, dy_s(1x128), W_q.t(), W_s.t())      # 128x128 blocks are square: W's bytes and
-                                                                         # transposed block scales ARE Wᵀ's 128x128
-  wgrad  dW[N, K] = fp8_gemm(dy_q.t(), dy_s.t(), x_q.t(), x_s.t())      # dy, x quantized 128x1 along tokens
+  dgrad  dx[M, K] = fp8_gemm(dy_q, dy_s(1x128), Wᵀ_q, Wᵀ_s)              # quant_128x128(W, transpose=True): 128x128
+                                                                          # blocks are square, Wᵀ's bytes are W's
+  wgrad  dW[N, K] = fp8_gemm(dyᵀ_q, dyᵀ_s, xᵀ_q, xᵀ_s)                    # quant_128x1(·, transpose=True): 128-token
+                                                                          # blocks, written token-contiguous
 Grouped (experts): fp8_grouped_gemm splits the rows of a by `tokens_per_expert` (contiguous per-expert layout, empty
 groups allowed) against b[E, N, K]; fp8_k_grouped_gemm splits K (tokens, 128-aligned per group) for expert wgrad.
+The launchers build their small metadata (tile table, K offsets) on the host and copy it from pinned memory without
+waiting (hai.kernels._common.to_device).
 
 Each GEMM comes three ways: dispatching `fp8_*`, typed launcher `fp8_*_triton`, torch reference `fp8_*_ref`
 (dequantize per 128-K block in fp32, same order of scale multiplications).
@@ -25,7 +30,7 @@ from typing import Sequence, Union
 
 import torch
 
-from ._common import BLOCK, FP8_DTYPE, tl, triton, use_triton
+from ._common import BLOCK, FP8_DTYPE, FP_FUSION, capability, compiled, tl, to_device, triton, use_triton
 
 __all__ = [
     "fp8_gemm", "fp8_grouped_gemm", "fp8_k_grouped_gemm",
@@ -115,10 +120,11 @@ def _fp8_k_grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, koff_ptr, M,
                                stride_bsk, stride_ce, stride_cm, stride_cn,
                                B_SCALE_DIV: tl.constexpr, OUT_BF16: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # group g reduces over K columns koff[g] .. koff[g+1] (128-aligned) and writes c[g]
-    g = tl.program_id(2)
-    k0 = tl.load(koff_ptr + g).to(tl.int64)
-    k1 = tl.load(koff_ptr + g + 1).to(tl.int64)
+    # group g reduces over K columns koff[g] .. koff[g+1] (128-aligned) and writes c[g]; g in int64: g * stride_ce
+    # passes 2**31 at V3's expert wgrad sizes (2048 x 7168 per expert: from group 147 on)
+    g = tl.program_id(2).to(tl.int64)
+    k0 = tl.multiple_of(tl.load(koff_ptr + g).to(tl.int64), 128)  # 128-aligned: the compiler may then copy the
+    k1 = tl.load(koff_ptr + g + 1).to(tl.int64)                    # K-major tiles asynchronously (16-byte aligned)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
@@ -212,8 +218,15 @@ def _check_k_grouped(a, a_s, b, b_s, k_per_group, out_dtype) -> tuple[int, list[
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
-def _launch_opts(t: torch.Tensor) -> dict:
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3) if t.is_cuda else dict(BLOCK_M=128, BLOCK_N=128)
+def _launch_opts(t: torch.Tensor, b_scale_div: int) -> dict:
+    """Tiles and options; fp_fusion pinned (hai.kernels._common). On sm_100 a 128x128 tile with per-row b scales (the
+    weight gradients) spills registers in tcgen05's accumulator round trips; 128x64 does not (hai.kernels.aot)."""
+    opts = dict(BLOCK_M=128, BLOCK_N=128, enable_fp_fusion=FP_FUSION)
+    if not compiled(t):
+        return opts
+    if b_scale_div == 1 and capability(t) >= (10, 0):
+        opts["BLOCK_N"] = 64
+    return dict(opts, num_warps=8, num_stages=3)
 
 
 def fp8_gemm_triton(a_fp8, a_scale, b_fp8, b_scale, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -223,7 +236,7 @@ def fp8_gemm_triton(a_fp8, a_scale, b_fp8, b_scale, out_dtype: torch.dtype = tor
     c = torch.empty((M, N), dtype=out_dtype, device=a_fp8.device)
     if M == 0 or N == 0:
         return c
-    opts = _launch_opts(a_fp8)
+    opts = _launch_opts(a_fp8, div)
     grid = (triton.cdiv(M, opts["BLOCK_M"]), triton.cdiv(N, opts["BLOCK_N"]))
     _fp8_gemm_kernel[grid](a_fp8, a_scale, b_fp8, b_scale, c, M, N, K, *a_fp8.stride(), *a_scale.stride(),
                            *b_fp8.stride(), *b_scale.stride(), *c.stride(),
@@ -238,7 +251,7 @@ def _group_tiles(counts: list[int], block_m: int, device: torch.device) -> torch
         for r in range(row, row + c, block_m):
             experts.append(e), starts.append(r), ends.append(row + c)
         row += c
-    return torch.tensor([experts, starts, ends], dtype=torch.int32, device=device)
+    return to_device(torch.tensor([experts, starts, ends], dtype=torch.int32, device="cpu"), device)
 
 
 def fp8_grouped_gemm_triton(a_fp8, a_scale, b_fp8, b_scale, tokens_per_expert: Counts,
@@ -249,7 +262,7 @@ def fp8_grouped_gemm_triton(a_fp8, a_scale, b_fp8, b_scale, tokens_per_expert: C
     c = torch.empty((T, N), dtype=out_dtype, device=a_fp8.device)
     if T == 0 or N == 0:
         return c
-    opts = _launch_opts(a_fp8)
+    opts = _launch_opts(a_fp8, div)
     tiles_3T = _group_tiles(counts, opts["BLOCK_M"], a_fp8.device)
     n_tiles = tiles_3T.shape[1]
     _fp8_grouped_gemm_kernel[(n_tiles, triton.cdiv(N, opts["BLOCK_N"]))](
@@ -267,8 +280,8 @@ def fp8_k_grouped_gemm_triton(a_fp8, a_scale, b_fp8, b_scale, k_per_group: Seque
     c = torch.empty((G, M, N), dtype=out_dtype, device=a_fp8.device)
     if c.numel() == 0:
         return c
-    koff = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device=a_fp8.device, dtype=torch.int32)
-    opts = _launch_opts(a_fp8)
+    koff = to_device(torch.tensor([0] + counts, device="cpu").cumsum(0).to(torch.int32), a_fp8.device)
+    opts = _launch_opts(a_fp8, div)
     grid = (triton.cdiv(M, opts["BLOCK_M"]), triton.cdiv(N, opts["BLOCK_N"]), G)
     _fp8_k_grouped_gemm_kernel[grid](a_fp8, a_scale, b_fp8, b_scale, c, koff, M, N, *a_fp8.stride(),
                                      *a_scale.stride(), *b_fp8.stride(), *b_scale.stride(), *c.stride(),

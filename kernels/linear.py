@@ -1,8 +1,10 @@
 """FP8 linear layers: all three GEMMs of y = x·Wᵀ in e4m3 with fine-grained scales, as DeepSeek-V3.
 
   fprop  y  = x(1x128) · W(128x128)ᵀ
-  dgrad  dx = dy(1x128) · W(128x128)          (W's bytes and transposed block scales, no re-quantization of Wᵀ)
-  wgrad  dW = dy(128x1)ᵀ · x(128x1)           (both quantized in 128-token blocks along the reduced token dim)
+  dgrad  dx = dy(1x128) · W(128x128)          (W's 128x128 blocks written transposed: Wᵀ[K, N], the same bytes)
+  wgrad  dW = dy(128x1)ᵀ · x(128x1)           (both quantized in 128-token blocks along the reduced token dim and
+                                               written transposed, token-contiguous)
+Every GEMM thus reads both operands contiguous along its reduced dim (K-major; hai.kernels.gemm).
 
 The activation cache is V3's (§3.3.2, and its note on the transposed-GEMM workflow): the input is quantized once in
 1x128 tiles for fprop and that FP8 copy (1 byte per element + one fp32 scale per 128) is what the backward keeps
@@ -27,7 +29,7 @@ from typing import Sequence, Union
 
 import torch
 
-from ._common import BLOCK, pad_2d, round_up
+from ._common import BLOCK, pad_2d, round_up, to_device
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_k_grouped_gemm
 from .quant import quant_1x128, quant_128x1, quant_128x128
 
@@ -83,15 +85,17 @@ def quantize_rows(x: torch.Tensor) -> Fp8Rows:
     return Fp8Rows(q, s, K, x.dtype)
 
 
-def _weight_blocks(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_blocks(w_NK: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks of W padded to 128: (w_q[Np, Kp], w_s[Np/128, Kp/128]), or Wᵀ's with transpose."""
     N, K = w_NK.shape
-    return quant_128x128(pad_2d(_quant_input(w_NK), round_up(N), round_up(K)))
+    return quant_128x128(pad_2d(_quant_input(w_NK), round_up(N), round_up(K)), transpose)
 
 
 def _tokens_128x1(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x1 tiles (weight-gradient operand) of x[M, K], rows and columns padded to 128."""
+    """128x1 tiles (weight-gradient operand) of x[M, K], rows and columns padded to 128, written transposed:
+    (xᵀ_q[Kp, Mp], xᵀ_s[Kp, Mp/128])."""
     M, K = x_MK.shape
-    return quant_128x1(pad_2d(_quant_input(x_MK), round_up(M), round_up(K)))
+    return quant_128x1(pad_2d(_quant_input(x_MK), round_up(M), round_up(K)), transpose=True)
 
 
 # --------------------------------------------------------------------------------------------- dense functional
@@ -102,20 +106,21 @@ def fp8_fprop(x: Fp8Rows, w_NK: torch.Tensor, out_dtype: torch.dtype) -> torch.T
 
 
 def fp8_dgrad(dy_MN: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """dx[M, K] = dy · W: dy in 1x128 tiles, W's 128x128 blocks transposed."""
+    """dx[M, K] = dy · W: dy in 1x128 tiles, W's 128x128 blocks written transposed (Wᵀ[K, N])."""
     (N, K), M = w_NK.shape, dy_MN.shape[0]
     dy_q, dy_s = quant_1x128(pad_2d(_quant_input(dy_MN), M, round_up(N)))
-    w_q, w_s = _weight_blocks(w_NK)
-    return fp8_gemm(dy_q, dy_s, w_q.t(), w_s.t(), _gemm_dtype(out_dtype))[:, :K].to(out_dtype).contiguous()
+    wt_q, wt_s = _weight_blocks(w_NK, transpose=True)
+    return fp8_gemm(dy_q, dy_s, wt_q, wt_s, _gemm_dtype(out_dtype))[:, :K].to(out_dtype).contiguous()
 
 
 def fp8_wgrad(dy_MN: torch.Tensor, x: Fp8Rows | torch.Tensor) -> torch.Tensor:
-    """dW[N, K] (fp32) = dyᵀ · x, both in 128x1 tiles (x re-quantized from its 1x128 cache when given one)."""
+    """dW[N, K] (fp32) = dyᵀ · x, both in 128x1 tiles written token-contiguous (x re-quantized from its 1x128 cache
+    when given one)."""
     x_MK = x.dequant(torch.float32) if isinstance(x, Fp8Rows) else x.reshape(-1, x.shape[-1])
     N, K = dy_MN.shape[1], x_MK.shape[1]
     dyt_q, dyt_s = _tokens_128x1(dy_MN)
     xt_q, xt_s = _tokens_128x1(x_MK)
-    return fp8_gemm(dyt_q.t(), dyt_s.t(), xt_q.t(), xt_s.t(), torch.float32)[:N, :K]
+    return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32)[:N, :K]
 
 
 # ------------------------------------------------------------------------------------------- dense autograd layer
@@ -168,12 +173,18 @@ def expert_counts(tokens_per_expert: Counts, experts: int, rows: int, name: str 
 
 
 def _aligned_layout(counts: Sequence[int], device: torch.device) -> tuple[torch.Tensor, list[int], int]:
-    """Row map from the packed per-expert layout to one where every expert starts on a 128-row boundary."""
-    counts_E = torch.tensor(list(counts), dtype=torch.int64)
-    aligned_E = (counts_E + BLOCK - 1) // BLOCK * BLOCK
-    shift_E = (aligned_E.cumsum(0) - aligned_E) - (counts_E.cumsum(0) - counts_E)  # start moves per expert
-    dst_T = torch.arange(int(counts_E.sum()), dtype=torch.int64) + torch.repeat_interleave(shift_E, counts_E)
-    return dst_T.to(device), aligned_E.tolist(), int(aligned_E.sum())
+    """Row map from the packed per-expert layout to one where every expert starts on a 128-row boundary: built on
+    the device from the experts' end rows and start shifts (2E int64 copied from pinned memory, not T)."""
+    ends, shifts, row, dst_row, aligned = [], [], 0, 0, []
+    for c in counts:
+        aligned.append(round_up(c))
+        shifts.append(dst_row - row)  # how far this expert's rows move
+        row, dst_row = row + c, dst_row + aligned[-1]
+        ends.append(row)
+    ends_E, shift_E = to_device(torch.tensor([ends, shifts], dtype=torch.int64, device="cpu"), device)
+    t_T = torch.arange(row, dtype=torch.int64, device=device)
+    dst_T = t_T + shift_E[torch.searchsorted(ends_E, t_T, right=True)]  # expert of row t: first end > t
+    return dst_T, aligned, dst_row
 
 
 def _scatter_rows(t_TC: torch.Tensor, dst_T: torch.Tensor, rows: int) -> torch.Tensor:
@@ -182,13 +193,12 @@ def _scatter_rows(t_TC: torch.Tensor, dst_T: torch.Tensor, rows: int) -> torch.T
     return out
 
 
-def _quant_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 quantization per expert: -> (w_q[E, Np, Kp], w_s[E, Np/128, Kp/128])."""
-    E, N, K = w_ENK.shape
-    Np, Kp = round_up(N), round_up(K)
-    w = torch.nn.functional.pad(_quant_input(w_ENK), (0, Kp - K, 0, Np - N)).reshape(E * Np, Kp)
-    w_q, w_s = quant_128x128(w)
-    return w_q.view(E, Np, Kp), w_s.view(E, Np // BLOCK, Kp // BLOCK)
+def _quant_experts(w_ENK: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 quantization per expert: -> (w_q[E, Np, Kp], w_s[E, Np/128, Kp/128]), or each expert's Wᵀ with
+    transpose (w_q[E, Kp, Np], w_s[E, Kp/128, Np/128])."""
+    N, K = w_ENK.shape[1:]
+    w = torch.nn.functional.pad(_quant_input(w_ENK), (0, round_up(K) - K, 0, round_up(N) - N))
+    return quant_128x128(w.contiguous(), transpose)
 
 
 def fp8_grouped_fprop(x: Fp8Rows, w_ENK: torch.Tensor, counts: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
@@ -200,22 +210,25 @@ def fp8_grouped_fprop(x: Fp8Rows, w_ENK: torch.Tensor, counts: Sequence[int], ou
 
 def fp8_grouped_dgrad(dy_TN: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int],
                       out_dtype: torch.dtype) -> torch.Tensor:
-    """dx[T, K]: expert e's rows of dy (1x128 tiles) times w[e]."""
-    (E, N, K), T = w_ENK.shape, dy_TN.shape[0]
+    """dx[T, K]: expert e's rows of dy (1x128 tiles) times w[e], each expert's 128x128 blocks written transposed."""
+    (_, N, K), T = w_ENK.shape, dy_TN.shape[0]
     dy_q, dy_s = quant_1x128(pad_2d(_quant_input(dy_TN), T, round_up(N)))
-    w_q, w_s = _quant_experts(w_ENK)
-    dx = fp8_grouped_gemm(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), counts, _gemm_dtype(out_dtype))
+    wt_q, wt_s = _quant_experts(w_ENK, transpose=True)
+    dx = fp8_grouped_gemm(dy_q, dy_s, wt_q, wt_s, counts, _gemm_dtype(out_dtype))
     return dx[:, :K].to(out_dtype).contiguous()
 
 
 def fp8_grouped_wgrad(dy_TN: torch.Tensor, x: Fp8Rows | torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """dW[E, N, K] (fp32): per expert dy_eᵀ · x_e, both in 128x1 tiles with each expert's tokens padded to 128."""
+    """dW[E, N, K] (fp32): per expert dy_eᵀ · x_e, both in 128x1 tiles written token-contiguous, with each
+    expert's tokens padded to 128."""
     x_TK = x.dequant(torch.float32) if isinstance(x, Fp8Rows) else x
     N, K = dy_TN.shape[1], x_TK.shape[1]
     dst_T, aligned, Tp = _aligned_layout(counts, dy_TN.device)
-    dyt_q, dyt_s = quant_128x1(_scatter_rows(pad_2d(_quant_input(dy_TN), dy_TN.shape[0], round_up(N)), dst_T, Tp))
-    xt_q, xt_s = quant_128x1(_scatter_rows(pad_2d(_quant_input(x_TK), x_TK.shape[0], round_up(K)), dst_T, Tp))
-    return fp8_k_grouped_gemm(dyt_q.t(), dyt_s.t(), xt_q.t(), xt_s.t(), aligned, torch.float32)[:, :N, :K]
+    dyt_q, dyt_s = quant_128x1(_scatter_rows(pad_2d(_quant_input(dy_TN), dy_TN.shape[0], round_up(N)), dst_T, Tp),
+                               transpose=True)
+    xt_q, xt_s = quant_128x1(_scatter_rows(pad_2d(_quant_input(x_TK), x_TK.shape[0], round_up(K)), dst_T, Tp),
+                             transpose=True)
+    return fp8_k_grouped_gemm(dyt_q, dyt_s, xt_q, xt_s, aligned, torch.float32)[:, :N, :K]
 
 
 # ----------------------------------------------------------------------------------------- grouped autograd layer

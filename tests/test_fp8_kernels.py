@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / hai.kernels ar
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +24,7 @@ import hai.kernels._common as _common  # noqa: E402
 from hai.kernels import fp8_grouped_linear, fp8_linear  # noqa: E402
 from hai.kernels import gemm as G  # noqa: E402
 from hai.kernels import quant as Q  # noqa: E402
-from hai.kernels._common import tl, triton  # noqa: E402
+from hai.kernels._common import check_fp8_device, tl, triton, use_triton  # noqa: E402
 
 # Triton picks the interpreter when *it* is imported; if something imported it before this file set the variable,
 # the kernels cannot run on CPU here (test_interpreter_is_active says so; fix: the same setdefault in conftest.py).
@@ -329,6 +330,112 @@ def test_gemm_rejects_bad_operands():
         G.fp8_grouped_gemm(q, s, w_q.expand(2, -1, -1), w_s.expand(2, -1, -1), [3, 0])
     with pytest.raises(ValueError, match=r"every group's K must be a multiple of 128, got \[64, 192\]"):
         G.fp8_k_grouped_gemm(q, s, q, s, [64, 192])
+
+
+# ------------------------------------------------------------------------------------------------- K-major layouts
+def _magnitudes(*shape, seed: int) -> torch.Tensor:
+    """Gaussian data whose 128-blocks differ in magnitude by up to 10**3 (so a wrongly placed scale shows)."""
+    g = _gen(seed)
+    return (torch.randn(*shape, generator=g) * 10 ** (3 * torch.rand(*shape, generator=g))).to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_128x1_writes_the_same_bytes_token_contiguous(dtype):
+    x = _magnitudes(384, 256, seed=30).to(dtype)  # M=384 tokens, K=256 columns
+    q, s = Q.quant_128x1_triton(x)
+    for fn in (Q.quant_128x1_triton, Q.quant_128x1_ref):
+        q_t, s_t = fn(x, transpose=True)
+        assert q_t.shape == (256, 384) and q_t.is_contiguous()
+        assert torch.equal(_bytes(q_t), _bytes(q.t())), fn.__name__
+        assert s_t.shape == (256, 3) and s_t.stride() == (1, 256) and torch.equal(s_t, s.t())  # MN-major scales
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 384)])
+def test_transposed_128x128_writes_each_blocks_bytes_k_major(shape):
+    w = _magnitudes(*shape, seed=31)
+    per_matrix = [Q.quant_128x128_ref(m) for m in w.reshape(-1, *shape[-2:])]
+    for fn in (Q.quant_128x128_triton, Q.quant_128x128_ref):
+        q, s = fn(w)
+        q_t, s_t = fn(w, transpose=True)
+        assert q_t.shape == (*shape[:-2], 384, 256) and q_t.is_contiguous() and s_t.is_contiguous()
+        for i, (q_m, s_m) in enumerate(per_matrix):
+            assert torch.equal(_bytes(q.reshape(-1, 256, 384)[i]), _bytes(q_m)), fn.__name__
+            assert torch.equal(_bytes(q_t.reshape(-1, 384, 256)[i]), _bytes(q_m.t())), fn.__name__
+            assert torch.equal(s_t.reshape(-1, 3, 2)[i], s_m.t()) and torch.equal(s.reshape(-1, 2, 3)[i], s_m)
+
+
+def _k_major_operands(product: str):
+    """The dgrad / wgrad operands of _gemm_operands as the quantizers now write them (contiguous along K)."""
+    w, dy, x_tok = _randn(256, 384, seed=2), _randn(256, 256, seed=3), _randn(256, 384, seed=4)
+    if product == "dgrad":
+        return (*Q.quant_1x128_ref(dy[:200].contiguous()), *Q.quant_128x128_ref(w, transpose=True))
+    return (*Q.quant_128x1_ref(dy, transpose=True), *Q.quant_128x1_ref(x_tok, transpose=True))
+
+
+@needs_triton
+@pytest.mark.parametrize("product", ["dgrad", "wgrad"])
+def test_k_major_operands_give_bitwise_the_same_gemm(product):
+    """The K-major operands hold the values of the transposed views they replace: the kernel's fp32 and bf16 results
+    are bitwise unchanged, and still match the reference."""
+    views, k_major = _gemm_operands(product)[:4], _k_major_operands(product)
+    assert all(q.stride(1) == 1 for q in k_major[::2]) and not all(q.stride(1) == 1 for q in views[::2])
+    for v, k in zip(views, k_major):
+        assert torch.equal(v.float(), k.float())
+    for out_dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        c_k = G.fp8_gemm_triton(*k_major, out_dtype)
+        assert torch.equal(c_k.view(bits), G.fp8_gemm_triton(*views, out_dtype).view(bits))
+        _assert_kernel_close(c_k, G.fp8_gemm_ref(*k_major, out_dtype))
+
+
+@needs_triton
+def test_promotion_rounds_each_step_like_the_reference():
+    """With exact K-block dot products (small integers), only the promotion rounds: (dot·sa)·sb, then + acc. The
+    kernel (enable_fp_fusion=False at every launch: hai.kernels._common.FP_FUSION) and the reference round each step
+    alike, so they agree bitwise; a fused multiply-add (what fp_fusion=True compiles on a GPU) differs on this data."""
+    g = _gen(40)
+    a_q = torch.randint(-4, 5, (128, 512), generator=g).float().to(FP8).to(DEVICE)
+    b_q = torch.randint(-4, 5, (128, 512), generator=g).float().to(FP8).to(DEVICE)
+    a_s, b_s = (torch.rand(128, 4, generator=g).to(DEVICE) + 0.5 for _ in range(2))  # per-row scales of a and b
+    c_k = G.fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.float32)
+    c_r = G.fp8_gemm_ref(a_q, a_s, b_q, b_s, torch.float32)
+    assert torch.equal(c_k, c_r)
+    fused = torch.zeros(128, 128, dtype=torch.float64, device=DEVICE)
+    for kb in range(4):
+        ks = slice(kb * 128, (kb + 1) * 128)
+        t = (a_q[:, ks].double() @ b_q[:, ks].double().T).float() * a_s[:, kb, None]  # exact dot, one rounding
+        fused = (t.double() * b_s[None, :, kb].double() + fused).float().double()  # fma: one rounding for both
+    assert not torch.equal(fused.float(), c_r)
+
+
+# ---------------------------------------------------------------------------------------------- device and host
+def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"capability 8\.9 or newer.*cuda:0 \(NVIDIA A100-SXM4-80GB\) has capability "
+                                         r"8\.0: set model\.precision=bf16"):
+        check_fp8_device("cuda:0")
+    check_fp8_device("cpu")  # the interpreter / torch reference run anywhere
+    a100_tensor = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    assert not use_triton(a100_tensor)  # the dispatch sends it to the torch reference, never to an fp8e4nv kernel
+    for cap in ((8, 9), (9, 0), (10, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        check_fp8_device(torch.device("cuda", 0))
+        assert use_triton(a100_tensor) == _common.HAS_TRITON
+
+
+def test_launchers_copy_no_pageable_host_memory_and_wait_for_nothing():
+    """Every launch at V3 sizes (hai.kernels.aot's sites, on meta tensors, launches captured): the tile tables, K
+    offsets and row maps reach the device from pinned memory, and no launcher reads device data on the host."""
+    pytest.importorskip("triton")
+    from hai.kernels import aot
+    from hai.parallel.host_syncs import count_host_syncs
+
+    with count_host_syncs() as syncs:
+        launches = aot.record_launches()
+    assert len(launches) > 100 and {ln.site.split(" ", 1)[1] for ln in launches} >= {"fprop", "dgrad", "wgrad"}
+    assert syncs.total == 0, dict(syncs.counts)
 
 
 # ---------------------------------------------------------------------------------------------------------- autograd
