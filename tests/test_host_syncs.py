@@ -6,9 +6,14 @@ expert-parallel dispatch, 2 for the hierarchical one, whose second hop's sizes d
 for every MoE layer every micro-batch passes through on this rank (MTP's block included), plus 2 per step: the
 global gradient norm (clipping and the non-finite skip are decided on the host) and the step's metrics (losses and
 balance statistics in one transfer). Before this budget the same steps took 43-81 syncs.
+
+The counter also counts copies of pageable host memory onto a device (``pageable_h2d``; on CUDA each waits for the
+stream), so the budget holds them too. A CPU step has none to count; the FP8 launchers are checked on meta tensors
+(tests/test_fp8_kernels.py).
 """
 
 import pytest
+import torch
 
 from dist_utils import run_ranks
 from hai.config.compose import compose
@@ -63,3 +68,21 @@ def test_training_step_keeps_to_the_host_sync_budget(layout, tmp_path):
         assert dispatches > 0
         assert sum(counts.values()) == per_dispatch * dispatches + 2, counts
         assert counts.get("item", 0) == 1, counts  # the gradient norm; everything else is one batched tolist
+
+
+def test_counter_sees_pageable_host_to_device_copies(monkeypatch):
+    """Copies of unpinned host memory onto a device stall the host like a sync (CUDA waits for the stream to stage
+    them); meta stands in for the device on CPU. Pinned sources and host-only copies are not counted."""
+    host = torch.ones(4)
+    with count_host_syncs() as syncs:
+        torch.tensor([1, 2], device="meta")
+        host.to("meta")
+        host.to(device=torch.device("meta"), non_blocking=True)  # non_blocking does not help pageable memory
+        torch.empty(4, device="meta").copy_(host)
+        torch.empty(1, device="meta").new_tensor([1.0])
+        torch.tensor([1, 2]), host.to(torch.float64), host.to("cpu"), torch.empty(4).copy_(host)  # host only
+    assert syncs.counts == {"pageable_h2d": 5} and syncs.total == 5
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+    with count_host_syncs() as syncs:
+        host.to("meta", non_blocking=True)
+    assert syncs.total == 0
