@@ -17,33 +17,11 @@ the host would otherwise sit idle (gloo); on CUDA those GEMMs are simply enqueue
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+
+from hai.model.moe import Pending  # the seams' result type, which the model's local dispatcher returns done
 
 __all__ = ["Pending", "Chain", "Joint"]
-
-
-class Pending:
-    """An in-flight seam (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns its result.
-
-    A transfer of several hops (hierarchical dispatch) can only issue hop k+1 once hop k has arrived; ``step()`` waits
-    for the hop in flight and issues the next one, returning True while one is in flight, so a caller with other work
-    can interleave it between the hops. ``wait()`` runs the remaining steps.
-    """
-
-    def __init__(self, finish: Callable[[], Any]):
-        self._finish, self._result = finish, None
-
-    def step(self) -> bool:
-        return False
-
-    def ready(self) -> bool:
-        """Whether the part in flight has arrived (``wait``/``step`` would not block on it)."""
-        return True
-
-    def wait(self) -> Any:
-        if self._finish is not None:
-            self._result, self._finish = self._finish(), None
-        return self._result
 
 
 class Chain(Pending):

@@ -9,8 +9,30 @@ import torch.nn.functional as F
 from hai.config import ModelConfig
 from hai.config.compose import compose
 from hai.model import KVCache, LocalDispatcher, build_model
-from hai.model.moe import MoE, Router, route_reference
+from hai.model.moe import MoE, Router
 
+
+
+def route_reference(x_TD, weight_ED, bias_E, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight per-token loop of the routing rule, for tests: returns (topk_idx sorted, weights in that order)."""
+    E, k = cfg.n_routed_experts, cfg.n_activated_experts
+    per_group = E // cfg.n_group
+    idx_out, w_out = [], []
+    for x in x_TD.double():
+        logits = weight_ED.double() @ x
+        s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
+        b = s + bias_E.double()
+        top = {"max": 1, "sum_top2": 2}.get(cfg.group_scoring, k // cfg.topk_group)
+        groups = sorted(range(cfg.n_group), key=lambda g: -sum(sorted(b[g * per_group:(g + 1) * per_group].tolist(),
+                                                                     reverse=True)[:top]))
+        allowed = [e for g in groups[:cfg.topk_group] for e in range(g * per_group, (g + 1) * per_group)]
+        chosen = sorted(sorted(allowed, key=lambda e: -b[e].item())[:k])
+        w = s[chosen]
+        if cfg.norm_topk_prob:
+            w = w / w.sum()
+        idx_out.append(chosen)
+        w_out.append((w * cfg.route_scale).tolist())
+    return torch.tensor(idx_out), torch.tensor(w_out, dtype=torch.float64)
 
 def tiny(**kw) -> ModelConfig:
     return dataclasses.replace(compose(["model=tiny"]).model, **kw)

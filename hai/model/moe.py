@@ -17,7 +17,7 @@ locally), F expert width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from hai.model.recompute import LinearOp, expert_ffn, norm_linears, swiglu_down
 from hai.model.regions import LOCAL, Region
 from hai.model.wgrad import accumulate_wgrad, weight_grad_output
 
-__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Ready", "route_reference",
+__all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Pending",
            "gather_rows", "scatter_rows"]
 
 
@@ -146,43 +146,36 @@ class Router(nn.Module):
         self.bias += gamma * torch.sign(load_E.mean() - load_E)
 
 
-def route_reference(x_TD, weight_ED, bias_E, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Straight per-token loop of the routing rule, for tests: returns (topk_idx sorted, weights in that order)."""
-    E, k = cfg.n_routed_experts, cfg.n_activated_experts
-    per_group = E // cfg.n_group
-    idx_out, w_out = [], []
-    for x in x_TD.double():
-        logits = weight_ED.double() @ x
-        s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
-        b = s + bias_E.double()
-        top = {"max": 1, "sum_top2": 2}.get(cfg.group_scoring, k // cfg.topk_group)
-        groups = sorted(range(cfg.n_group), key=lambda g: -sum(sorted(b[g * per_group:(g + 1) * per_group].tolist(),
-                                                                     reverse=True)[:top]))
-        allowed = [e for g in groups[:cfg.topk_group] for e in range(g * per_group, (g + 1) * per_group)]
-        chosen = sorted(sorted(allowed, key=lambda e: -b[e].item())[:k])
-        w = s[chosen]
-        if cfg.norm_topk_prob:
-            w = w / w.sum()
-        idx_out.append(chosen)
-        w_out.append((w * cfg.route_scale).tolist())
-    return torch.tensor(idx_out), torch.tensor(w_out, dtype=torch.float64)
+class Pending:
+    """A seam's result (dispatch, combine or their gradients); ``wait()`` completes it (once) and returns it.
 
+    The local dispatcher's results are already there (:meth:`done`). The parallel layer's expert-parallel ones are
+    in flight: a transfer of several hops (hierarchical dispatch) can only issue hop k+1 once hop k has arrived;
+    ``step()`` waits for the hop in flight and issues the next one, returning True while one is in flight, so a
+    caller with other work can interleave it between the hops; ``ready()`` says whether ``step``/``wait`` would block
+    the host; ``wait()`` runs the remaining steps (its subclasses ``Chain`` and ``Joint`` live with the collectives).
+    """
 
-class Ready:
-    """A seam result that is already there: the local dispatcher's answer to the ``Pending`` protocol of
-    the parallel layer's ``Pending`` (``step()`` -> False, ``ready()`` -> True, ``wait()`` -> the value)."""
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish, self._result = finish, None
 
-    def __init__(self, value: Any):
-        self._value = value
+    @classmethod
+    def done(cls, value: Any) -> "Pending":
+        out = cls(None)
+        out._result = value
+        return out
 
     def step(self) -> bool:
         return False
 
     def ready(self) -> bool:
+        """Whether the part in flight has arrived (``wait``/``step`` would not block on it)."""
         return True
 
     def wait(self) -> Any:
-        return self._value
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return self._result
 
 
 class Dispatcher(Protocol):
@@ -192,8 +185,7 @@ class Dispatcher(Protocol):
     The same seams without autograd, for code that drives the backward itself (the pipeline's overlapped F&B): the
     dispatch moves N buffer rows of x and of the K gates; ``gather_rows`` picks the R expert rows out of them;
     ``scatter_rows`` gates and pre-sums the expert outputs back into N rows, which the combine returns to the tokens.
-    Each ``*_start`` issues its communication and returns a pending result (the parallel layer's ``Pending``; the
-    local dispatcher's :class:`Ready`).
+    Each ``*_start`` issues its communication and returns a :class:`Pending` result (already done locally).
     """
 
     num_local_experts: int
@@ -258,16 +250,16 @@ class LocalDispatcher:
     # seams without autograd: nothing moves on one device
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
         w_TK = topk_weight_TK.detach()
-        return self._plan(topk_idx_TK, w_TK), Ready((x_TD.detach(), w_TK))
+        return self._plan(topk_idx_TK, w_TK), Pending.done((x_TD.detach(), w_TK))
 
     def dispatch_backward_start(self, g_x_ND, g_w_NK, handle):
-        return Ready((g_x_ND, g_w_NK))
+        return Pending.done((g_x_ND, g_w_NK))
 
     def combine_start(self, z_ND, handle):
-        return Ready(z_ND.detach())
+        return Pending.done(z_ND.detach())
 
     def combine_backward_start(self, g_out_TD, handle):
-        return Ready(g_out_TD)
+        return Pending.done(g_out_TD)
 
 
 class GroupedExperts(nn.Module):
