@@ -30,7 +30,8 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)  # FP8 GEMMs: torch reference on CPU
 import torch  # noqa: E402
 
-from hai.parallel.forked import run_ranks  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # forked ranks
+from forked import run_ranks  # noqa: E402
 
 LAYOUTS = {
     "pp2 dualpipe x dp2 x ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe"],
@@ -57,7 +58,7 @@ def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
     from hai.data import TokenFile, ensure_token_file
     from hai.model import param_dtype
     from hai.parallel import Topology
-    from hai.plan.measure import kept_for_backward
+    from measure import kept_for_backward
     from hai.plan.memory import stage_act_bytes, static_bytes
     from hai.train.trainer import Trainer, init_distributed
 

@@ -22,7 +22,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch.distributed as dist  # noqa: E402
 
-from hai.parallel.forked import run_ranks  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # forked ranks
+from forked import run_ranks  # noqa: E402
 
 LAYOUTS = {
     "tp=1 (dp=4, ep=4)": ["parallel.dp=4"],

@@ -1,5 +1,5 @@
-"""The multi-rank tests' launcher: ``run_ranks(fn, world_size, *args)`` forks gloo ranks (hai.parallel.forked)."""
+"""The multi-rank tests' launcher: ``run_ranks(fn, world_size, *args)`` forks gloo ranks (tests/forked.py)."""
 
-from hai.parallel.forked import run_ranks
+from forked import run_ranks
 
 __all__ = ["run_ranks"]

@@ -188,7 +188,7 @@ def _measured_rank(rank, world, out_dir):
     trainer.train_step()
     model = trainer.model
     # activations: storages autograd keeps for the backward of one micro-batch (parameters excluded)
-    from hai.plan.measure import kept_for_backward
+    from measure import kept_for_backward
 
     tokens = trainer.sampler.micro_batches(1, trainer.coords["dp"], topo.dp, cfg.train.micro_batch_size)[0]
     for _ in range(30):  # the plan assumes balanced routing: what the aux-loss-free biases converge to in training

@@ -19,7 +19,7 @@ from hai.model import build_model
 from hai.model.attention import attention
 from hai.model.layers import cross_entropy, rms_norm, swiglu
 from hai.model.wgrad import WeightGradStore
-from hai.plan.measure import kept_for_backward
+from measure import kept_for_backward
 
 
 def tiny(**kw):

@@ -1,6 +1,7 @@
 """Measure what a forward keeps for its backward: the bytes of every storage autograd saves while a function runs
 (saved-tensor hooks; each storage counted once, the parameters' excluded). The plan's activation items
-(:mod:`hai.plan.memory`) are checked against it in the tests and in ``benchmarks/memory.py``."""
+(:mod:`hai.plan.memory`) are checked against it in the tests and in ``benchmarks/memory.py``. Test-side code: it ships
+with the tests, not the package."""
 
 from __future__ import annotations
 
