@@ -158,7 +158,8 @@ def vocab_embed(embed: nn.Embedding, tokens: torch.Tensor, tp: TPGroup | None) -
 
 class _VocabParallelCE(torch.autograd.Function):
     """Mean cross-entropy of logits split by vocabulary rows over the TP group: the max, then the sum of
-    exponentials with the target's logit (two all-reduces, three scalars per token); the logits never gathered. Softmax in fp32; keeps the
+    exponentials with the target's logit (two all-reduces, three scalars per token); the logits never gathered.
+    Softmax in fp32; keeps the
     local logits, one fp32 log-sum-exp and the target per row (as the single-device cross-entropy)."""
 
     @staticmethod

@@ -6,8 +6,8 @@ statistics, the vocabulary embedding and head) holds a :class:`Region` in ``.tp`
 weights meet the rest of the model: ``enter`` before column-split weights, ``exit`` after row-split ones, ``sum``
 for statistics over the split sequence, ``embed`` for a vocabulary-split embedding. On one device (``LOCAL``) each is
 the identity or the single-device op, so the model has no collectives. The parallel layer's ``TPGroup``
-(``parallel/tensor_parallel.py``) implements the same methods with the TP group's collectives, and its ``parallelize`` hands one to each
-module it splits, with the module's slice of each split weight.
+(``parallel/tensor_parallel.py``) implements the same methods with the TP group's collectives, and its
+``parallelize`` hands one to each module it splits, with the module's slice of each split weight.
 
 Why a seam inside the modules rather than wrappers around them: V3's recompute regions (``hai.model.recompute``)
 fuse a norm with the linears after it into one autograd function, and under TP the region must be entered between
@@ -56,7 +56,8 @@ class Region:
     def cross_entropy(self, logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of vocabulary-split logits (only called when ``split``; one device uses the model's
         own cross-entropy)."""
-        raise NotImplementedError("a vocabulary-split cross-entropy needs a split region (the parallel layer's TPGroup)")
+        raise NotImplementedError("a vocabulary-split cross-entropy needs a split region (the parallel layer's "
+                                  "TPGroup)")
 
 
 LOCAL = Region()

@@ -99,7 +99,8 @@ class _DeferredLinear(torch.autograd.Function):
         dx = dy @ w.to(dy.dtype)
 
         def wgrad(dy=dy, x=x):
-            accumulate_wgrad(weight, dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float(), index)
+            dy_TO, x_TI = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+            accumulate_wgrad(weight, dy_TO.t().float() @ x_TI.float(), index)
 
         defer_or_run(ctx.store, wgrad)
         return dx, None, None, None

@@ -136,7 +136,8 @@ def choose_layout(cfg: Config) -> dict:
                 alt = dataclasses.replace(cfg, parallel=dataclasses.replace(p, layout=text))
                 loads = rank_loads(cfg, build(counts))
                 mem = memory_report(alt, alt.n_micro_batches)
-                results.append({"text": text, "loads": loads, "busiest_over_mean": max(loads) / (sum(loads) / len(loads)),
+                busiest = max(loads) / (sum(loads) / len(loads))
+                results.append({"text": text, "loads": loads, "busiest_over_mean": busiest,
                                 "fits": mem["fits"], "memory_gb": mem["total"] / 1e9,
                                 "step_time_s": predict_step_time(alt)})
     if not results:

@@ -257,7 +257,8 @@ def _ffn_items(m: ModelConfig, moe: bool, recompute: str, S: int) -> list[tuple[
         items += [("shared SwiGLU inputs", 2 * Fs * a), ("shared SwiGLU output", fp8_bytes(Fs) if fp8 else Fs * a)]
     return items + rows + [
         ("dispatched rows (w1/w3 input)", k * (2 * fp8_bytes(D) if fp8 else D * a)),
-        ("routed SwiGLU inputs", k * 2 * F * a), ("routed SwiGLU output (w2 input)", k * (fp8_bytes(F) if fp8 else F * a)),
+        ("routed SwiGLU inputs", k * 2 * F * a),
+        ("routed SwiGLU output (w2 input)", k * (fp8_bytes(F) if fp8 else F * a)),
         ("expert output rows (gate gradient)", k * D * a), ("gates (for the gate product)", k * a)]
 
 
