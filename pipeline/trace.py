@@ -82,7 +82,7 @@ def _label(a: Action) -> str:
 
 
 _TIME_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
-_MAX_LABELS = 800  # micro-batch ids are drawn when a chart has at most this many compute bars (text is slow)
+_MAX_LABELS = 2000  # micro-batch ids are drawn when a chart has at most this many compute bars (text is slow)
 
 
 def time_unit(span_s: float) -> tuple[float, str]:
