@@ -12,8 +12,8 @@ per 128x128 block) are dequantized on load.
   takes the main model's *normed* final state (``mtp_hidden=post_norm``) and projects ``[enorm(e); hnorm(h)]``
   (``mtp_concat=embed_first``).
 - :func:`load_into` fills a model laid out for one rank (by the parallel layer's ``parallelize``) with the tensors
-  that rank holds: it opens only the shards those live in and reads only its layers' and its experts' tensors (safetensors
-  memory-maps; nothing else is read).
+  that rank holds: it opens only the shards those live in and reads only its layers' and its experts' tensors
+  (safetensors memory-maps; nothing else is read).
 - :func:`save` writes a single-process model as a directory ``transformers`` loads
   (``AutoModelForCausalLM.from_pretrained``), the MTP layer in the released layout.
 
