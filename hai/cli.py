@@ -40,12 +40,12 @@ def cmd_train(cfg, overrides: list[str]) -> int:
         preflight(cfg)
         _check_fits(cfg)
     if topo.world_size > 1 and not _under_torchrun():
-        from hai.launch.torchrun import run_local
+        from hai.launch.torchrun import agent_grace_s, run_local
 
         if cfg.cluster.device == "cuda" and cfg.cluster.nodes > 1:
             raise ConfigError(f"cluster {cfg.cluster.name!r} has {cfg.cluster.nodes} nodes: start it with "
                               f"`hai launch launcher.kind=torchrun ...` on each node or `launcher.kind=slurm`")
-        return run_local(overrides, topo.world_size)
+        return run_local(overrides, topo.world_size, grace_s=agent_grace_s(cfg.train.preempt_grace_s))
     from hai.train.trainer import train
 
     summary = train(cfg)
@@ -158,7 +158,8 @@ def cmd_plan(cfg, overrides: list[str]) -> int:
 
 def cmd_generate(cfg, overrides: list[str]) -> int:
     from hai.data import load_tokenizer
-    from hai.inference.generate import generate, load_model
+    from hai.checkpoint.load import load_model
+    from hai.inference.generate import generate
 
     model, tok_spec = load_model(cfg)
     tok = load_tokenizer(tok_spec)

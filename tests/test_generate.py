@@ -11,7 +11,8 @@ import hf_models
 from dist_utils import run_ranks
 from hai.cli import main
 from hai.config.compose import compose
-from hai.inference.generate import generate, load_model, sample
+from hai.checkpoint.load import load_model
+from hai.inference.generate import generate, sample
 
 
 @pytest.mark.parametrize("speculative", [False, True])

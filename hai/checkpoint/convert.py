@@ -20,7 +20,7 @@ def hai_to_hf(cfg, src: str, dst: str, max_shard_bytes: int) -> dict:
 
     t0 = time.perf_counter()
     mcfg = ModelConfig(**read_meta(src)["model"])
-    from hai.inference.generate import load_model
+    from hai.checkpoint.load import load_model
 
     model, _ = load_model(dataclasses.replace(cfg, resume=src, model=dataclasses.replace(cfg.model, init_from=None)),
                           dtype=param_dtype(mcfg))
