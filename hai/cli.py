@@ -40,12 +40,12 @@ def cmd_train(cfg, overrides: list[str]) -> int:
         preflight(cfg)
         _check_fits(cfg)
     if topo.world_size > 1 and not _under_torchrun():
-        from hai.launch.torchrun import agent_grace_s, run_local
+        from hai.launch.torchrun import run_local
 
         if cfg.cluster.device == "cuda" and cfg.cluster.nodes > 1:
             raise ConfigError(f"cluster {cfg.cluster.name!r} has {cfg.cluster.nodes} nodes: start it with "
                               f"`hai launch launcher.kind=torchrun ...` on each node or `launcher.kind=slurm`")
-        return run_local(overrides, topo.world_size, grace_s=agent_grace_s(cfg.train.preempt_grace_s))
+        return run_local(overrides, topo.world_size)
     from hai.train.trainer import train
 
     summary = train(cfg)
