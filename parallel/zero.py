@@ -199,6 +199,7 @@ class ZeroAdamW:
         tp_replicated = placement.tp_replicated if placement is not None else set()
         dp_group, edp_group, tp_group = groups.dp, groups.edp, groups.tp
         self.step_count = 0
+        self.fused_update: bool | None = None  # None: fused where the device has it (see fused())
         self.buckets: list[_Bucket] = []
         groups: dict[tuple, _Bucket] = {}
         order: dict[object, int] = {}
@@ -268,11 +269,27 @@ class ZeroAdamW:
             b.gather_into_params()
         return StepResult(norm, skipped=False)
 
+    def fused(self, b: _Bucket) -> bool:
+        """Whether ``b``'s update runs torch's fused AdamW kernel (one kernel over the shard): on CUDA with fp32
+        moments (the fused kernel takes one dtype for weights and moments, so bf16 moments keep the fp32 arithmetic
+        below), or wherever ``fused_update`` forces it (the CPU test of its arithmetic)."""
+        if self.fused_update is not None:
+            return self.fused_update
+        return b.master.device.type == "cuda" and b.exp_avg.dtype == torch.float32
+
     def _adamw(self, b: _Bucket, g: torch.Tensor, lr: float) -> None:
-        """torch.optim.AdamW's single-tensor arithmetic, on the fp32 shard. On CPU in cache-sized chunks: the same
-        elementwise result, but the temporaries stay in cache and are reused instead of a fresh shard-sized
-        allocation (page faults) per op, which made the flat-buffer update ~1.6x slower than torch's per-parameter
-        loop; on a GPU one pass per op (each chunk would be a kernel launch)."""
+        """torch.optim.AdamW's arithmetic on the fp32 shard: torch's fused kernel where :meth:`fused` says so (equal
+        to the explicit ops up to the rounding of its fused multiply-adds), else the explicit single-tensor ops. On
+        CPU those run in cache-sized chunks: the same elementwise result, but the temporaries stay in cache and are
+        reused instead of a fresh shard-sized allocation (page faults) per op, which made the flat-buffer update
+        ~1.6x slower than torch's per-parameter loop; on a GPU one pass per op (each chunk would be a launch)."""
+        if self.fused(b):
+            beta1, beta2 = self.betas
+            step = torch.tensor(float(self.step_count), device=g.device)
+            torch._fused_adamw_([b.master], [g], [b.exp_avg], [b.exp_avg_sq], [], [step], lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=self.weight_decay if b.decay else 0.0, eps=self.eps,
+                                amsgrad=False, maximize=False)
+            return
         n = g.numel()
         step = _CPU_CHUNK if g.device.type == "cpu" else max(n, 1)
         for i in range(0, n, step):
