@@ -373,6 +373,7 @@ class Config:
     out_dir: str = "runs/${train.name}"
     resume: str = "none"  # none | auto | PATH to a checkpoint directory
     output: str = "text"  # text | json (for `account` and `plan`)
+    calibration: Optional[str] = None  # `hai plan`: kernel/link throughput JSON (hai/plan/calibration.py); none: H800's
     nproc: int = 0  # processes per node for `hai launch`/`hai train`; 0: from the cluster config
     dry_run: bool = False
 

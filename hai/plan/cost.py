@@ -1,9 +1,12 @@
-"""Per-chunk compute (roofline) and communication costs of a layout, in seconds and bytes per GPU.
+"""Per-chunk compute and communication costs of a layout, in seconds and bytes per GPU, priced with a calibration
+table (:mod:`hai.plan.calibration`; default: the published H800 table).
 
-A *chunk* is one micro-batch (micro_batch_size x seq_len tokens) through one pipeline stage. Compute: forward FLOPs
-from the stage's activated parameters (2 per parameter per token) plus the causal attention core, run at an assumed
-achieved fraction of the cluster's peak (FP8 peak for the block GEMMs when model.precision=fp8; BF16 peak for the
-head, router and attention core); backward B = 2F (input grad F + weight grad W = F).
+A *chunk* is one micro-batch (micro_batch_size x seq_len tokens) through one pipeline stage. Compute: every GEMM a
+token runs (its shape N x K from the config) three times, forward (y = x·Wᵀ), input gradient (N and K swapped) and
+weight gradient, each at the table's TFLOP/s for its kind and nearest shape: with model.precision=fp8 the block GEMMs
+at DeepGEMM's dense / grouped (routed experts) / wgrad numbers, the head, router and every GEMM of another precision at
+the table's BF16 efficiency; plus the causal attention core at the table's attention TFLOP/s (backward 2x forward).
+While DualPipe overlaps the expert all-to-all with compute, compute runs on the SMs the communication kernels leave.
 
 Expert-parallel traffic per token per MoE layer (bytes a GPU sends; receives are symmetric under balanced routing):
 dispatch rows carry D FP8 values + D/128 fp32 scales (parallel.fp8_dispatch) or 2D (bf16); combine rows 2D (bf16);
@@ -11,25 +14,26 @@ the backward moves bf16 gradients the opposite way (2D + 2D). Hierarchical dispa
 node other than the token's own: M x (n-1)/n nodes with node limit M (n nodes per EP group), or the expected number of
 distinct nodes among k experts drawn uniformly without replacement when unlimited; then every routed copy is forwarded
 over NVLink inside the destination node (k x (g-1)/g rows, g GPUs per node: an upper bound). Flat dispatch sends each
-copy directly: k (n-1)/n rows over IB, k/n (g-1)/g over NVLink. IB and NVLink run concurrently: time = max of the two.
+copy directly: k (n-1)/n rows over IB, k/n (g-1)/g over NVLink. IB and NVLink run concurrently: time = max of the two,
+each link at the table's dispatch / combine GB/s for the EP size (DeepEP's; the backward's two transfers priced as a
+combine and a dispatch).
 """
 
 from __future__ import annotations
 
 from math import comb
 
-from hai.plan.accounting import attention_params
 from hai.config import Config, ModelConfig
 from hai.parallel.layout import PipelineLayout, StageSpec
+from hai.plan.accounting import attention_params
+from hai.plan.calibration import Calibration, load_calibration
 from hai.plan.memory import StageParams, is_moe_layer, rank_params
 
-__all__ = ["GEMM_EFFICIENCY", "ATTENTION_EFFICIENCY", "B_OVER_F", "W_OVER_F", "expected_nodes", "ep_rows",
-           "chunk_flops", "chunk_compute_s", "spec_flops", "spec_compute_s", "chunk_comm", "zero1_bytes", "p2p_bytes_per_chunk"]
+__all__ = ["B_OVER_F", "RECOMPUTED", "calibration", "block_gemms", "expected_nodes", "ep_rows", "chunk_flops",
+           "chunk_compute", "chunk_compute_s", "spec_flops", "spec_compute", "spec_compute_s", "chunk_comm",
+           "zero1_bytes", "p2p_bytes_per_chunk"]
 
-GEMM_EFFICIENCY = 0.6  # achieved fraction of peak for GEMMs (DeepGEMM best ~0.78 of FP8 peak; in-model shapes lower)
-ATTENTION_EFFICIENCY = 0.4  # achieved fraction of BF16 peak for the attention core (FlashAttention-class kernels)
-B_OVER_F = 2.0  # full backward = 2 x forward
-W_OVER_F = 1.0  # weight-gradient part of the backward = 1 x forward
+B_OVER_F = 2.0  # attention core: full backward = 2 x forward
 
 
 def expected_nodes(n_nodes: int, experts: int, k: int) -> float:
@@ -51,6 +55,34 @@ def ep_rows(cfg: Config) -> dict:
     if p.dispatch == "hierarchical":
         return {"ib": nodes * (n - 1) / n, "nvlink": k * (g - 1) / g, "nodes_per_token": nodes}
     return {"ib": k * (n - 1) / n, "nvlink": k / n * (g - 1) / g, "nodes_per_token": nodes}
+
+
+def calibration(cfg: Config) -> Calibration:
+    """The table ``cfg.calibration`` names (default: the published H800 table)."""
+    return load_calibration(getattr(cfg, "calibration", None))
+
+
+def block_gemms(m: ModelConfig, moe: bool) -> list[tuple[str, str, int, int, int]]:
+    """(name, kind, N, K, GEMMs per token) of one block: kind dense | grouped (routed experts) | bf16 (router)."""
+    D, H, C, R = m.hidden_size, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
+    qk = m.qk_nope_head_dim + R
+    out = [("wq", "dense", H * qk, D, 1)] if m.q_lora_rank is None else [
+        ("wq_a", "dense", m.q_lora_rank, D, 1), ("wq_b", "dense", H * qk, m.q_lora_rank, 1)]
+    out += [("wkv_a", "dense", C + R, D, 1), ("wkv_b", "dense", H * (m.qk_nope_head_dim + m.v_head_dim), C, 1),
+            ("wo", "dense", D, H * m.v_head_dim, 1)]
+    if not moe:
+        I = m.intermediate_size  # noqa: E741
+        return out + [("mlp.w1|w3", "dense", I, D, 2), ("mlp.w2", "dense", D, I, 1)]
+    F, S, k = m.moe_intermediate_size, m.n_shared_experts, m.n_activated_experts
+    if S:
+        out += [("shared.w1|w3", "dense", F, D, 2 * S), ("shared.w2", "dense", D, F, S)]
+    return out + [("experts.w1|w3", "grouped", F, D, 2 * k), ("experts.w2", "grouped", D, F, k),
+                  ("router", "bf16", m.n_routed_experts, D, 1)]
+
+
+# GEMMs whose forward the backward runs again (train.recompute; hai.model.recompute): V3's recipe recomputes the
+# MLA up-projections (and norms, RoPE, SwiGLU: non-GEMM ops, not priced); full recomputes every forward
+RECOMPUTED = {"none": frozenset(), "v3": frozenset({"wq", "wq_b", "wkv_b"})}
 
 
 def _active_block(m: ModelConfig, moe: bool) -> tuple[int, int]:
@@ -91,35 +123,92 @@ def spec_flops(cfg: Config, sp: StageSpec) -> dict:
 
 
 def chunk_compute_s(cfg: Config, stage: int) -> float:
-    """Forward seconds of one chunk under the roofline assumptions."""
+    """Forward seconds of one chunk."""
+    return chunk_compute(cfg, stage)["F"]
+
+
+def _stage_gemms(cfg: Config, sp: StageSpec) -> list[tuple[str, str, int, int, int]]:
+    """(name, kind, N, K, GEMMs per token) of everything ``sp`` holds: its blocks, MTP's projection, the head(s)."""
+    m = cfg.model
+    blocks = [is_moe_layer(m, i) for i in sp.layers] + ([m.is_moe] * m.mtp_depth if sp.mtp else [])
+    counts: dict[tuple, int] = {}  # the same GEMM in every block of the stage: one entry, summed counts
+    for moe in set(blocks):
+        for name, kind, n, k, c in block_gemms(m, moe):
+            counts[name, kind, n, k] = counts.get((name, kind, n, k), 0) + c * blocks.count(moe)
+    out = [(*key, c) for key, c in counts.items()]
+    heads = int(sp.head) + (m.mtp_depth if sp.mtp else 0)
+    if sp.mtp:
+        out.append(("mtp.proj", "dense", m.hidden_size, 2 * m.hidden_size, m.mtp_depth))
+    return out + ([("head", "bf16", m.vocab_size, m.hidden_size, heads)] if heads else [])
+
+
+def _gemm_seconds(cfg: Config, cal: Calibration, kind: str, n: int, k: int, flops: float) -> tuple[float, ...]:
+    """Seconds of one GEMM's forward, input gradient and weight gradient (flops each)."""
+    c = cfg.cluster
+    if kind == "bf16" or cfg.model.precision != "fp8":
+        t = flops / (c.peak_tflops_bf16 * 1e12 * cal.gemm_bf16_efficiency)
+        return t, t, t
+    peak = c.peak_tflops_fp8 * 1e12
+    return tuple(flops / (peak * cal.fp8_gemm_efficiency(kd, a, b))
+                 for kd, a, b in ((kind, n, k), (kind, k, n), ("wgrad", n, k)))
+
+
+def _overlap_share(cfg: Config, cal: Calibration) -> float:
+    """Share of the SMs compute keeps: the calibration's while DualPipe overlaps the expert all-to-all, else 1."""
     p = cfg.parallel
-    return spec_compute_s(cfg, PipelineLayout.from_config(cfg.model, p.schedule, p.pp, p.layout).specs[stage])
+    overlapped = cfg.model.is_moe and p.ep > 1 and p.schedule in ("dualpipe", "dualpipev")
+    return cal.compute_share if overlapped else 1.0
+
+
+def spec_compute(cfg: Config, sp: StageSpec) -> dict:
+    """Seconds of one micro-batch through what ``sp`` holds: forward F, full backward B (input + weight gradients)
+    and its weight-gradient part W."""
+    cal, T, mode = calibration(cfg), cfg.train.micro_batch_size * cfg.train.seq_len, cfg.train.recompute
+    fwd = dgrad = wgrad = again = 0.0
+    for name, kind, n, k, count in _stage_gemms(cfg, sp):
+        f, d, w = _gemm_seconds(cfg, cal, kind, n, k, 2.0 * n * k * count * T)
+        fwd, dgrad, wgrad = fwd + f, dgrad + d, wgrad + w
+        again += f if mode == "full" or name in RECOMPUTED.get(mode, ()) else 0.0
+    attn = spec_flops(cfg, sp)["attention"] / (cfg.cluster.peak_tflops_bf16 * 1e12 * cal.attention_efficiency())
+    again += attn if mode == "full" else 0.0
+    scale = 1.0 / _overlap_share(cfg, cal)
+    return {"F": (fwd + attn) * scale, "B": (again + dgrad + wgrad + B_OVER_F * attn) * scale, "W": wgrad * scale}
 
 
 def spec_compute_s(cfg: Config, sp: StageSpec) -> float:
-    """Forward seconds of one micro-batch through what ``sp`` holds (roofline)."""
-    c, fl = cfg.cluster, spec_flops(cfg, sp)
-    gemm_peak = c.peak_tflops_fp8 if cfg.model.precision == "fp8" else c.peak_tflops_bf16
-    t = fl["gemm"] / (gemm_peak * 1e12 * GEMM_EFFICIENCY)
-    t += fl["gemm_bf16"] / (c.peak_tflops_bf16 * 1e12 * GEMM_EFFICIENCY)
-    return t + fl["attention"] / (c.peak_tflops_bf16 * 1e12 * ATTENTION_EFFICIENCY)
+    """Forward seconds of one micro-batch through what ``sp`` holds."""
+    return spec_compute(cfg, sp)["F"]
+
+
+def chunk_compute(cfg: Config, stage: int) -> dict:
+    """F, B, W seconds of one chunk of ``stage`` (see :func:`spec_compute`)."""
+    p = cfg.parallel
+    return spec_compute(cfg, PipelineLayout.from_config(cfg.model, p.schedule, p.pp, p.layout).specs[stage])
 
 
 def chunk_comm(cfg: Config, moe_layers: int) -> dict:
     """EP bytes and seconds of one chunk (forward: dispatch + combine; backward: their bf16 gradients)."""
-    m, p, c = cfg.model, cfg.parallel, cfg.cluster
+    m, p = cfg.model, cfg.parallel
     D, T = m.hidden_size, cfg.train.micro_batch_size * cfg.train.seq_len // p.tp  # TP: each rank routes S/tp
     rows = ep_rows(cfg)
     Dp = -(-D // 128) * 128  # the FP8 payload is padded to whole 1x128 tiles
     disp = Dp + Dp // 128 * 4 if p.fp8_dispatch else 2 * D
-    fwd_row, bwd_row = disp + 2 * D, 4 * D
+    gbps = _all_to_all_gbps(cfg)
     out = {}
-    for name, row in (("fwd", fwd_row), ("bwd", bwd_row)):
-        ib, nvl = (T * moe_layers * rows[x] * row for x in ("ib", "nvlink"))
-        out[name] = {"ib_bytes": ib, "nvlink_bytes": nvl,
-                     "seconds": max(ib / (c.ib_gbps * 1e9), nvl / (c.nvlink_gbps * 1e9))}
+    for name, (first, second) in (("fwd", (disp, 2 * D)), ("bwd", (2 * D, 2 * D))):  # dispatch-, combine-like
+        per = {x: T * moe_layers * rows[x] for x in ("ib", "nvlink")}
+        secs = {x: per[x] * (first / gbps[x][0] + second / gbps[x][1]) / 1e9 for x in per}
+        out[name] = {"ib_bytes": per["ib"] * (first + second), "nvlink_bytes": per["nvlink"] * (first + second),
+                     "seconds": max(secs.values())}
     out["per_token_per_layer"] = {"dispatch_row_bytes": disp, "combine_row_bytes": 2 * D, **rows}
     return out
+
+
+def _all_to_all_gbps(cfg: Config) -> dict:
+    """(dispatch, combine) GB/s per link: the calibration's shares of the cluster's nominal IB and NVLink."""
+    c, cal, ep = cfg.cluster, calibration(cfg), cfg.parallel.ep
+    return {link: tuple(f * nominal for f in cal.all_to_all_fraction(link, ep))
+            for link, nominal in (("ib", c.ib_gbps), ("nvlink", c.nvlink_gbps))}
 
 
 def p2p_bytes_per_chunk(cfg: Config) -> float:

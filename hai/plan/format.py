@@ -149,7 +149,7 @@ def _comparisons(rows: list[dict]) -> str:
 
 def _published(pc: dict) -> str:
     pub, ratio = pc["published"], pc["ratio_plan_over_published"]
-    imp = pc["implied_gemm_efficiency"]
+    imp = pc["implied_compute_scale"]
     return _table("check against DeepSeek-V3's published run (2048 H800)", [
         ("GPU-hours per 1T tokens", f"published {pub['gpu_hours_per_trillion_tokens']:,.0f}; plan/published "
                                     f"{ratio['gpu_hours_per_trillion_tokens']:.2f}"),
@@ -161,9 +161,27 @@ def _published(pc: dict) -> str:
                                 f"{100 * pc['compute_share_of_step']:.0f}% of the predicted step"),
         ("balanced-stage sensitivity", f"{pc['balanced_stages_tokens_per_s_per_gpu']:,.0f} tokens/s/GPU "
                                        f"({pc['balanced_stages_ratio']:.2f}x published) if every stage cost the mean"),
-        ("implied GEMM efficiency", "n/a" if imp is None else f"{imp:.3f} would reproduce the published step "
-                                                              f"(all else equal; not applied)"),
+        ("implied compute scale", "n/a" if imp is None else f"{imp:.3f}x the calibrated kernel throughputs would "
+                                                            f"reproduce the published step (all else equal; not "
+                                                            f"applied)"),
         ("driver", pc["driver"]),
+    ])
+
+
+def _calibration(cal: dict) -> str:
+    """The table the compute and all-to-all costs came from, and its sources."""
+    a2a = cal["all_to_all_gbps"]
+    link = lambda rows: ", ".join(f"EP{e:g} {d:g}/{c:g}" for e, d, c in rows)  # noqa: E731
+    shapes = lambda rows: ", ".join(f"{n:g}x{k:g} {t:g}" for n, k, t in rows)  # noqa: E731
+    return _table(f"calibration {cal['name']} ({cal['gpu']}; {cal['path']})", [
+        ("FP8 dense GEMM TFLOP/s", f"N x K: {shapes(cal['gemm_fp8_tflops_dense'])}"),
+        ("FP8 grouped GEMM TFLOP/s", f"N x K: {shapes(cal['gemm_fp8_tflops_grouped'])}; wgrad "
+                                     f"{cal['wgrad_tflops']:g}"),
+        ("BF16 GEMMs / attention", f"{cal['gemm_bf16_efficiency']:g} of BF16 peak / "
+                                   f"{cal['attention_tflops_bf16']:g} TFLOP/s"),
+        ("all-to-all dispatch/combine GB/s", f"NVLink {link(a2a['intranode'])}; RDMA {link(a2a['internode'])}"),
+        ("SMs", cal["sms"]),
+        *((f"source: {k}", v) for k, v in cal["sources"].items()),
     ])
 
 
@@ -172,7 +190,7 @@ def format_plan(r: dict) -> str:
     assumptions = _table("assumptions (module constants, hai/plan/cost.py, hai/plan/memory.py)",
                          [(k, str(v)) for k, v in a.items()])
     parts = [_layout(r), _memory(r["memory"]), _comm(r["communication"]), _step(r), _comparisons(r["comparisons"]),
-             assumptions]
+             _calibration(r["calibration"]), assumptions]
     if r.get("published_check"):
         parts.insert(-1, _published(r["published_check"]))
     if r.get("files"):

@@ -5,7 +5,8 @@ backend's, used to build the layout's device meshes in one process.
 Memory lives in :mod:`hai.plan.memory`, the compute/communication cost model in :mod:`hai.plan.cost`, the text
 rendering in :mod:`hai.plan.format`; this module
 turns per-chunk costs into ``pipeline.simulate`` costs, runs the schedule, and writes the report, ``schedule.png`` and
-``trace.json``. Every assumption is a module constant (printed in the report); none is tuned to the published number.
+``trace.json``. Kernel and link throughputs come from the calibration table (:mod:`hai.plan.calibration`, printed in
+the report with its sources); the other assumptions are module constants. None is tuned to the published number.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from hai.config import Config, ConfigError
 from hai.parallel.topology import Topology
 from hai.pipeline.trace import save_chrome_trace, save_gantt_png
-from hai.plan.cost import ATTENTION_EFFICIENCY, B_OVER_F, GEMM_EFFICIENCY, W_OVER_F
+from hai.plan.cost import B_OVER_F, calibration
 from hai.plan.memory import GB, GRAD_BYTES
 from hai.plan.step import predict, predict_step_time
 
@@ -42,17 +43,21 @@ PUBLISHED = {
 }
 
 ASSUMPTIONS = {
-    "GEMM_EFFICIENCY": GEMM_EFFICIENCY,
-    "ATTENTION_EFFICIENCY": ATTENTION_EFFICIENCY,
     "B_OVER_F": B_OVER_F,
-    "W_OVER_F": W_OVER_F,
     "GRAD_BYTES": GRAD_BYTES,
+    "compute": "every GEMM's forward, input gradient (N and K swapped) and weight gradient at the calibration's "
+               "TFLOP/s for its kind and nearest shape (measured at M = its gemm m; TP splits are priced at the "
+               "unsplit shape), as shares of the table's nominal peak applied to the cluster's; attention core at "
+               "the table's attention TFLOP/s, backward B_OVER_F x forward; under DualPipe with expert parallelism "
+               "compute runs on the SMs the all-to-all kernels leave; non-GEMM ops (norms, RoPE, routing, permutes, "
+               "quantization) cost nothing",
     "memory": "static bytes = what the construction path allocates (flat ZeRO-1 weight/gradient buffers padded per "
               "bucket, the optimizer shard), checked against the rank built on meta; activations itemized per "
               "kept tensor of the model code (hai/plan/memory.py act_items) under train.recompute and "
               "model.precision; the total uses the configured recompute mode; micro-batch of micro_batch_size x "
               "seq_len tokens; balanced routing; no allocator fragmentation, workspace or communication buffers",
-    "comm": "links at the cluster's nominal GB/s; DualPipe F&B hides EP all-to-all under compute "
+    "comm": "EP all-to-all at the calibration's dispatch / combine GB/s for the EP size (as shares of its nominal "
+            "links); P2P and ZeRO-1 at the cluster's nominal GB/s; DualPipe F&B hides EP all-to-all under compute "
             "(F&B = max(F+B compute, fwd+bwd comm)); 1F1B/ZB1P expose it; ZeRO-1 / copy-sync collectives exposed "
             "at the step end; pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and "
             "B); non-GEMM ops (norms, RoPE, routing, permutes) cost nothing; routing perfectly balanced",
@@ -131,12 +136,12 @@ def _published(cfg: Config, pred: dict) -> dict:
     ratio = {k: th[k] / v for k, v in PUBLISHED.items() if k in th}
     pub_step = th["tokens_per_step_per_gpu"] / PUBLISHED["tokens_per_s_per_gpu"]
     other = st["step_time_s"] - st["compute_s"]
-    implied = GEMM_EFFICIENCY * st["compute_s"] / (pub_step - other) if pub_step > other else None
+    implied = st["compute_s"] / (pub_step - other) if pub_step > other else None  # compute throughput factor
     balanced = predict(cfg, with_comm=False, stage_cost="mean")["throughput"]["tokens_per_s_per_gpu"]
     stage_f = st["stage_F_compute_s"]
     return {"published": PUBLISHED, "ratio_plan_over_published": ratio, "published_step_time_s": pub_step,
             "compute_share_of_step": st["compute_s"] / st["step_time_s"],
-            "implied_gemm_efficiency": implied,
+            "implied_compute_scale": implied,
             "balanced_stages_tokens_per_s_per_gpu": balanced,
             "balanced_stages_ratio": balanced / PUBLISHED["tokens_per_s_per_gpu"],
             "driver": f"compute dominates the predicted step ({st['compute_s'] / st['step_time_s']:.0%}); every "
@@ -149,9 +154,10 @@ def _published(cfg: Config, pred: dict) -> dict:
                          f"{st['busiest_over_mean_compute']:.3f}x the mean)")
                       + f"; with every stage "
                       f"at the mean the plan would give {balanced / PUBLISHED['tokens_per_s_per_gpu']:.2f}x the "
-                      f"published throughput. The assumption that moves it most is GEMM_EFFICIENCY (step ~ "
-                      f"1/efficiency while compute-bound; "
-                      + (f"{implied:.2f} would reproduce the published step" if implied else "no efficiency would")
+                      f"published throughput. What moves it most is the calibrated compute throughput (step ~ "
+                      f"1/throughput while compute-bound; "
+                      + (f"{implied:.2f}x the table's kernel throughputs would reproduce the published step" if implied
+                         else "no compute throughput would")
                       + "); the roofline also omits non-GEMM ops (norms, RoPE, routing, permutes), routing "
                       "imbalance and kernel launch overheads, all of which make the real run slower"}
 
@@ -199,6 +205,7 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
         "comparisons": _comparisons(cfg, pred),
         "published_check": _published(cfg, pred) if cfg.model.name == "deepseek_v3_671b" else None,
         "assumptions": ASSUMPTIONS,
+        "calibration": calibration(cfg).summary(),
         "files": files,
     }
 

@@ -11,21 +11,22 @@ from hai.config import Config
 from hai.pipeline.schedules import num_stages, param_copies
 from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_schedule
 from hai.plan.accounting import train_flops_per_token
-from hai.plan.cost import B_OVER_F, W_OVER_F, chunk_comm, chunk_compute_s, chunk_flops, p2p_bytes_per_chunk, zero1_bytes
+from hai.plan.cost import chunk_comm, chunk_compute, chunk_flops, p2p_bytes_per_chunk, zero1_bytes
 from hai.plan.memory import memory_report
 from hai.plan.tp import tp_chunk_bytes, tp_chunk_seconds, tp_layer_bytes
 
 __all__ = ["predict", "predict_step_time"]
 
 
-def _stage_costs(F: float, cf: float, cb: float, overlap: bool, p2p: float, tf: float = 0.0,
+def _stage_costs(c: dict, cf: float, cb: float, overlap: bool, p2p: float, tf: float = 0.0,
                  tb: float = 0.0) -> Costs:
-    """One stage chunk: forward F (+ its EP comm), full backward B_OVER_F*F (+ comm), W; F&B overlaps the EP
-    all-to-alls of one chunk with the other's compute (DualPipe) or runs them back to back. ``tf``/``tb``: the TP
-    collectives of the forward / backward, on the critical path (HAI does not overlap them)."""
-    Fx, Bx = F + cf + tf, B_OVER_F * F + cb + tb
-    FB = (max((1 + B_OVER_F) * F, cf + cb) + tf + tb) if overlap else Fx + Bx
-    return Costs(F=Fx, B=Bx, W=W_OVER_F * F, FB=FB, p2p=p2p, F_comm=cf, B_comm=cb)
+    """One stage chunk: compute ``c`` (forward F, full backward B, its weight part W: hai.plan.cost.spec_compute)
+    plus the EP comm of each direction; F&B overlaps the EP all-to-alls of one chunk with the other's compute
+    (DualPipe) or runs them back to back. ``tf``/``tb``: the TP collectives of the forward / backward, on the critical
+    path (HAI does not overlap them)."""
+    Fx, Bx = c["F"] + cf + tf, c["B"] + cb + tb
+    FB = (max(c["F"] + c["B"], cf + cb) + tf + tb) if overlap else Fx + Bx
+    return Costs(F=Fx, B=Bx, W=c["W"], FB=FB, p2p=p2p, F_comm=cf, B_comm=cb)
 
 
 def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dict]:
@@ -38,28 +39,28 @@ def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dic
     for s in range(n_st):
         fl = chunk_flops(cfg, s)
         tf, tb = tp_chunk_seconds(cfg, s)
-        stages.append({"F": chunk_compute_s(cfg, s) / p.tp, "comm": chunk_comm(cfg, fl["moe_layers"]),
-                       "tp": (tf, tb)})
+        stages.append({"c": {k: v / p.tp for k, v in chunk_compute(cfg, s).items()},
+                       "comm": chunk_comm(cfg, fl["moe_layers"]), "tp": (tf, tb)})
     overlap = p.schedule in ("dualpipe", "dualpipev")
     link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
     p2p = p2p_bytes_per_chunk(cfg) / (link * 1e9)
     agg = (lambda xs: sum(xs) / len(xs)) if stage_cost == "mean" else max
-    F = agg([x["F"] for x in stages])
+    c = {k: agg([x["c"][k] for x in stages]) for k in ("F", "B", "W")}
     cf = agg([x["comm"]["fwd"]["seconds"] for x in stages])
     cb = agg([x["comm"]["bwd"]["seconds"] for x in stages])
     tf, tb = agg([x["tp"][0] for x in stages]), agg([x["tp"][1] for x in stages])
-    costs = _stage_costs(F, cf, cb, overlap, p2p, tf, tb)
-    per_stage = tuple(_stage_costs(x["F"], x["comm"]["fwd"]["seconds"], x["comm"]["bwd"]["seconds"], overlap, p2p,
+    costs = _stage_costs(c, cf, cb, overlap, p2p, tf, tb)
+    per_stage = tuple(_stage_costs(x["c"], x["comm"]["fwd"]["seconds"], x["comm"]["bwd"]["seconds"], overlap, p2p,
                                    *x["tp"]) for x in stages)
-    compute_only = Costs(F=F, B=B_OVER_F * F, W=W_OVER_F * F, FB=(1 + B_OVER_F) * F,
-                         stages=tuple(_stage_costs(x["F"], 0.0, 0.0, True, 0.0) for x in stages))
+    compute_only = Costs(F=c["F"], B=c["B"], W=c["W"], FB=c["F"] + c["B"],
+                         stages=tuple(_stage_costs(x["c"], 0.0, 0.0, True, 0.0) for x in stages))
     if stage_cost == "per_stage":
         costs = dataclasses.replace(costs, stages=per_stage)
     else:
         compute_only = dataclasses.replace(compute_only, stages=())
     worst = max(range(n_st), key=lambda s: stages[s]["comm"]["fwd"]["seconds"])
-    return costs, {"F_compute": F, "comm_fwd": cf, "comm_bwd": cb, "overlap": overlap, "tp_fwd": tf, "tp_bwd": tb,
-                   "stage_F_compute": [x["F"] for x in stages], "compute_only": compute_only,
+    return costs, {"F_compute": c["F"], "comm_fwd": cf, "comm_bwd": cb, "overlap": overlap, "tp_fwd": tf,
+                   "tp_bwd": tb, "stage_F_compute": [x["c"]["F"] for x in stages], "compute_only": compute_only,
                    "comm_worst_stage": stages[worst]["comm"]}
 
 
