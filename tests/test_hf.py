@@ -125,6 +125,10 @@ def test_hai_model_exports_for_transformers(tmp_path):
         assert _rel(back(tok).logits, model.forward_logits(tok)) <= 1e-5
     with pytest.raises(hf.HFError, match="model.mtp_hidden=pre_norm.*export a model trained with"):
         hf.save(build_model(compose(["model=tiny"]).model), compose(["model=tiny"]).model, str(tmp_path / "x"))
+    bad = dataclasses.replace(cfg, group_scoring="max")  # refused by the config conversion: nothing written either
+    with pytest.raises(hf.HFError, match="group_scoring=max has no DeepSeek-V3 equivalent"):
+        hf.save(model, bad, str(tmp_path / "y"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # no half-written export
 
 
 def test_fp8_checkpoint_dequantizes_within_e4m3_rounding(tmp_path):

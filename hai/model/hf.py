@@ -342,12 +342,16 @@ def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def _hf_state(model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(release name, tensor) of every weight, the MTP layers' embedding/head copies included."""
+def _check_mtp_exportable(cfg: ModelConfig) -> None:
     if cfg.mtp_depth and (cfg.mtp_hidden != "post_norm" or cfg.mtp_concat != "embed_first"):
         raise HFError(f"model.mtp_hidden={cfg.mtp_hidden} / mtp_concat={cfg.mtp_concat}: the release's MTP layer takes "
                       f"the normed final state and projects [enorm(e); hnorm(h)]; export a model trained with "
                       f"model.mtp_hidden=post_norm model.mtp_concat=embed_first, or with model.mtp_depth=0")
+
+
+def _hf_state(model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(release name, tensor) of every weight, the MTP layers' embedding/head copies included."""
+    _check_mtp_exportable(cfg)
     for name, _, _, t in _owned(model):
         key = hf_keys(cfg, name)
         if "{e}" in key:
@@ -363,11 +367,14 @@ def _hf_state(model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.T
 
 def save(model: nn.Module, cfg: ModelConfig, out_dir: str, max_shard_bytes: int = 4 * 2**30) -> dict:
     """Write a single-process model as a Hugging Face checkpoint directory (safetensors shards + index +
-    config.json). Returns {files, tensors, bytes}."""
+    config.json). Returns {files, tensors, bytes}. A model whose conventions the release cannot express is refused
+    before anything is written."""
     from safetensors.torch import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
     dtype = next(model.parameters()).dtype
+    _check_mtp_exportable(cfg)
+    config = _hf_config(cfg, dtype)
+    os.makedirs(out_dir, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in _hf_state(model, cfg):
@@ -386,5 +393,5 @@ def save(model: nn.Module, cfg: ModelConfig, out_dir: str, max_shard_bytes: int 
     with open(os.path.join(out_dir, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(_hf_config(cfg, dtype), f, indent=1)
+        json.dump(config, f, indent=1)
     return {"files": len(shards), "tensors": len(weight_map), "bytes": total}
