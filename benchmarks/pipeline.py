@@ -61,6 +61,7 @@ def _sleep_executor(name: str, pp_rank: int, pp: int, n_micro: int, costs: Costs
         def __init__(self):  # no model: only the schedule, P2P and bookkeeping of the real executor
             self.name, self.pp_rank, self.pp, self.n_micro = name, pp_rank, pp, n_micro
             self.group, self.pp_ranks, self.act_shape, self.loss_scale = None, list(range(pp)), (1024,), 1.0
+            self.act_dtype, self.device = torch.float32, torch.device("cpu")
             self.n_stages = num_stages(name, pp)
             self.actions = add_send_recv(build_schedule(name, pp, n_micro), costs)[pp_rank]
             self.owner = self._stage_owners(build_schedule(name, pp, n_micro))
@@ -73,7 +74,7 @@ def _sleep_executor(name: str, pp_rank: int, pp: int, n_micro: int, costs: Costs
             slot = slots.setdefault((stage, mb), _Slot())
             slot.out = torch.zeros(self.act_shape)
             if stage == self.n_stages - 1:
-                slot.losses = (0.0, 0.0)
+                slot.losses = (torch.zeros(()), torch.zeros(()))
             elif self.owner.get((stage + 1, mb)) == self.pp_rank:
                 slots.setdefault((stage + 1, mb), _Slot()).inp = slot.out
 
