@@ -59,7 +59,7 @@ def _block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, mask_m, mask
         b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
         sa = tl.load(as_ptrs, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptrs, mask=mask_n, other=0.0)
-        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]  # promotion: scale this block's fp32 partial, then add
+        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]  # promotion: scale this block's partial, add (no FMA)
         a_ptrs += 128 * stride_ak
         b_ptrs += 128 * stride_bk
         as_ptrs += stride_ask
@@ -300,6 +300,7 @@ def _gemm_fp32_ref(a, a_s, b, b_s_rows) -> torch.Tensor:
     acc = torch.zeros((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.device)
     for kb in range(a.shape[1] // BLOCK):
         ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
+        # three separately rounded ops (x sa, x sb, + acc), never an FMA: the kernels' rule (FP_FUSION, _common)
         acc += (a32[:, ks] @ b32[:, ks].T) * a_s[:, kb, None] * b_s_rows[None, :, kb]
     return acc
 
