@@ -123,6 +123,8 @@ def cmd_account(cfg, overrides: list[str]) -> int:
 
 
 def cmd_prepare(cfg, overrides: list[str]) -> int:
+    if cfg.data.format == "chat":
+        return _prepare_chat(cfg)
     from hai.data.prepare import prepare_corpus
 
     report = prepare_corpus(cfg.data, progress=cfg.output != "json")
@@ -135,6 +137,27 @@ def cmd_prepare(cfg, overrides: list[str]) -> int:
           f"{report['mb_per_s']:,.1f} MB/s with {report['workers']} worker(s)")
     for path, err in report["skipped"].items():
         print(f"  skipped {path}: {err}")
+    return 0
+
+
+def _prepare_chat(cfg) -> int:
+    """`hai prepare data.format=chat`: conversations into windows of train.seq_len+1 (hai.data.chat_prepare)."""
+    from hai.data.chat_prepare import prepare_chat
+
+    r = prepare_chat(cfg.data, cfg.train.seq_len, progress=cfg.output != "json")
+    if cfg.output == "json":
+        print(json.dumps(r))
+        return 0
+    how = "packed" if r["pack"] else "padded"
+    print(f"hai prepare: {r['files']} file(s), {r['rows']:,} rows -> {r['conversations']:,} conversations "
+          f"({r['template']}) in {r['windows']:,} windows of {r['window']} tokens ({how}) -> {r['path']}; packing "
+          f"efficiency {r['packing_efficiency']:.1%}, targets {r['target_fraction']:.1%} of "
+          f"tokens ({r['target_tokens']:,}); {r['truncated']} truncated")
+    bad = ", ".join(f"{k} {n}" for k, n in r["bad_rows"].items())
+    print(f"  bad rows skipped: {bad or 'none'}")
+    for kind, examples in r["bad_examples"].items():
+        for e in examples:
+            print(f"    {kind}: {e}")
     return 0
 
 

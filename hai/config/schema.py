@@ -175,6 +175,9 @@ class DataConfig:
     shard_mb: int = 1024  # `hai prepare` writes shards of at most this many MB (when data.path is a directory)
     on_error: str = "fail"  # `hai prepare` on a corrupt or unreadable input file: fail | skip (reported by name)
     max_bytes: int = 4_000_000  # cap on text read by `hai prepare` from the default source
+    format: str = "text"  # `hai prepare`: text (documents) | chat (conversations with a loss mask: hai.data.chat)
+    pack: bool = True  # chat: conversations packed into windows of train.seq_len+1 (false: one per window, padded)
+    truncate: bool = False  # chat: a conversation longer than a window is cut to it (false: a bad row, data.on_error)
     cache_dir: Optional[str] = None  # default: ~/.cache/hai
 
     def __post_init__(self) -> None:
@@ -183,6 +186,7 @@ class DataConfig:
         _require(self.workers >= 0, f"data.workers={self.workers} must be >= 0 (0: one per CPU core)")
         _require(0 <= self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
         _choice("data.on_error", self.on_error, ("fail", "skip"))
+        _choice("data.format", self.format, ("text", "chat"))
         for item in self.mixture:
             mixture_item(item)
         _require(not (self.mixture and self.path), f"data.mixture={list(self.mixture)} and data.path={self.path!r} "
@@ -205,6 +209,8 @@ def mixture_item(item: str) -> tuple[float, str]:
 class TrainConfig:
     name: str = "demo"
     steps: int = 200
+    epochs: float = 0.0  # > 0: train.steps = ceil(epochs x training windows / global_batch_size) (SFT); 0: steps
+    finetune: bool = False  # resume=PATH of another run: its weights only (step 0, new optimizer); hai.train.trainer
     seed: int = 1234
     seq_len: int = 64
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
@@ -235,6 +241,7 @@ class TrainConfig:
                  f"{self.micro_batch_size}: pick a micro batch that divides the global batch")
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must lie in [0, train.lr={self.lr}]")
         _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.epochs >= 0, f"train.epochs={self.epochs} must be >= 0 (0: train.steps decides)")
         _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _require(self.save_every >= 0, f"train.save_every={self.save_every} must be >= 0 (0 disables)")
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
@@ -311,6 +318,7 @@ class GenerateConfig:
     seed: int = 0
     speculative: bool = False  # draft with the MTP module, verify with the main model
     compare: bool = True  # with speculative: also time plain decoding, report both
+    chat: bool = False  # the prompt is a user turn rendered with the tokenizer's chat template; stop at its EOS
 
     def __post_init__(self) -> None:
         _positive("generate.max_new_tokens", self.max_new_tokens)

@@ -216,6 +216,9 @@ class _ShardWriter:
 def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool = False) -> dict:
     """Tokenize ``cfg.source`` (default: Python's stdlib sources, up to ``cfg.max_bytes``) into ``out_path`` (or
     ``cfg.path``). Returns the report: path, shards, files, skipped (name -> error), documents, tokens, MB/s."""
+    if cfg.format == "chat":
+        raise DataError("data.format=chat is prepared by hai.data.chat_prepare.prepare_chat (`hai prepare "
+                        "data.format=chat`), which needs train.seq_len")
     tok = load_tokenizer(cfg.tokenizer)
     out = out_path or cfg.path or default_token_file(cfg)
     files = source_files(cfg.source)

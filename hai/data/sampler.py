@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from hai.config import DataConfig, mixture_item
-from hai.data.tokens import DataError, TokenFile, shard_paths
+from hai.data.tokens import START, TARGET, DataError, TokenFile, shard_paths
+from hai.model.batch import ID_BITS
 
 __all__ = ["WindowSet", "Mixture", "Dataset", "open_dataset", "Sampler", "Permutation", "MIX_ROUND"]
 
@@ -91,11 +92,15 @@ class Permutation:
 # ----------------------------------------------------------------------------------------------------------------------
 
 class WindowSet:
-    """The windows ``[lo, hi)`` of a source (its shards' windows, numbered shard after shard)."""
+    """The windows ``[lo, hi)`` of a source (its shards' windows, numbered shard after shard). A chat file
+    (version 2, ``TokenFile.window``) is whole windows of seq_len + 1 tokens back to back; its windows carry their
+    flags (:mod:`hai.model.batch`: not-a-target, document start) in the bits above the token ids."""
 
     def __init__(self, files: list[TokenFile], seq_len: int, lo: int = 0, hi: int | None = None, name: str = ""):
         self.files, self.seq_len, self.name = files, seq_len, name or (files[0].path if files else "?")
-        per_shard = np.array([max(0, (len(f) - 1) // seq_len) for f in files], dtype=np.int64)
+        self.stride = _stride(files, seq_len, self.name)
+        edge = 0 if self.stride > seq_len else 1  # a stream's last window needs one token past its end
+        per_shard = np.array([max(0, (len(f) - edge) // self.stride) for f in files], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(per_shard)])  # O(shards), not O(windows)
         total = int(self.starts[-1])
         self.lo, self.hi = lo, total if hi is None else hi
@@ -116,8 +121,31 @@ class WindowSet:
         """Tokens of window ``w`` of this set (0 <= w < n_windows), seq_len + 1 of them."""
         g = self.lo + int(w)
         shard = int(np.searchsorted(self.starts, g, side="right")) - 1
-        start = (g - int(self.starts[shard])) * self.seq_len
-        return np.asarray(self.files[shard].tokens[start: start + self.seq_len + 1])
+        start = (g - int(self.starts[shard])) * self.stride
+        f = self.files[shard]
+        tokens = np.asarray(f.tokens[start: start + self.seq_len + 1])
+        if f.mask is None:
+            return tokens
+        return _flagged(tokens, np.asarray(f.mask[start: start + self.seq_len + 1]))
+
+
+def _stride(files: list[TokenFile], seq_len: int, name: str) -> int:
+    """Tokens between window starts: seq_len (a token stream; windows share their edge token) or the chat files'
+    whole windows of seq_len + 1 (which must be this run's)."""
+    window = files[0].window if files else 0
+    if window and window != seq_len + 1:
+        raise DataError(f"{name!r} holds chat windows of {window} tokens, prepared for train.seq_len={window - 1}, "
+                        f"but train.seq_len={seq_len}: train with train.seq_len={window - 1} or re-run `hai prepare "
+                        f"data.format=chat train.seq_len={seq_len}`")
+    return window or seq_len
+
+
+def _flagged(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """int64 token ids with the flags of :mod:`hai.model.batch` from the file's mask bits."""
+    out = tokens.astype(np.int64)
+    out |= ((mask & TARGET) == 0).astype(np.int64) << ID_BITS
+    out |= ((mask & START) != 0).astype(np.int64) << (ID_BITS + 1)
+    return out
 
 
 class Mixture:
@@ -200,17 +228,25 @@ class Dataset:
     tokenizer: str
     eos_id: int
     sources: list[tuple[float, list[str]]]  # (weight, shard paths) per training source
+    loss_mask: bool = False  # chat data: windows carry flags (hai.model.batch), the loss counts targets only
 
 
 def _open_source(spec: str, key: str) -> list[TokenFile]:
     files = [TokenFile.open(p) for p in shard_paths(spec, key)]
     first = files[0]
     for f in files[1:]:
+        if (f.mask is None, f.window) != (first.mask is None, first.window):
+            raise DataError(f"shard {f.path!r} ({_kind(f)}) does not match {first.path!r} ({_kind(first)}) in "
+                            f"{key}={spec!r}: re-create the source with one `hai prepare` run")
         if (f.vocab_size, f.tokenizer, f.eos_id) != (first.vocab_size, first.tokenizer, first.eos_id):
             raise DataError(f"shard {f.path!r} (vocab {f.vocab_size}, tokenizer {f.tokenizer!r}, eos {f.eos_id}) does "
                             f"not match {first.path!r} (vocab {first.vocab_size}, tokenizer {first.tokenizer!r}, eos "
                             f"{first.eos_id}) in {key}={spec!r}: re-create the source with one tokenizer")
     return files
+
+
+def _kind(f: TokenFile) -> str:
+    return f"chat windows of {f.window} tokens" if f.mask is not None else "a plain token stream"
 
 
 def open_dataset(cfg: DataConfig, seq_len: int, seed: int = 0, path: str | None = None) -> Dataset:
@@ -222,6 +258,9 @@ def open_dataset(cfg: DataConfig, seq_len: int, seed: int = 0, path: str | None 
     ref = opened[0][2][0]
     for _, spec, files in opened[1:] + ([(0, cfg.val_path, val_files)] if val_files else []):
         f = files[0]
+        if (f.mask is None) != (ref.mask is None):
+            raise DataError(f"{spec!r} holds {_kind(f)} but {specs[0][1]!r} {_kind(ref)}: chat data (a loss mask) "
+                            f"and plain text cannot be mixed in one run; prepare both with data.format=chat or neither")
         if (f.vocab_size, f.tokenizer, f.eos_id) != (ref.vocab_size, ref.tokenizer, ref.eos_id):
             raise DataError(f"{spec!r} was tokenized with {f.tokenizer!r} (vocab {f.vocab_size}) but {specs[0][1]!r} "
                             f"with {ref.tokenizer!r} (vocab {ref.vocab_size}): every source needs the same tokenizer")
@@ -242,7 +281,7 @@ def open_dataset(cfg: DataConfig, seq_len: int, seed: int = 0, path: str | None 
     else:
         val = Mixture(val_sets, weights, seed=_key64("val", seed)) if val_sets else None
     return Dataset(Mixture(train_sets, weights, seed=seed), val, ref.vocab_size, ref.tokenizer, ref.eos_id,
-                   [(w, [f.path for f in files]) for w, _, files in opened])
+                   [(w, [f.path for f in files]) for w, _, files in opened], ref.mask is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""Supervised fine-tuning: chat data with a loss mask, packed conversations, the masked loss.
+
+Data: the version-2 token file (a parallel flag array, old files still read), the byte tokenizer's built-in template
+and a Hugging Face tokenizer directory's own chat template (tests/chat_fixtures.py) mark exactly the assistant turns
+and their EOS as targets; `hai prepare data.format=chat` packs conversations without splitting one and counts bad rows
+by kind (refused by name under data.on_error=fail).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chat_fixtures import tokenizer_dir, write_jsonl
+from hai.cli import main
+from hai.config import DataConfig
+from hai.data import DataError, Sampler, TokenFile, write_token_file
+from hai.data.chat import ByteChatTemplate, ChatError, conversation, load_chat_template
+from hai.data.chat_prepare import Packer, prepare_chat
+from hai.data.tokens import START, TARGET
+from hai.model.batch import doc_starts, target_ids, token_ids
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "2 + 3 = 5."}]
+
+
+# ------------------------------------------------------------------------------------------------ token files
+def test_token_file_version_2_round_trip_and_version_1_still_reads(tmp_path):
+    tokens = np.arange(24) % 7
+    flags = np.array([START, 0, TARGET, TARGET | START] * 6, np.uint8)
+    old = TokenFile.open(write_token_file(tmp_path / "v1.haitok", tokens, 257, "byte", 256))
+    assert old.mask is None and old.window == 0 and list(old.tokens) == list(tokens)
+    assert json.loads(open(tmp_path / "v1.haitok", "rb").read()[12:200].split(b"}")[0] + b"}")["version"] == 1
+    new = TokenFile.open(write_token_file(tmp_path / "v2.haitok", tokens, 257, "byte", 256, mask=flags, window=12,
+                                          pad_id=256))
+    assert list(new.tokens) == list(tokens) and list(new.mask) == list(flags)
+    assert (new.window, new.pad_id, new.num_docs) == (12, 256, 12)
+    data = open(tmp_path / "v2.haitok", "rb").read()
+    open(tmp_path / "cut.haitok", "wb").write(data[:-3])  # the flags lose their tail
+    with pytest.raises(DataError, match="truncated.*and flags"):
+        TokenFile.open(tmp_path / "cut.haitok")
+    newer = data.replace(b'"version": 2', b'"version": 9')
+    open(tmp_path / "newer.haitok", "wb").write(newer)
+    with pytest.raises(DataError, match="version-9 token file; this HAI reads versions 1..2"):
+        TokenFile.open(tmp_path / "newer.haitok")
+
+
+# ------------------------------------------------------------------------------------------------ templates
+def _targets(template, messages):
+    ids, target = template.render(messages)
+    return ids, target
+
+
+def test_byte_template_targets_are_the_assistant_turns_and_their_eos():
+    t = ByteChatTemplate()
+    ids, target = t.render(CONV)
+    text = bytes(int(i) for i in ids if i < 256).decode()
+    assert text == ("<|system|>Be brief.\n<|user|>Hi!\n<|assistant|>Hello!<|user|>What is 2 + 3?\n"
+                    "<|assistant|>2 + 3 = 5.")
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], target.astype(int), [0]])))
+    got = [list(ids[a:z]) for a, z in zip(spans[::2], spans[1::2])]
+    assert got == [list(b"Hello!") + [256], list(b"2 + 3 = 5.") + [256]]
+    # inference renders the same tokens: the prompt of the first turns, then the model's answer and EOS
+    first = t.prompt(CONV[:2])
+    assert list(ids[: len(first)]) == first and list(ids[len(first): len(first) + 7]) == list(b"Hello!") + [256]
+
+
+def test_hf_tokenizer_directory_chat_template_targets(tmp_path):
+    t = load_chat_template(tokenizer_dir(tmp_path))
+    ids, target = t.render(CONV)
+    assert t.eos_id == t._tok.token_to_id("<｜end▁of▁sentence｜>") and ids[0] == t._tok.token_to_id(
+        "<｜begin▁of▁sentence｜>")
+    decode = lambda xs: t._tok.decode([int(x) for x in xs], skip_special_tokens=False)  # noqa: E731
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], target.astype(int), [0]])))
+    assert [decode(ids[a:z]) for a, z in zip(spans[::2], spans[1::2])] == [
+        "Hello!<｜end▁of▁sentence｜>", "2 + 3 = 5.<｜end▁of▁sentence｜>"]
+    assert decode(ids) == ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi!<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
+                           "<｜User｜>What is 2 + 3?<｜Assistant｜>2 + 3 = 5.<｜end▁of▁sentence｜>")
+    prompt = t.prompt(CONV[:4])  # the generation prompt of the last turn is a prefix of the training tokens
+    assert list(ids[: len(prompt)]) == prompt and target[len(prompt)] and not target[len(prompt) - 1]
+
+
+def test_bad_conversations_are_refused_by_kind(tmp_path):
+    cases = {"malformed": [{"messages": "hi"}, {"prompt": "x"}, [1, 2], {"messages": [{"role": "user"}]}],
+             "unknown_role": [{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}],
+             "no_assistant": [{"messages": [{"role": "user", "content": "x"}]}]}
+    for kind, rows in cases.items():
+        for row in rows:
+            with pytest.raises(ChatError) as e:
+                conversation(row)
+            assert e.value.kind == kind, row
+    refusing = tokenizer_dir(tmp_path, template="{{ raise_exception('no system role here') if messages[0]"
+                                                "['role'] == 'system' else 'x' }}")
+    with pytest.raises(ChatError, match="no system role here") as e:
+        load_chat_template(refusing).render(CONV)
+    assert e.value.kind == "template_error"
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def _bad_source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}."} for i in range(20)]
+    rows = good[:10] + ["{not json", {"messages": [{"role": "user", "content": "no answer"}]},
+                        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                        {"prompt": "long " * 40, "completion": "x"}] + good[10:]
+    write_jsonl(src / "a.jsonl", rows)
+    (src / "empty.jsonl").write_text("\n")
+    return src
+
+
+def test_prepare_chat_counts_bad_rows_or_refuses_them_by_name(tmp_path, capsys):
+    src = _bad_source(tmp_path)
+    cfg = DataConfig(format="chat", source=str(src), workers=1)
+    with pytest.raises(DataError, match=r"a\.jsonl line 11 is not JSON.*\[malformed\].*data\.on_error=skip"):
+        prepare_chat(cfg, 64, str(tmp_path / "x.haitok"))
+    r = prepare_chat(DataConfig(format="chat", source=str(src), workers=1, on_error="skip"), 64,
+                     str(tmp_path / "ok.haitok"))
+    assert r["bad_rows"] == {"malformed": 1, "unknown_role": 1, "no_assistant": 1, "too_long": 1, "empty_file": 1}
+    assert r["conversations"] == 20 and r["rows"] == 24 and r["truncated"] == 0
+    assert "a.jsonl line 14 renders to" in r["bad_examples"]["too_long"][0]
+    cut = prepare_chat(DataConfig(format="chat", source=str(src), workers=1, on_error="skip", truncate=True), 64,
+                       str(tmp_path / "cut.haitok"))
+    assert cut["truncated"] == 1 and cut["conversations"] == 21 and "too_long" not in cut["bad_rows"]
+    assert main(["prepare", "data.format=chat", f"data.source={src}", "data.on_error=skip", "train.seq_len=64",
+                 f"data.path={tmp_path / 'cli.haitok'}", "data.workers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "20 conversations" in out and "malformed 1, unknown_role 1, no_assistant 1, too_long 1, empty_file 1" in out
+    (tmp_path / "none").mkdir()
+    write_jsonl(tmp_path / "none" / "a.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    assert main(["prepare", "data.format=chat", f"data.source={tmp_path / 'none'}", "data.on_error=skip",
+                 f"data.path={tmp_path / 'n.haitok'}"]) == 2
+    assert "produced no conversations" in capsys.readouterr().err
+
+
+def _conversations_of(tf: TokenFile):
+    """Every conversation of a chat file: (tokens, target flags), read back from the START flags."""
+    out = []
+    for w in range(len(tf) // tf.window):
+        tok, fl = tf.tokens[w * tf.window:(w + 1) * tf.window], tf.mask[w * tf.window:(w + 1) * tf.window]
+        starts = list(np.flatnonzero(fl & START)) + [tf.window]
+        for a, z in zip(starts[:-1], starts[1:]):
+            if tok[a] != tf.pad_id:
+                out.append((tuple(tok[a:z]), tuple(fl[a:z] & TARGET)))
+    return out
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_packing_keeps_every_conversation_whole(tmp_path, pack):
+    rows = [{"prompt": "q" * (2 + i % 23), "completion": "a" * (1 + (7 * i) % 17)} for i in range(300)]
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    r = prepare_chat(DataConfig(format="chat", source=src, workers=1, pack=pack), 127, str(tmp_path / "p.haitok"))
+    tf = TokenFile.open(r["path"])
+    t = ByteChatTemplate()
+    want = sorted((tuple(ids), tuple(tg.astype(np.uint8))) for ids, tg in (t.render(conversation(x)) for x in rows))
+    got = _conversations_of(tf)
+    assert sorted(got) == want  # each conversation once, whole, with its targets
+    assert r["windows"] == len(tf) // 128 and r["conversation_tokens"] == sum(len(a) for a, _ in want)
+    assert r["packing_efficiency"] == pytest.approx(r["conversation_tokens"] / (128 * r["windows"]))
+    assert r["target_fraction"] == pytest.approx(sum(int(sum(b)) for _, b in want) / (128 * r["windows"]))
+    if pack:  # 116 windows (efficiency 0.91); no packing can use fewer than 106 (the tokens / 128)
+        assert r["windows"] <= 1.1 * np.ceil(r["conversation_tokens"] / 128)
+    else:
+        assert r["windows"] == 300
+
+
+def test_packer_best_fit_never_splits_a_conversation():
+    p = Packer(10, True, 0, open_windows=2)
+    parts = [np.full(n, n, np.uint32) for n in (6, 5, 4, 3, 2, 7, 1)]
+    windows = [w for ids in parts for w in p.add(ids, np.ones(len(ids), bool))] + p.finish()
+    for tokens, flags, n in windows:
+        starts = np.flatnonzero(flags & START)
+        lengths = np.diff(np.concatenate([starts, [10]]))
+        assert all(tokens[a] == 0 or tokens[a] == ln for a, ln in zip(starts, lengths))  # whole, or padding
+    assert sorted(n for _, _, n in windows) == [2, 2, 3]  # 6+4 (closed when 7 opened a third), 5+3+2, 7+1
+
+
+def test_chat_windows_carry_flags_and_the_seq_len_they_were_packed_for(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONV}] * 30)
+    path = prepare_chat(DataConfig(format="chat", source=src, workers=1), 127, str(tmp_path / "c.haitok"))["path"]
+    tf = TokenFile.open(path)
+    rows = Sampler(tf, 127, 4, 0).micro_batches(0, 0, 1, 4)[0]
+    ids, target = ByteChatTemplate().render(CONV)
+    for row in rows:
+        assert bool(doc_starts(row[:1])) and list(token_ids(row[: len(ids)])) == list(ids)
+        got = target_ids(row[None])[0, : len(ids) - 1]  # position i predicts token i+1
+        assert list(got >= 0) == list(target[1:])
+    with pytest.raises(DataError, match="prepared for train.seq_len=127, but train.seq_len=64.*data.format=chat "
+                                        "train.seq_len=64"):
+        Sampler(tf, 64, 4, 0)
+
+
+def test_target_ids_stop_at_document_starts():
+    D, T = 1 << 33, 1 << 32  # DOC_START, NOT_TARGET
+    row = torch.tensor([[D | T | 5, 6, 7, D | T | 8, 9, 10, 11]])  # two documents: 5 6 7 | 8 9 10 11
+    assert target_ids(row, 0).tolist() == [[6, 7, -1, 9, 10, 11]]  # 8 starts a document: not a target
+    assert target_ids(row, 1).tolist() == [[7, -1, -1, 10, 11]]  # 7 -> 9 is a target of the next document
+    plain = torch.tensor([[1, 2, 3, 4]])
+    assert target_ids(plain, 0).tolist() == [[2, 3, 4]] and target_ids(plain, 1).tolist() == [[3, 4]]
