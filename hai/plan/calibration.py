@@ -129,4 +129,4 @@ def load_calibration(path: str | None = None) -> Calibration:
         attention_tflops_bf16=_get(d, "attention_tflops_bf16", path),
         intranode=_entries(a2a.get("intranode"), ("ep", "dispatch", "combine"), path, "all_to_all_gbps.intranode"),
         internode=_entries(a2a.get("internode"), ("ep", "dispatch", "combine"), path, "all_to_all_gbps.internode"),
-        sources=dict(d.get("sources", {})))
+        sources={k: "".join(v) if isinstance(v, list) else str(v) for k, v in d.get("sources", {}).items()})
