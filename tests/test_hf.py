@@ -197,3 +197,58 @@ def test_training_from_an_import_starts_at_transformers_loss(layout, world, tmp_
     for loss, read in results:
         assert loss == pytest.approx(want.item(), rel=1e-5)
         assert read == n_full if world == 1 else read < n_full  # each rank of a layout reads its share only
+
+
+def _hf_reads() -> set[str]:
+    """The config.json fields hai/model/hf.py reads: every ``hf.get("x")`` / ``hf["x"]`` in its source."""
+    import ast
+    import inspect
+
+    names = set()
+    for node in ast.walk(ast.parse(inspect.getsource(hf))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == "hf" and node.args and \
+                isinstance(node.args[0], ast.Constant):
+            names.add(node.args[0].value)
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "hf" and \
+                isinstance(node.slice, ast.Constant):
+            names.add(node.slice.value)
+    return names
+
+
+def test_every_config_field_hai_reads_is_checked_first():
+    reads = _hf_reads()
+    assert {"kv_lora_rank", "num_hidden_layers", "rope_scaling", "quantization_config"} <= reads  # the scan works
+    assert reads - {"model_type"} <= set(hf.FIELDS), reads - set(hf.FIELDS)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("llama", "config.json model_type='llama': HAI imports deepseek_v3 and deepseek_v2 checkpoints"),
+    ("mixtral", "config.json model_type='mixtral'"),
+    ("no_model_type", "config.json has no 'model_type'"),
+    ("no_kv_lora_rank", "config.json has no 'kv_lora_rank' (an integer), which HAI reads"),
+    ("no_num_hidden_layers", "config.json has no 'num_hidden_layers' (an integer)"),
+    ("string_hidden_size", "config.json hidden_size='64' must be an integer"),
+    ("yarn_without_original", "rope_scaling (yarn) has no 'original_max_position_embeddings'"),
+    ("yarn_string_factor", "config.json rope_scaling.factor='x' must be a number"),
+    ("not_json", "config.json is not a readable JSON config (JSONDecodeError"),
+])
+def test_init_from_another_architecture_is_one_error_line(case, message, tmp_path, capsys):
+    """`hai train model.init_from=hf:DIR` on a config.json HAI cannot use: one `hai train: error:` line naming the
+    model type or the field, exit code 2, no traceback."""
+    base = json.loads(json.dumps(hf_models.v3().config.to_dict()))
+    cfgs = {"llama": lambda: transformers.LlamaConfig().to_dict(), "mixtral": lambda: transformers.MixtralConfig()
+            .to_dict(), "no_model_type": lambda: {k: v for k, v in base.items() if k != "model_type"},
+            "no_kv_lora_rank": lambda: {k: v for k, v in base.items() if k != "kv_lora_rank"},
+            "no_num_hidden_layers": lambda: {k: v for k, v in base.items() if k != "num_hidden_layers"},
+            "string_hidden_size": lambda: {**base, "hidden_size": "64"},
+            "yarn_without_original": lambda: {**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "yarn_string_factor": lambda: {**base, "rope_scaling": {"rope_type": "yarn", "factor": "x"}},
+            "not_json": lambda: "{oops"}
+    cfg = cfgs[case]()
+    (tmp_path / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    from hai.cli import main
+
+    assert main(["train", f"model.init_from=hf:{tmp_path}", "wandb.mode=disabled", f"out_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hai train: error: ") and message in err[0], err

@@ -34,7 +34,8 @@ from torch import nn
 
 from hai.config import ConfigError, ModelConfig
 
-__all__ = ["HFError", "hf_dir", "read_config", "model_config", "hf_keys", "load_into", "save", "apply_init_from"]
+__all__ = ["HFError", "hf_dir", "read_config", "check_config", "model_config", "hf_keys", "load_into", "save",
+           "apply_init_from", "FIELDS"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -53,13 +54,84 @@ def hf_dir(spec: str) -> str:
 
 
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFError(f"{file} is not a readable JSON config ({type(e).__name__}: {e})") from None
+    if not isinstance(hf, dict):
+        raise HFError(f"{file} holds a JSON {type(hf).__name__}, not a config object")
+    return hf
 
 
 # ------------------------------------------------------------------------------------------------ config mapping
 def _refuse(field: str, value: Any, why: str) -> None:
     raise HFError(f"config.json {field}={value!r}: {why}")
+
+
+_INT, _NUM, _BOOL, _STR, _DICT, _LIST = "an integer", "a number", "true/false", "a string", "an object", "a list"
+# Every config.json field this module reads: (what it must be, required, may be null). Checked before any is used.
+FIELDS: dict[str, tuple[str, bool, bool]] = {
+    **{k: (_INT, True, False) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "kv_lora_rank",
+        "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+        "moe_intermediate_size")},
+    **{k: (_INT, False, False) for k in ("first_k_dense_replace", "max_position_embeddings", "moe_layer_freq",
+                                         "num_nextn_predict_layers")},
+    **{k: (_INT, False, True) for k in ("q_lora_rank", "n_shared_experts", "n_group", "topk_group",
+                                        "num_key_value_heads")},
+    **{k: (_NUM, False, False) for k in ("rms_norm_eps", "routed_scaling_factor", "rope_theta")},
+    **{k: (_BOOL, False, False) for k in ("norm_topk_prob", "attention_bias", "mlp_bias", "tie_word_embeddings",
+                                          "rope_interleave")},
+    **{k: (_STR, False, False) for k in ("topk_method", "scoring_func", "hidden_act")},
+    "_name_or_path": (_STR, False, True),
+    **{k: (_DICT, False, True) for k in ("rope_scaling", "rope_parameters", "quantization_config")},
+}
+ROPE_FIELDS = {"rope_type": (_STR, False, True), "type": (_STR, False, True), "rope_theta": (_NUM, False, False),
+               "factor": (_NUM, False, False), "original_max_position_embeddings": (_INT, False, False),
+               **{k: (_NUM, False, True) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")}}
+YARN_REQUIRED = ("factor", "original_max_position_embeddings")
+QUANT_FIELDS = {"quant_method": (_STR, False, True), "weight_block_size": (_LIST, False, True)}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {_BOOL: bool, _STR: str, _DICT: dict, _LIST: list}[kind])
+
+
+def _check_fields(hf: dict, fields: dict, where: str = "") -> None:
+    """Each field of ``fields`` present where required, of its type (or null where allowed)."""
+    for name, (kind, required, nullable) in fields.items():
+        if name not in hf:
+            if required:
+                raise HFError(f"config.json has no {where}{name!r} ({kind}), which HAI reads to build the model: "
+                              f"this checkpoint is not a complete DeepSeek-V2/V3 config")
+            continue
+        value = hf[name]
+        if not (_is(value, kind) or (value is None and nullable)):
+            raise HFError(f"config.json {where}{name}={value!r} must be {kind}{' or null' if nullable else ''}")
+
+
+def check_config(hf: dict) -> str:
+    """The checkpoint's model type after checking every field :func:`model_config` reads (presence and type), the
+    model type first: a config of another architecture is refused by its ``model_type``."""
+    kind = hf.get("model_type")
+    if kind is None:
+        raise HFError("config.json has no 'model_type': HAI imports deepseek_v3 and deepseek_v2 checkpoints")
+    if kind not in ("deepseek_v3", "deepseek_v2"):
+        _refuse("model_type", kind, "HAI imports deepseek_v3 and deepseek_v2 checkpoints (another architecture "
+                                    "cannot be loaded into a DeepSeek model)")
+    _check_fields(hf, FIELDS)
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key):
+            _check_fields(hf[key], ROPE_FIELDS, f"{key}.")
+    if hf.get("quantization_config"):
+        _check_fields(hf["quantization_config"], QUANT_FIELDS, "quantization_config.")
+    return kind
 
 
 def _rope(hf: dict) -> dict:
@@ -70,6 +142,9 @@ def _rope(hf: dict) -> dict:
         return {"rope_theta": float(theta)}
     if kind != "yarn":
         _refuse("rope_scaling.type", kind, "HAI implements plain RoPE and YaRN only")
+    for name in YARN_REQUIRED:
+        if name not in rope:
+            raise HFError(f"config.json rope_scaling (yarn) has no {name!r} ({ROPE_FIELDS[name][0]}), which YaRN needs")
     return {"rope_theta": float(theta), "rope_factor": float(rope["factor"]),
             "rope_original_max_seq_len": int(rope["original_max_position_embeddings"]),
             "rope_beta_fast": float(rope.get("beta_fast") or 32), "rope_beta_slow": float(rope.get("beta_slow") or 1),
@@ -78,9 +153,7 @@ def _rope(hf: dict) -> dict:
 
 
 def _check_supported(hf: dict) -> str:
-    kind = hf.get("model_type")
-    if kind not in ("deepseek_v3", "deepseek_v2"):
-        _refuse("model_type", kind, "HAI imports deepseek_v3 and deepseek_v2 checkpoints")
+    kind = check_config(hf)
     for field, ok, why in (
             ("hidden_act", hf.get("hidden_act", "silu") == "silu", "HAI's MLPs are SwiGLU (silu)"),
             ("attention_bias", not hf.get("attention_bias", False), "HAI's projections have no bias"),
@@ -94,7 +167,7 @@ def _check_supported(hf: dict) -> str:
         if not ok:
             _refuse(field, hf.get(field), why)
     quant = hf.get("quantization_config")
-    if quant and (quant.get("quant_method") != "fp8" or list(quant.get("weight_block_size", [])) != [128, 128]):
+    if quant and (quant.get("quant_method") != "fp8" or list(quant.get("weight_block_size") or []) != [128, 128]):
         _refuse("quantization_config", quant, "HAI dequantizes FP8 e4m3 weights with 128x128 block scales only")
     return kind
 
@@ -298,9 +371,8 @@ def apply_init_from(cfg):
     if not spec:
         return cfg
     path = hf_dir(spec)
-    hf = read_config(path)
-    depth = _Shards(path).mtp_depth(hf["num_hidden_layers"])
-    model = dataclasses.replace(model_config(hf, cfg.model, mtp_depth=depth), init_from=spec)
+    model = model_config(read_config(path), cfg.model)  # every field it reads checked before use
+    model = dataclasses.replace(model, mtp_depth=_Shards(path).mtp_depth(model.num_layers), init_from=spec)
     return dataclasses.replace(cfg, model=model)
 
 
