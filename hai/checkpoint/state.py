@@ -180,7 +180,7 @@ class OptimizerState:
         self.optimizer, self.layout, self.saving = optimizer, layout, saving
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"step_count": torch.tensor(self.optimizer.step_count, dtype=torch.int64)}
+        out: dict[str, Any] = {"step_count": torch.tensor(self.optimizer.step_count, dtype=torch.int64, device="cpu")}
         for sh in self.optimizer.shard_state():
             mine = sh.lo < sh.hi and not (self.saving and sh.name in self.layout.secondary)
             for kind in self.optimizer.STATE_KINDS:
@@ -210,7 +210,7 @@ class Progress:
         self.step, self.run_id = step, run_id
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"step": torch.tensor(self.step, dtype=torch.int64)}  # host values: CPU tensors on every device
+        return {"step": torch.tensor(self.step, dtype=torch.int64, device="cpu")}  # host values: CPU on every device
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.step = int(state["step"])
