@@ -59,11 +59,18 @@ def preflight(cfg) -> None:
     """Everything the parent can check before any rank starts (raises with the value and the fix; `main` prints it
     once and exits 2): the data (a token file or shard directory per source, a held-out split that exists, a
     vocabulary that fits the model; the default corpus is built here, once), ``train.seq_len <= model.max_seq_len``,
-    the resume checkpoint (exists, complete, this model). (``model.init_from``'s directory is read, and
-    checked, when the config is composed.)"""
+    the resume checkpoint (exists, complete, this model), FP8 on a GPU that has it. (``model.init_from``'s
+    directory is read, and checked, when the config is composed.)"""
     from hai.train.trainer import load_data
 
     m, t = cfg.model, cfg.train
+    if m.precision == "fp8" and cfg.cluster.device == "cuda":
+        import torch
+
+        from hai.kernels import check_fp8_device
+
+        if torch.cuda.is_available():  # this node's GPU; every rank checks its own again (Trainer)
+            check_fp8_device("cuda")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the RoPE tables "
                           f"and the model's context): set train.seq_len <= {m.max_seq_len} or raise model.max_seq_len")

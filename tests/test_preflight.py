@@ -109,3 +109,15 @@ def test_refused_in_the_parent_end_to_end(tmp_path):
     assert out.stderr.count("is not a HAI token file") == 1, out.stderr
     assert "torch.distributed" not in out.stderr and "rank" not in out.stderr.lower(), out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_fp8_on_a_gpu_without_fp8_is_refused_before_launch(capsys, no_ranks, monkeypatch):
+    """An A100 (capability 8.0; mocked): model.precision=fp8 is refused in the parent, naming the GPU, its
+    capability and the fix."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    err = _refused(capsys, ["model.precision=fp8", "cluster.device=cuda"], "model.precision=fp8 needs a GPU")
+    assert "NVIDIA A100-SXM4-80GB" in err and "capability 8.0" in err and "set model.precision=bf16" in err

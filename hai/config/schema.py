@@ -64,6 +64,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
+    attention: str = "reference"  # the training attention core: reference (flash-style loop) | sdpa (fused kernels)
     rope_theta: float = 10000.0
     max_seq_len: int = 4096  # longest sequence the model accepts (training and generation)
     # YaRN RoPE scaling (DeepSeek-V2/V3's released configs): off when rope_factor == 1
@@ -109,6 +110,7 @@ class ModelConfig:
                  f"{self.num_layers}]")
         _choice("model.score_func", self.score_func, ("sigmoid", "softmax"))
         _choice("model.precision", self.precision, ("fp32", "bf16", "fp8"))
+        _choice("model.attention", self.attention, ("reference", "sdpa"))
         _require(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
                  "model.n_routed_experts and model.n_shared_experts must be >= 0")
         if self.n_routed_experts > 0:
@@ -175,6 +177,8 @@ class DataConfig:
     shard_mb: int = 1024  # `hai prepare` writes shards of at most this many MB (when data.path is a directory)
     on_error: str = "fail"  # `hai prepare` on a corrupt or unreadable input file: fail | skip (reported by name)
     max_bytes: int = 4_000_000  # cap on text read by `hai prepare` from the default source
+    document_mask: bool = False  # a position attends only within its document (EOS ends one); V3 pre-training: off
+    reset_positions: bool = False  # RoPE positions restart at 0 at each document start
     format: str = "text"  # `hai prepare`: text (documents) | chat (conversations with a loss mask: hai.data.chat)
     pack: bool = True  # chat: conversations packed into windows of train.seq_len+1 (false: one per window, padded)
     truncate: bool = False  # chat: a conversation longer than a window is cut to it (false: a bad row, data.on_error)
@@ -292,10 +296,11 @@ class ParallelConfig:
     overlap: bool = True  # pp > 1: cut stages at the MoE all-to-alls; FB actions overlap one chunk's with the other's
     layout: str = ""  # pipeline stages: "" even split | auto (the planner balances) | e.g. "Et*3|t*4|...|t*3Lm"
     tp: int = 1  # tensor-slice model parallelism inside a node (attention heads, MLP columns, vocabulary)
+    cp: int = 1  # context parallelism: the sequence in 2*cp zig-zag chunks, rank i holding chunks i and 2cp-1-i
     sequence_parallel: bool = False  # with tp > 1: norms, residuals and the MoE on sequence shards (needed with MoE)
 
     def __post_init__(self) -> None:
-        for key in ("pp", "dp", "ep", "tp"):
+        for key in ("pp", "dp", "ep", "tp", "cp"):
             _positive(f"parallel.{key}", getattr(self, key))
         _choice("parallel.schedule", self.schedule, ("1f1b", "zb1p", "dualpipe", "dualpipev"))
         _choice("parallel.dispatch", self.dispatch, ("flat", "hierarchical"))
@@ -304,7 +309,7 @@ class ParallelConfig:
 
     @property
     def edp(self) -> int:
-        return self.dp * self.tp // self.ep
+        return self.dp * self.cp * self.tp // self.ep
 
 
 @dataclass

@@ -29,6 +29,7 @@ from hai.model import Router, build_model, materialize, param_dtype
 from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW, ZeroGroups
+from hai.kernels import check_fp8_device
 
 __all__ = ["train", "Trainer", "lr_at", "init_distributed"]
 
@@ -71,6 +72,8 @@ class Trainer:
         self.coords = topo.coords(self.rank)
         self.device = torch.device("cuda", torch.cuda.current_device()) if topo.device == "cuda" else \
             torch.device("cpu")
+        if cfg.model.precision == "fp8":
+            check_fp8_device(self.device)  # capability >= 8.9, or a message naming the GPU and model.precision=bf16
         t = cfg.train
         self.n_micro = cfg.n_micro_batches
         self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
