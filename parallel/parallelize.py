@@ -17,6 +17,8 @@ The construction path of every run (and of ``hai plan``, which stops before mate
 3. the dispatcher swap: the expert-parallel all-to-all dispatcher over the rank's "ep" group;
 4. tensor parallelism (``parallel.tp > 1``): this TP rank's slices of the head-, column-, row- and vocabulary-split
    weights, the TP group handed to the modules that communicate (:mod:`hai.parallel.tensor_parallel`);
+4b. context parallelism (``parallel.cp > 1``): the CP group handed to the modules that meet the sequence split
+   (:mod:`hai.parallel.context_parallel`; no weight is split);
 5. the groups over which copies of a parameter (held by several pipeline ranks) sum their gradients.
 
 Initialization (:func:`hai.model.materialize`) is a function of (seed, parameter name, global expert index), so a
@@ -75,7 +77,8 @@ def split_model(model: nn.Module, keep: set[str]) -> None:
 
 def copy_group_ranks(layout: PipelineLayout, topo: Topology) -> list[tuple[tuple[int, ...], int, list[int]]]:
     """Every (holders, position f in the stage, global ranks) group of parameter copies, in the order every rank
-    creates them (f = dp index x tp + tp index: a copy lives at the same dp and tp index of each holding stage)."""
+    creates them (f = the position in the stage, (dp x cp + cp) x tp + tp: a copy lives at the same f of each
+    holding stage)."""
     units = [f"layers.{i}" for i in range(layout.num_layers)] + ["embed", "norm", "head"]
     units += ["mtp"] if layout.mtp_depth else []
     sets = sorted({layout.holders(u) for u in units if len(layout.holders(u)) > 1})
@@ -88,7 +91,7 @@ def _copy_groups(layout: PipelineLayout, topo: Topology, coords: dict[str, int])
     import torch.distributed as dist
 
     mine = {}
-    here = coords["dp"] * topo.tp + coords["tp"]
+    here = coords["f"]
     for holders, f, ranks in copy_group_ranks(layout, topo):
         group = dist.new_group(ranks)
         if f == here and coords["pp"] in holders:
@@ -117,6 +120,11 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, mesh=None, rank: 
 
         tp_group = mesh["tp"].get_group() if mesh is not None else None
         shard_tensor_parallel(model, TPGroup(tp_group, topo.tp, coords["tp"], topo.sequence_parallel))
+    if topo.cp > 1:
+        from hai.parallel.context_parallel import CPGroup, shard_context_parallel
+
+        cp_group = mesh["cp"].get_group() if mesh is not None else None
+        shard_context_parallel(model, CPGroup(cp_group, topo.cp, coords["cp"]))
     holders = {n: layout.holders(n) for n, _ in model.named_parameters()}
     placement = Placement(layout, rank, coords, holders)
     if topo.tp > 1:

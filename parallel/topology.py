@@ -1,16 +1,24 @@
 """The one topology object: degrees, rank layout, node map and named device meshes.
 
-Rank order is pp outermost, then dp, then tp innermost (a TP group is ``tp`` consecutive ranks of one node)::
+Rank order is pp outermost, then dp, then cp, then tp innermost (a TP group is ``tp`` consecutive ranks of one node,
+a CP group ``cp`` runs of them, inside the node when cp x tp <= gpus_per_node)::
 
-    rank = pp_idx * (dp * tp) + f        f = dp_idx * tp + tp_idx = edp_idx * ep + ep_idx
+    rank = pp_idx * (dp * cp * tp) + f        f = (dp_idx * cp + cp_idx) * tp + tp_idx = edp_idx * ep + ep_idx
 
-``f`` indexes the ``dp x tp`` ranks of a pipeline stage. Dense parameters are sharded over tp and replicated (ZeRO-1
-sharded) over the ``dp`` ranks with the same tp index. The MoE layers see every one of the stage's ``dp x tp``
-ranks as a data-parallel rank of its own (with tp > 1 each holds a sequence shard of its tokens: sequence
-parallelism), so an EP group is a run of ``ep`` consecutive values of f (whole consecutive nodes, a slice of one, or
-the TP ranks of one node) and the expert-data-parallel group ("edp") the ranks with the same ep index, of size
-``dp * tp / ep`` (Megatron-Core's expert-parallel-over-dp x tp with expert TP = 1). With tp = 1, f is the dp index
-and everything is as without TP. Everything is validated in :meth:`Topology.from_config` before any process group
+``f`` indexes the ``dp x cp x tp`` ranks of a pipeline stage. Dense parameters are sharded over tp and replicated
+(ZeRO-1 sharded) over the ``dp x cp`` ranks with the same tp index ("dp_cp": the CP ranks hold other positions of the
+same sequences, so their gradients are summed like the dp ranks'). The MoE layers see every one of the stage's
+``dp x cp x tp`` ranks as a data-parallel rank of its own (with tp > 1 each holds a sequence shard of its tokens:
+sequence parallelism; with cp > 1 its zig-zag chunks), so an EP group is a run of ``ep`` consecutive values of f
+(whole consecutive nodes, a slice of one, or the TP/CP ranks of one node) and the expert-data-parallel group
+("edp") the ranks with the same ep index, of size ``dp * cp * tp / ep`` (Megatron-Core's expert-parallel-over-dp x
+cp x tp with expert TP = 1). With tp = cp = 1, f is the dp index and everything is as without them.
+
+Why cp sits between dp and tp: the traffic of an axis is paid where its ranks are. TP communicates several times per
+layer with hidden-sized tensors (innermost, NVLink); CP all-gathers the kv latents once per layer and
+micro-batch and reduce-scatters their gradients (576 values per position for V3: less than TP, far more than dp,
+which communicates once per step in ZeRO-1), so it takes the next NVLink ranks; dp and pp (P2P of one activation per
+micro-batch) cross nodes. Everything is validated in :meth:`Topology.from_config` before any process group
 exists; the meshes are built by :meth:`build_meshes` once the process group is initialized. Leaves receive only the
 group they need (``mesh["dp"].get_group()`` etc.).
 """
@@ -28,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Topology", "Meshes", "AXES"]
 
-AXES = ("pp", "dp", "edp", "ep", "tp")
+AXES = ("pp", "dp", "edp", "ep", "tp", "cp", "dp_cp")
 
 
 def _fail(msg: str) -> None:
@@ -47,26 +55,30 @@ class Topology:
     backend: str = "gloo"
     tp: int = 1
     sequence_parallel: bool = False
+    cp: int = 1
 
     # ------------------------------------------------------------------ construction / validation
     @classmethod
     def from_config(cls, cfg: Config) -> "Topology":
         c, p, m = cfg.cluster, cfg.parallel, cfg.model
         world = c.nodes * c.gpus_per_node
-        model_par = p.pp * p.tp
-        if world != p.pp * p.dp * p.tp:
-            dims = f"parallel.pp={p.pp} x parallel.dp={p.dp}" + (f" x parallel.tp={p.tp}" if p.tp > 1 else "")
+        model_par = p.pp * p.cp * p.tp
+        if world != p.pp * p.dp * p.cp * p.tp:
+            dims = f"parallel.pp={p.pp} x parallel.dp={p.dp}" + (f" x parallel.cp={p.cp}" if p.cp > 1 else "") + \
+                (f" x parallel.tp={p.tp}" if p.tp > 1 else "")
+            model = "pp" + (" x cp" if p.cp > 1 else "") + (" x tp" if p.tp > 1 else "")
             _fail(f"world size {world} (cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node}) != "
-                  f"{dims} = {p.pp * p.dp * p.tp}: set parallel.dp={world // model_par} or change the cluster"
-                  if world % model_par == 0 else
+                  f"{dims} = {p.pp * p.dp * p.cp * p.tp}: set parallel.dp={world // model_par} or change the "
+                  f"cluster" if world % model_par == 0 else
                   f"world size {world} (cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node}) is not "
-                  f"divisible by parallel.pp={p.pp} x parallel.tp={p.tp}: choose pp x tp dividing {world}")
+                  f"divisible by {model} = {model_par}: choose degrees whose product divides {world}")
         _check_tp(cfg)
-        stage = p.dp * p.tp  # the ranks of one pipeline stage (the MoE's data-parallel ranks)
+        _check_cp(cfg)
+        stage = p.dp * p.cp * p.tp  # the ranks of one pipeline stage (the MoE's data-parallel ranks)
         if stage % p.ep:
-            _fail(f"parallel.ep={p.ep} does not divide parallel.dp={p.dp}" + (f" x parallel.tp={p.tp}" if p.tp > 1
-                  else "") + f": experts are sharded over ep ranks out of the {stage} ranks of a stage; choose ep "
-                  f"among the divisors of {stage}")
+            _fail(f"parallel.ep={p.ep} does not divide parallel.dp={p.dp}" + (f" x parallel.cp={p.cp}" if p.cp > 1
+                  else "") + (f" x parallel.tp={p.tp}" if p.tp > 1 else "") + f": experts are sharded over ep ranks "
+                  f"out of the {stage} ranks of a stage; choose ep among the divisors of {stage}")
         if p.ep > 1 and not m.is_moe:
             _fail(f"parallel.ep={p.ep} but model {m.name!r} has no routed experts: set parallel.ep=1")
         if m.is_moe and m.n_routed_experts % p.ep:
@@ -77,7 +89,7 @@ class Topology:
                   f"{c.gpus_per_node}): choose ep as a multiple or a divisor of {c.gpus_per_node}")
         stage_layer_split(m.num_layers, p.pp)
         topo = cls(c.nodes, c.gpus_per_node, p.pp, p.dp, p.ep, p.node_limit, c.device,
-                   _resolve_backend(c.backend, c.device), p.tp, p.tp > 1 and p.sequence_parallel)
+                   _resolve_backend(c.backend, c.device), p.tp, p.tp > 1 and p.sequence_parallel, p.cp)
         topo._check_node_limit(cfg)
         _check_batch(cfg)
         return topo
@@ -98,12 +110,12 @@ class Topology:
     # ------------------------------------------------------------------ layout
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def stage_size(self) -> int:
-        """Ranks of one pipeline stage: dp x tp (the MoE's data-parallel ranks)."""
-        return self.dp * self.tp
+        """Ranks of one pipeline stage: dp x cp x tp (the MoE's data-parallel ranks)."""
+        return self.dp * self.cp * self.tp
 
     @property
     def edp(self) -> int:
@@ -116,15 +128,16 @@ class Topology:
 
     def coords(self, rank: int) -> dict[str, int]:
         pp_idx, f = divmod(rank, self.stage_size)
-        dp_idx, tp_idx = divmod(f, self.tp)
+        dpc, tp_idx = divmod(f, self.tp)
+        dp_idx, cp_idx = divmod(dpc, self.cp)
         edp_idx, ep_idx = divmod(f, self.ep)
-        return {"pp": pp_idx, "dp": dp_idx, "tp": tp_idx, "edp": edp_idx, "ep": ep_idx}
+        return {"pp": pp_idx, "dp": dp_idx, "cp": cp_idx, "tp": tp_idx, "edp": edp_idx, "ep": ep_idx, "f": f}
 
     def rank_of(self, pp: int, edp: int, ep: int) -> int:
         return pp * self.stage_size + edp * self.ep + ep
 
-    def rank_of_dp(self, pp: int, dp: int, tp: int = 0) -> int:
-        return pp * self.stage_size + dp * self.tp + tp
+    def rank_of_dp(self, pp: int, dp: int, tp: int = 0, cp: int = 0) -> int:
+        return pp * self.stage_size + (dp * self.cp + cp) * self.tp + tp
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
@@ -133,11 +146,15 @@ class Topology:
         """The ranks of ``rank``'s group along ``axis`` (in group-rank order)."""
         c = self.coords(rank)
         if axis == "pp":
-            return [self.rank_of_dp(s, c["dp"], c["tp"]) for s in range(self.pp)]
+            return [self.rank_of_dp(s, c["dp"], c["tp"], c["cp"]) for s in range(self.pp)]
         if axis == "dp":
-            return [self.rank_of_dp(c["pp"], d, c["tp"]) for d in range(self.dp)]
+            return [self.rank_of_dp(c["pp"], d, c["tp"], c["cp"]) for d in range(self.dp)]
         if axis == "tp":
-            return [self.rank_of_dp(c["pp"], c["dp"], t) for t in range(self.tp)]
+            return [self.rank_of_dp(c["pp"], c["dp"], t, c["cp"]) for t in range(self.tp)]
+        if axis == "cp":
+            return [self.rank_of_dp(c["pp"], c["dp"], c["tp"], x) for x in range(self.cp)]
+        if axis == "dp_cp":
+            return [self.rank_of_dp(c["pp"], d, c["tp"], x) for d in range(self.dp) for x in range(self.cp)]
         if axis == "ep":
             return [self.rank_of(c["pp"], c["edp"], e) for e in range(self.ep)]
         if axis == "edp":
@@ -146,36 +163,44 @@ class Topology:
 
     # ------------------------------------------------------------------ process groups
     def build_meshes(self) -> "Meshes":
-        """The 3-D mesh ("pp", "edp", "ep") plus the flattened "dp" axis (tp = 1); with tp > 1 also the dense mesh
-        ("pp", "dp", "tp"). Call after init_process_group (a collective: every rank builds the same meshes)."""
+        """The 3-D mesh ("pp", "edp", "ep") plus the flattened "dp" axis (tp = cp = 1); with tp or cp > 1 also the
+        dense mesh ("pp", "dp", "cp", "tp") and its flattened "dp_cp" axis. Call after init_process_group (a
+        collective: every rank builds the same meshes)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(self.device, (self.pp, self.edp, self.ep), mesh_dim_names=("pp", "edp", "ep"))
-        if self.tp == 1:
+        if self.tp == 1 and self.cp == 1:
             return Meshes(mesh, mesh["edp", "ep"]._flatten("dp"))
-        dense = init_device_mesh(self.device, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
-        return Meshes(mesh, dense["dp"], dense)
+        dense = init_device_mesh(self.device, (self.pp, self.dp, self.cp, self.tp),
+                                 mesh_dim_names=("pp", "dp", "cp", "tp"))
+        dp_cp = dense["dp", "cp"]._flatten("dp_cp") if self.cp > 1 else None
+        return Meshes(mesh, dense["dp"], dense, dp_cp)
 
 
 class Meshes:
-    """``meshes[axis]`` for any of pp, dp, edp, ep (and tp): "edp"/"ep" from the expert mesh (pp, edp, ep), "dp",
-    "tp" (and "pp" with tp > 1) from the dense one; other attributes are the expert mesh's. (The flattened "dp" mesh
-    of tp = 1 is kept here: torch deprecates slicing a flattened dim back out of the root mesh.)"""
+    """``meshes[axis]`` for any of pp, dp, edp, ep (and tp, cp, dp_cp): "edp"/"ep" from the expert mesh (pp, edp,
+    ep), "dp", "cp", "tp" (and "pp" with tp or cp > 1) from the dense one; "dp_cp" the dp x cp ranks of a tp index
+    (the dp axis when cp = 1); other attributes are the expert mesh's. (The flattened "dp" mesh of tp = cp = 1 and
+    "dp_cp" are kept here: torch deprecates slicing a flattened dim back out of the root mesh.)"""
 
-    def __init__(self, root: "DeviceMesh", dp: "DeviceMesh", dense: "DeviceMesh | None" = None):
-        self.root, self.dp, self.dense = root, dp, dense
+    def __init__(self, root: "DeviceMesh", dp: "DeviceMesh", dense: "DeviceMesh | None" = None,
+                 dp_cp: "DeviceMesh | None" = None):
+        self.root, self.dp, self.dense, self.dp_cp = root, dp, dense, dp_cp
 
     def __getitem__(self, axis):
         if axis == "dp":
             return self.dp
-        if self.dense is not None and axis in ("tp", "pp"):
+        if axis == "dp_cp":
+            return self.dp if self.dp_cp is None else self.dp_cp
+        if self.dense is not None and axis in ("tp", "cp", "pp"):
             return self.dense[axis]
-        if axis == "tp":
-            raise KeyError("tp: this layout has no tensor parallelism (parallel.tp=1)")
+        if axis in ("tp", "cp"):
+            raise KeyError(f"{axis}: this layout has no {'tensor' if axis == 'tp' else 'context'} parallelism "
+                           f"(parallel.{axis}=1)")
         return self.root[axis]
 
     def __getattr__(self, name):
-        if name in ("root", "dp", "dense"):  # not set yet (copy, unpickle): no recursion through self.root
+        if name in ("root", "dp", "dense", "dp_cp"):  # not set yet (copy, unpickle): no recursion through self.root
             raise AttributeError(name)
         return getattr(self.root, name)
 
@@ -217,6 +242,24 @@ def _check_tp(cfg: Config) -> None:
         _fail(f"parallel.tp={tp} with model.precision=fp8 is not verified yet (the row-split GEMMs quantize their K "
               f"slices in their own 1x128 tiles and the tiny-model check was 2x looser than FP8-vs-bf16): set "
               f"model.precision=bf16")
+
+
+def _check_cp(cfg: Config) -> None:
+    """Context parallelism's arithmetic (each refusal names the value and the fix)."""
+    c, p, t, m = cfg.cluster, cfg.parallel, cfg.train, cfg.model
+    cp = p.cp
+    if cp == 1:
+        return
+    if t.seq_len % (2 * cp):
+        _fail(f"parallel.cp={cp} splits train.seq_len={t.seq_len} into 2 x cp = {2 * cp} zig-zag chunks (rank i holds "
+              f"chunks i and {2 * cp - 1}-i): choose a seq_len divisible by {2 * cp} or a cp with 2 x cp dividing "
+              f"{t.seq_len}")
+    if p.tp > 1 and p.sequence_parallel and (t.seq_len // cp) % p.tp:
+        _fail(f"parallel.sequence_parallel shards each CP rank's train.seq_len/cp = {t.seq_len // cp} positions over "
+              f"parallel.tp={p.tp}: choose a seq_len divisible by cp x tp = {cp * p.tp}")
+    if t.seq_len > m.max_seq_len:
+        _fail(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len (with "
+              f"YaRN for a context extension: model.rope_factor) or shorten the sequence")
 
 
 def _check_batch(cfg: Config) -> None:

@@ -106,6 +106,7 @@ class PipelineExecutor:
         slot = slots.setdefault((stage, mb), _Slot())
         spec = self.specs[stage]
         tape = slot.tape = Tape() if self.overlap else PlainTape()
+        docs = self.model.documents(tokens[mb])  # the window's documents (None unless data.document_mask/reset)
         if spec.embed:
             tape.begin()
             h = self.model.embed_tokens(tokens[mb][:, :-1])
@@ -113,11 +114,11 @@ class PipelineExecutor:
         else:
             h = slot.inp
         for i in spec.layers:
-            h = yield from block_forward(self.model.layers[i], h, tape)
+            h = yield from block_forward(self.model.layers[i], h, tape, docs)
         if spec.head or spec.mtp:
             (hh,) = tape.begin(h)
             main = self.model.main_loss(hh, tokens[mb]) if spec.head else None
-            mtp = self.model.mtp_loss(hh, tokens[mb]) if spec.mtp else None
+            mtp = self.model.mtp_loss(hh, tokens[mb], docs) if spec.mtp else None
             parts = [x for x in (main, None if mtp is None else self.model.cfg.mtp_lambda * mtp) if x is not None]
             slot.loss = parts[0] if len(parts) == 1 else parts[0] + parts[1]
             tape.end(slot.loss)

@@ -239,20 +239,20 @@ def supports_seams(block: nn.Module) -> bool:
     return isinstance(getattr(block, "ffn", None), MoE)
 
 
-def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape | PlainTape) -> Iterator:
+def block_forward(block: nn.Module, h_BSD: torch.Tensor, tape: Tape | PlainTape, docs=None) -> Iterator:
     """Run one transformer block on the tape (generator; its return value is the block's output): the block's own
     seams (``attention_part``, ``moe_front``, ``MoE.expert_rows``, ``MoE.finish``) as compute segments, the
-    dispatcher's raw seams between them."""
+    dispatcher's raw seams between them. ``docs``: the micro-batch's documents (``hai.model.sequence``)."""
     if not tape.cuts or not supports_seams(block):
         (h,) = tape.begin(h_BSD)
-        out = block(h)
+        out = block(h, docs=docs)
         tape.end(out)
         return out
     moe: MoE = block.ffn
     disp = moe.dispatcher
     # attention, router, shared expert
     (h,) = tape.begin(h_BSD)
-    h1 = block.segment(block.attention_part, h)
+    h1 = block.segment(block.attention_part, h, docs)
     x_TD, route, aux, shared = block.segment(block.moe_front, h1)
     moe.router.count(route)
     w_TK = route.topk_weight

@@ -14,7 +14,7 @@ def _v3():
 
 def test_rank_order_pp_edp_ep():
     topo = _v3()
-    assert topo.coords(1234) == {"pp": 9, "dp": 82, "tp": 0, "edp": 1, "ep": 18}
+    assert topo.coords(1234) == {"pp": 9, "dp": 82, "cp": 0, "tp": 0, "edp": 1, "ep": 18, "f": 82}
     assert topo.group_ranks("ep", 1234) == list(range(1216, 1280))  # 64 consecutive ranks
     assert sorted({topo.node_of(r) for r in topo.group_ranks("ep", 1234)}) == list(range(152, 160))  # 8 nodes
     assert topo.group_ranks("edp", 1234) == [1170, 1234]
@@ -34,7 +34,7 @@ def test_rank_order_with_tp():
     topo = Topology.from_config(cfg)
     assert topo.world_size == 2048 and topo.stage_size == 256 and topo.edp == 4
     r = 1234  # stage 4, position 210 = dp 52 x 4 + tp 2 = edp 3 x 64 + ep 18
-    assert topo.coords(r) == {"pp": 4, "dp": 52, "tp": 2, "edp": 3, "ep": 18}
+    assert topo.coords(r) == {"pp": 4, "dp": 52, "cp": 0, "tp": 2, "edp": 3, "ep": 18, "f": 210}
     assert topo.group_ranks("tp", r) == [1232, 1233, 1234, 1235]
     assert len({topo.node_of(x) for x in topo.group_ranks("tp", r)}) == 1
     assert topo.group_ranks("dp", r) == [1024 + 4 * d + 2 for d in range(64)]

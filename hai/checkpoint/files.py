@@ -17,8 +17,11 @@ __all__ = ["CheckpointError", "checkpoint_root", "list_checkpoints", "latest_che
 FORMAT = "hai-checkpoint-2"  # 2: TP-splittable weights' optimizer state kept 2-D
 META_FILE, MARKER = "hai.json", "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# model fields that do not change the parameter set or its meaning: a run may resume with another value
-_MODEL_FREE_KEYS = {"name", "precision", "init_std", "bias_update_speed", "seq_aux_alpha", "mtp_lambda"}
+# model fields that do not change the parameter set or its meaning: a run may resume with another value (the
+# attention core, and the context window: V3's extension (sec. 4.3) resumes a 4K checkpoint at 32K with YaRN on)
+_MODEL_FREE_KEYS = {"name", "precision", "init_std", "bias_update_speed", "seq_aux_alpha", "mtp_lambda", "attention",
+                    "max_seq_len", "rope_factor", "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow",
+                    "rope_mscale", "rope_mscale_all_dim"}
 
 
 class CheckpointError(ValueError):

@@ -27,8 +27,9 @@ from hai.config import ModelConfig
 from hai.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, softmax_scale
 from hai.model.recompute import LinearOp, norm_linears
 from hai.model.regions import LOCAL, Region
+from hai.model.sequence import LOCAL_SEQ, Documents, SequenceSplit
 
-__all__ = ["MLA", "KVCache", "attention", "attention_forward", "attention_backward"]
+__all__ = ["MLA", "KVCache", "AttnMask", "attention", "attention_forward", "attention_backward"]
 
 
 @dataclass
@@ -63,76 +64,127 @@ class KVCache:
 _Q_BLOCK = 256  # queries per block of the flash-style attention (bounds the transient scores to 256 x L per head)
 
 
-def attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of q (B, S, H, K) over k (B, L, H, K), v (B, L, H, V) (queries are the last S positions):
-    (o (B, S, H, V) in v's dtype, lse (B, H, S) fp32). Scores, softmax and the weighted sum in fp32."""
+@dataclass(frozen=True)
+class AttnMask:
+    """Which keys each query sees. Keys are global positions 0..L-1; the queries come in contiguous ``runs`` of
+    (first local query, count, global position of the first): query q0+j sits at position g0+j and sees the keys at
+    positions <= g0+j (causal), and with ``q_seg`` (B, S) / ``k_seg`` (B, L) only those of its own document. Plain
+    causal attention of S queries over L keys is one run (0, S, L-S); context parallelism's zig-zag chunks are two."""
+
+    runs: tuple[tuple[int, int, int], ...]
+    q_seg: torch.Tensor | None = None
+    k_seg: torch.Tensor | None = None
+
+    @staticmethod
+    def causal(S: int, L: int) -> "AttnMask":
+        return AttnMask(((0, S, L - S),))
+
+    def block(self, q0: int, q1: int, g0: int, device) -> torch.Tensor:
+        """Masked-out (True) entries of local queries [q0, q1) at global g0.. against keys [0, g0 + q1 - q0):
+        (q1-q0, keys), or (B, 1, q1-q0, keys) with documents."""
+        kend = g0 + q1 - q0
+        bad = torch.arange(kend, device=device)[None, :] > torch.arange(g0, kend, device=device)[:, None]
+        if self.q_seg is None:
+            return bad
+        return bad | (self.k_seg[:, None, None, :kend] != self.q_seg[:, None, q0:q1, None])
+
+
+def _blocks(mask: AttnMask):
+    """(local query start, end, global position of the start) of every query block of every run."""
+    for q0, n, g0 in mask.runs:
+        for s0 in range(0, n, _Q_BLOCK):
+            s1 = min(n, s0 + _Q_BLOCK)
+            yield q0 + s0, q0 + s1, g0 + s0
+
+
+def attention_forward(q, k, v, scale: float, mask: AttnMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, S, H, K) over k (B, L, H, K), v (B, L, H, V) under ``mask`` (default: causal, the queries
+    the last S positions): (o (B, S, H, V) in v's dtype, lse (B, H, S) fp32). Scores, softmax and the weighted sum
+    in fp32, query block by query block against the keys the block can see."""
     B, S, H, _ = q.shape
-    L = k.shape[1]
+    mask = mask or AttnMask.causal(S, k.shape[1])
     with torch.autocast(q.device.type, enabled=False):
         qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, S|L, .)
-        o = torch.empty(B, H, S, vh.shape[-1], dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-        keys = torch.arange(L, device=q.device)
-        for s0 in range(0, S, _Q_BLOCK):
-            s1 = min(S, s0 + _Q_BLOCK)
-            sc = (qh[:, :, s0:s1] @ kh.transpose(-1, -2)) * scale
-            sc.masked_fill_(keys[None, :] > torch.arange(s0, s1, device=q.device)[:, None] + (L - S), float("-inf"))
+        o = torch.zeros(B, H, S, vh.shape[-1], dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, S), float("-inf"), dtype=torch.float32, device=q.device)
+        for s0, s1, g0 in _blocks(mask):
+            kend = g0 + s1 - s0
+            sc = (qh[:, :, s0:s1] @ kh[:, :, :kend].transpose(-1, -2)) * scale
+            sc.masked_fill_(mask.block(s0, s1, g0, q.device), float("-inf"))
             lse[:, :, s0:s1] = torch.logsumexp(sc, dim=-1)
-            o[:, :, s0:s1] = torch.exp(sc - lse[:, :, s0:s1, None]) @ vh
+            o[:, :, s0:s1] = torch.exp(sc - lse[:, :, s0:s1, None]) @ vh[:, :, :kend]
     return o.transpose(1, 2).to(v.dtype).contiguous(), lse  # contiguous: the out-projection input is a view of it
 
 
-def attention_backward(q, k, v, o, lse, do, scale: float) -> tuple[torch.Tensor, ...]:
+def attention_backward(q, k, v, o, lse, do, scale: float, mask: AttnMask | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of :func:`attention_forward`, the probabilities recomputed from q, k and the log-sum-exp."""
-    S, L = q.shape[1], k.shape[1]
+    mask = mask or AttnMask.causal(q.shape[1], k.shape[1])
     with torch.autocast(q.device.type, enabled=False):
         qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, o, do))
         delta = (doh * oh).sum(-1)  # (B, H, S): rowsum(dO * O)
         dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-        keys = torch.arange(L, device=q.device)
-        for s0 in range(0, S, _Q_BLOCK):
-            s1 = min(S, s0 + _Q_BLOCK)
-            sc = (qh[:, :, s0:s1] @ kh.transpose(-1, -2)) * scale
-            sc.masked_fill_(keys[None, :] > torch.arange(s0, s1, device=q.device)[:, None] + (L - S), float("-inf"))
+        for s0, s1, g0 in _blocks(mask):
+            kend = g0 + s1 - s0
+            sc = (qh[:, :, s0:s1] @ kh[:, :, :kend].transpose(-1, -2)) * scale
+            sc.masked_fill_(mask.block(s0, s1, g0, q.device), float("-inf"))
             p = torch.exp(sc - lse[:, :, s0:s1, None])
             do_b = doh[:, :, s0:s1]
-            dv += p.transpose(-1, -2) @ do_b
-            ds = p * (do_b @ vh.transpose(-1, -2) - delta[:, :, s0:s1, None])
-            dq[:, :, s0:s1] = (ds @ kh) * scale
-            dk += (ds.transpose(-1, -2) @ qh[:, :, s0:s1]) * scale
+            dv[:, :, :kend] += p.transpose(-1, -2) @ do_b
+            ds = p * (do_b @ vh[:, :, :kend].transpose(-1, -2) - delta[:, :, s0:s1, None])
+            dq[:, :, s0:s1] = (ds @ kh[:, :, :kend]) * scale
+            dk[:, :, :kend] += (ds.transpose(-1, -2) @ qh[:, :, s0:s1]) * scale
     return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+def _core(impl: str):
+    """(forward, backward) of the attention core ``model.attention`` names (looked up at call time, so tests can
+    wrap the module's functions)."""
+    if impl == "sdpa":
+        from hai.model import fused_attention as f
+
+        return f.sdpa_forward, f.sdpa_backward
+    return attention_forward, attention_backward
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
+    def forward(ctx, q, k, v, scale: float, mask: AttnMask | None, impl: str):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = attention_forward(q, k, v, scale)
+        fwd, _ = _core(impl)
+        o, lse = fwd(q, k, v, scale) if mask is None else fwd(q, k, v, scale, mask)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.mask, ctx.impl = scale, mask, impl
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*attention_backward(q, k, v, o, lse, do, ctx.scale), None)
+        _, bwd = _core(ctx.impl)
+        return (*bwd(q, k, v, o, lse, do.contiguous(), ctx.scale, ctx.mask), None, None, None)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal flash-style attention (module docstring): keeps q, k, v, o and the fp32 log-sum-exp."""
-    return _FlashAttention.apply(q, k, v, scale)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: AttnMask | None = None,
+              impl: str = "reference") -> torch.Tensor:
+    """Flash-style attention (module docstring) under ``mask`` (default causal): keeps q, k, v, o and the fp32
+    log-sum-exp. ``impl``: ``reference`` (:func:`attention_forward`, the tested definition) or ``sdpa`` (PyTorch's
+    fused kernel, :mod:`hai.model.fused_attention`); both keep the same tensors."""
+    return _FlashAttention.apply(q, k, v, scale, mask, impl)
 
 
 class _MLACore(torch.autograd.Function):
-    """Latents -> up-projections + RoPE -> attention -> output projection, keeping the latents, o and lse."""
+    """Latents -> (gathered over CP) -> up-projections + RoPE -> attention -> output projection, keeping this
+    rank's latents, o and lse; the backward gathers the latents again and reduce-scatters their gradient."""
 
     @staticmethod
-    def forward(ctx, mla, q_in, kv, *weights):
-        q, k, v = mla._qkv(q_in, kv)
-        o, lse = attention_forward(q, k, v, mla.softmax_scale)
+    def forward(ctx, mla, docs, q_in, kv, *weights):
+        kv_all = mla.cp.all_gather(kv)
+        q, k, v = mla._qkv(q_in, kv_all, docs)
+        mask = mla._mask(q_in.shape[1], kv_all.shape[1], docs)
+        fwd, _ = _core(mla.cfg.attention)
+        o, lse = fwd(q, k, v, mla.softmax_scale) if mask is None else fwd(q, k, v, mla.softmax_scale, mask)
         y = mla.wo(o.flatten(2))
         ctx.save_for_backward(q_in, kv, o, lse)
-        ctx.mla = mla
+        ctx.mla, ctx.docs, ctx.mask = mla, docs, mask
         return y
 
     @staticmethod
@@ -140,12 +192,15 @@ class _MLACore(torch.autograd.Function):
         q_in, kv, o, lse = ctx.saved_tensors
         mla = ctx.mla
         do = mla.wo.backward(o.flatten(2), dy).view_as(o)
+        kv_all = mla.cp.all_gather(kv)  # outside grad mode: the collective writes views of its output in place
         with torch.enable_grad():
-            q_leaf, kv_leaf = q_in.detach().requires_grad_(), kv.detach().requires_grad_()
-            q, k, v = mla._qkv(q_leaf, kv_leaf)
-            grads = attention_backward(q, k, v, o, lse, do, mla.softmax_scale)
+            q_leaf, kv_leaf = q_in.detach().requires_grad_(), kv_all.detach().requires_grad_()
+            q, k, v = mla._qkv(q_leaf, kv_leaf, ctx.docs)
+            _, bwd = _core(mla.cfg.attention)
+            grads = bwd(q, k, v, o, lse, do, mla.softmax_scale, ctx.mask)
             torch.autograd.backward([q, k, v], list(grads))
-        return (None, q_leaf.grad, kv_leaf.grad, *([None] * (len(ctx.needs_input_grad) - 3)))
+        d_kv = mla.cp.reduce_scatter(kv_leaf.grad)
+        return (None, None, q_leaf.grad, d_kv, *([None] * (len(ctx.needs_input_grad) - 4)))
 
 
 class MLA(nn.Module):
@@ -167,6 +222,7 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
         self.n_heads = H  # heads on this rank (H / tp under tensor parallelism)
         self.tp: Region = LOCAL  # hai.model.regions: under TP heads split, latents replicated
+        self.cp: SequenceSplit = LOCAL_SEQ  # hai.model.sequence: under CP the latents gathered over the window
 
     def _rope(self, S: int, device, offset: int):
         if offset + S > self.cfg.max_seq_len:
@@ -174,49 +230,76 @@ class MLA(nn.Module):
                              f"shorten the sequence (train.seq_len) or raise model.max_seq_len")
         return rope_cos_sin(S, self.cfg, device, offset)
 
+    def _rope_at(self, L: int, device, positions: torch.Tensor | None):
+        """cos/sin at ``positions`` ((S,) or (B, S), all < L) of a window of L positions; None: 0..L-1."""
+        cos, sin = self._rope(L, device, 0)
+        if positions is None:
+            return cos, sin
+        return cos[positions], sin[positions]
+
     def _q_down(self) -> Linear:
         return self.wq if self.cfg.q_lora_rank is None else self.wq_a
 
-    def _qkv(self, q_in: torch.Tensor, kv: torch.Tensor, offset: int = 0):
-        """From the down-projections' outputs (q latent, or q without q_lora; [c_kv | k_pe]) to the attention's
-        q (B, S, H, N+R), k (B, S, H, N+R) and v (B, S, H, V)."""
+    def _mask(self, S: int, L: int, docs: Documents | None) -> AttnMask | None:
+        """The queries' mask: this rank's runs of positions (CP) and documents; None: plain causal."""
+        runs = self.cp.runs(S) if self.cp.split else ((0, S, L - S),)
+        seg = None if docs is None else docs.segment_BS
+        if seg is None and not self.cp.split:
+            return None
+        return AttnMask(runs, None if seg is None else self.cp.take(seg), seg)
+
+    def _qkv(self, q_in: torch.Tensor, kv: torch.Tensor, docs: Documents | None = None):
+        """From the down-projections' outputs (q latent, or q without q_lora, for this rank's S positions;
+        [c_kv | k_pe] for all L positions of the window) to the attention's q (B, S, H, N+R), k (B, L, H, N+R) and
+        v (B, L, H, V). RoPE at the global positions (or the documents' positions with ``data.reset_positions``)."""
         H, N, R, V, C = (self.n_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim,
                          self.cfg.v_head_dim, self.cfg.kv_lora_rank)
-        B, S, _ = kv.shape
-        cos, sin = self._rope(S, kv.device, offset)
+        B, L, _ = kv.shape
+        S = q_in.shape[1]
+        pos = None if docs is None else docs.position_BS
+        q_pos = self.cp.take(pos) if pos is not None else (self.cp.positions(S, kv.device) if self.cp.split else
+                                                           None if S == L else torch.arange(L - S, L,
+                                                                                            device=kv.device))
+        cos_q, sin_q = self._rope_at(L, kv.device, q_pos)
+        cos_k, sin_k = self._rope_at(L, kv.device, pos)
         q = q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))
         q = q.view(B, S, H, N + R)
-        q = torch.cat([q[..., :N], apply_rope(q[..., N:], cos, sin)], dim=-1)
-        kvb = self.wkv_b(self.kv_norm(kv[..., :C])).view(B, S, H, N + V)
-        k_pe = apply_rope(kv[..., C:].unsqueeze(2), cos, sin)
-        k = torch.cat([kvb[..., :N], k_pe.expand(B, S, H, R)], dim=-1)
+        q = torch.cat([q[..., :N], apply_rope(q[..., N:], cos_q, sin_q)], dim=-1)
+        kvb = self.wkv_b(self.kv_norm(kv[..., :C])).view(B, L, H, N + V)
+        k_pe = apply_rope(kv[..., C:].unsqueeze(2), cos_k, sin_k)
+        k = torch.cat([kvb[..., :N], k_pe.expand(B, L, H, R)], dim=-1)
         return q, k, kvb[..., N:]
 
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                docs: Documents | None = None) -> torch.Tensor:
         """Causal self-attention over x (already normed). With ``cache``, x continues the cached sequence (absorbed
-        decode).
+        decode). ``docs``: the window's documents (:mod:`hai.model.sequence`).
 
         Under tensor parallelism (``self.tp`` split) the down-projections run replicated on this rank's positions,
         the region is entered on their outputs (the latents, much narrower than the hidden state), this rank's heads
         attend, and the out-projection's partial sums leave the region; on one device both crossings are the
-        identity."""
+        identity. Under context parallelism (``self.cp`` split) the kv latents ([c_kv | k_pe], kv_lora_rank +
+        qk_rope_head_dim values per position) are all-gathered over the CP ranks (their gradient reduce-scattered),
+        so every rank up-projects the keys and values of the whole window and its queries attend to them by global
+        position."""
         if cache is not None:
             return self._decode(self._q_down()(x_BSD), self.wkv_a(x_BSD), cache, layer)
-        kv = self.tp.enter(self.wkv_a(x_BSD))
+        kv = self.cp.gather(self.tp.enter(self.wkv_a(x_BSD)))
         q_in = self.tp.enter(self.wq_a(x_BSD)) if self.cfg.q_lora_rank else self.wq(self.tp.enter(x_BSD))
-        q, k, v = self._qkv(q_in, kv)
-        o = attention(q, k, v, self.softmax_scale)
+        q, k, v = self._qkv(q_in, kv, docs)
+        o = attention(q, k, v, self.softmax_scale, self._mask(q.shape[1], k.shape[1], docs), self.cfg.attention)
         return self.tp.exit(self.wo(o.flatten(2)))
 
-    def forward_recompute(self, x_BSD: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """attn(norm(x)) under V3's recipe: keeps x, the latents, the attention output and the log-sum-exp."""
+    def forward_recompute(self, x_BSD: torch.Tensor, norm: RMSNorm, docs: Documents | None = None) -> torch.Tensor:
+        """attn(norm(x)) under V3's recipe: keeps x, this rank's latents, the attention output and the
+        log-sum-exp (under CP the latents are gathered again in the backward)."""
         if self.tp.split and self.cfg.q_lora_rank is None:  # wq is head-split: its input must enter first
-            return self.forward(norm(x_BSD))
+            return self.forward(norm(x_BSD), docs=docs)
         ops = [LinearOp(m.forward, m.backward, m.weight) for m in (self._q_down(), self.wkv_a)]
         q_in, kv = norm_linears([x_BSD], [norm], ops)
         weights = [p for p in self.parameters() if p.requires_grad]
         q_in, kv = self.tp.enter(q_in), self.tp.enter(kv)
-        return self.tp.exit(_MLACore.apply(self, q_in, kv, *weights))
+        return self.tp.exit(_MLACore.apply(self, docs, q_in, kv, *weights))
 
     def _decode(self, q_in, kv, cache: KVCache, layer: int) -> torch.Tensor:
         """Decode path: scores and outputs computed against the latent cache without expanding it."""

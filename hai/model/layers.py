@@ -161,14 +161,17 @@ class SwiGLU(nn.Module):
 # ------------------------------------------------------------------------------------------------- cross-entropy
 class _CrossEntropy(torch.autograd.Function):
     """Mean next-token cross-entropy from logits in their own dtype (bf16 under V3's recipe), softmax in fp32;
-    keeps the logits, one fp32 log-sum-exp and the target per row."""
+    keeps the logits, one fp32 log-sum-exp and the target per row. A negative target is padding (MTP's shifted
+    positions past the window under sequence or context parallelism): no loss, no gradient, not counted."""
 
     @staticmethod
     def forward(ctx, logits_TV, target_T):
         with torch.autocast(logits_TV.device.type, enabled=False):
             l32 = logits_TV.float()
             lse = torch.logsumexp(l32, dim=-1)
-            loss = (lse - l32.gather(1, target_T[:, None]).squeeze(1)).mean()
+            tl = l32.gather(1, target_T.clamp_min(0)[:, None]).squeeze(1)
+            valid = target_T >= 0
+            loss = ((lse - tl) * valid).sum() / valid.sum().clamp_min(1)
         ctx.save_for_backward(logits_TV, lse, target_T)
         return loss
 
@@ -177,8 +180,10 @@ class _CrossEntropy(torch.autograd.Function):
         logits, lse, target = ctx.saved_tensors
         with torch.autocast(logits.device.type, enabled=False):
             p = torch.exp(logits.float() - lse[:, None])
-            p[torch.arange(p.shape[0], device=p.device), target] -= 1.0
-            return (p * (g / p.shape[0])).to(logits.dtype), None
+            valid = target >= 0
+            p[torch.arange(p.shape[0], device=p.device), target.clamp_min(0)] -= 1.0
+            scale = valid.float() * (g / valid.sum().clamp_min(1))
+            return (p * scale[:, None]).to(logits.dtype), None
 
 
 def cross_entropy(logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
@@ -226,10 +231,11 @@ def softmax_scale(cfg) -> float:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. x: (B, S, H, R) ; cos/sin: (S, R/2)."""
+    """Rotate interleaved pairs of the last dim. x: (B, S, H, R) ; cos/sin: (S, R/2), or (B, S, R/2) when the
+    positions differ per sequence (``data.reset_positions``)."""
     x32 = x.float().unflatten(-1, (-1, 2))  # (B, S, H, R/2, 2)
     x0, x1 = x32[..., 0], x32[..., 1]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    c = cos[None, :, None, :] if cos.dim() == 2 else cos[:, :, None, :]
+    s = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
     return out.type_as(x)

@@ -28,6 +28,7 @@ from hai.config import ModelConfig
 from hai.model.layers import SwiGLU, swiglu
 from hai.model.recompute import LinearOp, expert_ffn, norm_linears, swiglu_down
 from hai.model.regions import LOCAL, Region
+from hai.model.sequence import LOCAL_SEQ, SequenceSplit
 from hai.model.wgrad import accumulate_wgrad, weight_grad_output
 
 __all__ = ["Route", "Router", "Dispatcher", "LocalDispatcher", "GroupedExperts", "MoE", "Pending",
@@ -337,7 +338,8 @@ class MoE(nn.Module):
         self.recompute = "none"  # none | v3 | full (hai.model.recompute; set by Transformer.set_recompute)
         self.aux_grad_scale = 1.0  # set by the trainer to the micro-batch loss scale (1 / micro-batches)
         self.tp: Region = LOCAL  # hai.model.regions; under TP (always with SP) this rank routes its sequence shard
-        self.valid_len = None  # MTP under SP: positions >= valid_len are padding (not counted, no balance loss)
+        self.cp: SequenceSplit = LOCAL_SEQ  # hai.model.sequence; under CP this rank routes its positions
+        self.valid_len = None  # MTP under SP/CP: positions >= valid_len are padding (not counted, no balance loss)
 
     def seq_aux_loss(self, route: Route, batch: int) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
@@ -353,8 +355,9 @@ class MoE(nn.Module):
             hit = v_BS[:, :, None].expand(batch, S, K).reshape(batch, S * K)
         P_BE = s_norm.sum(1)
         hits = torch.zeros(batch, E, device=s_BSE.device).scatter_add_(1, route.topk_idx.view(batch, -1), hit)
-        # sequence-sharded (TP with SP): the per-sequence sums over every TP rank's positions
+        # sequence-sharded (TP with SP, CP): the per-sequence sums over every TP and CP rank's positions
         P_BE, hits, S = self.tp.sum(P_BE), self.tp.sum_(hits), S * self.tp.size
+        P_BE, hits, S = self.cp.sum(P_BE), self.cp.sum_(hits), S * self.cp.size
         if route.valid is not None:
             S = self.valid_len
         P_BE = P_BE / S
@@ -367,8 +370,8 @@ class MoE(nn.Module):
         if self.valid_len is None:
             return route
         S = route.scores.shape[0] // batch
-        first = self.tp.rank * S
-        pos = torch.arange(first, first + S, device=route.scores.device)
+        first = self.tp.rank * S  # this TP rank's shard of the CP rank's positions
+        pos = self.cp.positions(S * self.tp.size, route.scores.device)[first:first + S]
         route.valid = (pos < self.valid_len).expand(batch, S).reshape(-1)
         return route
 

@@ -4,9 +4,20 @@ Single-device code with no collectives. The pieces are exposed separately (``emb
 the pipeline can cut the model into stages and keep the embedding, the output head and MTP on one rank (V3's
 placement, so MTP shares them physically).
 
-Batches are token tensors of shape (B, S + 1): inputs are tokens[:, :S], main targets tokens[:, 1:].
+Batches are token tensors of shape (B, S + 1): inputs are tokens[:, :S], main targets tokens[:, 1:]. Chat (SFT)
+windows carry per-token flags above the ids (:mod:`hai.model.batch`): non-targets are ignored by the main and MTP
+losses, and a target counts only inside the document of the position predicting it. With ``target_norm`` set (the
+trainer sets it every step for chat data) a micro-batch's loss is the sum over its targets divided by the global
+batch's target count per micro-batch, so the step's losses add up to the per-token mean over the global batch.
 MTP depth k (1..D) combines the previous depth's hidden state at position i with the embedding of token i+k and
 predicts token i+k+1 (DeepSeek-V3 sec. 2.2), so depth k sees S-k positions.
+
+The sequence seam (``self.cp``, :mod:`hai.model.sequence`): under context parallelism the model is handed the whole
+window of tokens and keeps this rank's positions (the embedding's input, the targets); each rank's losses are its
+positions' share of the window's mean (sum over its positions / the window's count), so the sum over the CP ranks
+is the single-process loss and the gradients summed over them (ZeRO-1 over dp x cp) are its gradients. With
+``doc_spec`` set (``data.document_mask`` / ``data.reset_positions``) every forward derives the window's documents
+from its tokens and hands them to the attention.
 """
 
 from __future__ import annotations
@@ -19,11 +30,13 @@ from torch import nn
 
 from hai.config import ModelConfig
 from hai.model.attention import MLA, KVCache
+from hai.model.batch import doc_starts, target_ids, token_ids
 from hai.model.init import materialize, param_dtype
 from hai.model.layers import Linear, RMSNorm, SwiGLU, cross_entropy
 from hai.model.moe import MoE, Router
 from hai.model.recompute import RECOMPUTE_MODES, LinearOp, norm_linears, swiglu_down
 from hai.model.regions import LOCAL, Region
+from hai.model.sequence import LOCAL_SEQ, Documents, DocumentSpec, SequenceSplit, documents
 
 __all__ = ["Block", "MTPModule", "Transformer", "LossOutput", "build_model"]
 
@@ -63,10 +76,10 @@ class Block(nn.Module):
             return _checkpointed(fn, *args)
         return fn(*args)
 
-    def attention_part(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def attention_part(self, x_BSD: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         if self.recompute == "v3":
-            return x_BSD + self.attn.forward_recompute(x_BSD, self.attn_norm)
-        return x_BSD + self.attn(self.attn_norm(x_BSD))
+            return x_BSD + self.attn.forward_recompute(x_BSD, self.attn_norm, docs)
+        return x_BSD + self.attn(self.attn_norm(x_BSD), docs=docs)
 
     def dense_part(self, h_BSD: torch.Tensor) -> torch.Tensor:
         if self.recompute == "v3":
@@ -79,11 +92,11 @@ class Block(nn.Module):
         """(x_TD, route, aux, shared) of the MoE (``MoE.front`` with the ffn norm inside)."""
         return self.ffn.front(h_BSD, self.ffn_norm)
 
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, docs: Documents | None = None) -> torch.Tensor:
         if cache is not None:  # inference: latent KV cache, absorbed decode
             h = x_BSD + self.attn(self.attn_norm(x_BSD), cache, self.layer_id)
             return h + self.ffn(self.ffn_norm(h))
-        h = self.segment(self.attention_part, x_BSD)
+        h = self.segment(self.attention_part, x_BSD, docs)
         if not isinstance(self.ffn, MoE):
             return self.segment(self.dense_part, h)
         x_TD, route, aux, shared = self.segment(self.moe_front, h)
@@ -104,16 +117,18 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.recompute = "none"
 
-    def forward(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor, cache: KVCache | None = None,
+                docs: Documents | None = None) -> torch.Tensor:
         """``model.mtp_concat``: the projection's input is [hnorm(h); enorm(e)] (the paper's order) or [enorm(e);
-        hnorm(h)] (the released checkpoints'). ``cache``: decoding (the block keeps its latents under its layer id)."""
+        hnorm(h)] (the released checkpoints'). ``cache``: decoding (the block keeps its latents under its layer id).
+        ``docs``: the documents of the positions the block attends over (those of h)."""
         xs, norms = [h_prev_BSD, emb_BSD], [self.hnorm, self.enorm]
         if self.embed_first:
             xs, norms = xs[::-1], norms[::-1]
         if self.recompute == "v3" and cache is None:
             (x,) = norm_linears(xs, norms, [_op(self.proj)])
-            return self.block(x)
-        return self.block(self.proj(torch.cat([n(x) for n, x in zip(norms, xs)], dim=-1)), cache)
+            return self.block(x, docs=docs)
+        return self.block(self.proj(torch.cat([n(x) for n, x in zip(norms, xs)], dim=-1)), cache, docs)
 
 
 class Transformer(nn.Module):
@@ -128,6 +143,9 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, d + 1) for d in range(cfg.mtp_depth))
         self.recompute = "none"
         self.tp: Region = LOCAL  # hai.model.regions: under TP a vocabulary-split embedding and head
+        self.cp: SequenceSplit = LOCAL_SEQ  # hai.model.sequence: under CP this rank's positions of the window
+        self.doc_spec: DocumentSpec | None = None  # data.document_mask / data.reset_positions (set by the trainer)
+        self.target_norm: torch.Tensor | None = None  # SFT: (1 + mtp_depth,) targets per micro-batch of the step
 
     def set_recompute(self, mode: str) -> "Transformer":
         """``train.recompute``: none | v3 | full (:mod:`hai.model.recompute`), on every module that honours it."""
@@ -139,67 +157,90 @@ class Transformer(nn.Module):
         return self
 
     # --- pieces (the pipeline stages call these) ---
+    def documents(self, tokens: torch.Tensor) -> Documents | None:
+        """The documents of a batch of windows (B, S+1) (None without ``doc_spec``): the stages call it once per
+        micro-batch and hand the result to every block."""
+        inputs = tokens[:, :-1]
+        marked = self.doc_spec is not None and self.doc_spec.marked  # chat windows flag their conversations
+        return documents(token_ids(inputs), self.doc_spec, doc_starts(inputs) if marked else None)
+
     def embed_tokens(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """The embedding (vocabulary-parallel under TP; with SP this rank's sequence shard of it)."""
-        return self.tp.embed(self.embed, tokens_BS)
+        """The embedding of whole-window tokens (B, S): this rank's positions under CP (vocabulary-parallel under
+        TP; with SP this rank's sequence shard of them)."""
+        return self.tp.embed(self.embed, self.cp.take(token_ids(tokens_BS)))
 
     def logits(self, h_BSD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         return self.head((norm or self.norm)(h_BSD)).float()
 
-    def _loss(self, h_BSD: torch.Tensor, norm: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of head(norm(h)); under ``recompute='v3'`` the norm output is recomputed in the backward."""
+    def _loss(self, h_BSD: torch.Tensor, norm: nn.Module, targets: torch.Tensor,
+              count: int | None = None, depth: int = 0) -> torch.Tensor:
+        """Cross-entropy of head(norm(h)); under ``recompute='v3'`` the norm output is recomputed in the backward.
+        Under CP the mean over this rank's targets times their share of the window's ``count`` targets. With
+        ``target_norm`` (SFT): the sum over this rank's targets / ``target_norm[depth]`` (0: main, k: MTP depth k)."""
         if self.recompute == "v3":  # under TP the region entered on the residual, the norm recomputed inside it
             (logits,) = norm_linears([self.tp.enter(h_BSD)], [norm], [_op(self.head)])
         else:
             logits = self.head(self.tp.enter(norm(h_BSD)))
         if self.tp.split:  # the head's vocabulary rows on this rank: a vocabulary-parallel cross-entropy
-            return self.tp.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = self.tp.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        else:
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if self.target_norm is not None:  # the mean times this micro-batch's count: its sum, over the step's norm
+            return loss * (targets >= 0).sum() / self.target_norm[depth]
+        if not self.cp.split:
+            return loss
+        if count is None:  # no padding: every rank holds 1/cp of the window's targets
+            return loss / self.cp.size
+        return loss * (targets >= 0).sum() / count
 
     def main_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token loss of the last block's output."""
-        return self._loss(h_BSD, self.norm, tokens[:, 1:])
+        """Next-token loss of the last block's output (this rank's share of it under CP)."""
+        return self._loss(h_BSD, self.norm, self.cp.take(target_ids(tokens)))
 
-    def mtp_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean over MTP depths of their losses, from the last block's output (which re-uses embed and head)."""
+    def mtp_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
+        """Mean over MTP depths of their losses, from the last block's output (which re-uses embed and head).
+        ``docs``: the window's documents (derived from ``tokens`` when not given)."""
         S = tokens.shape[1] - 1
+        docs = self.documents(tokens) if docs is None else docs
         h = self.norm(h_BSD) if self.cfg.mtp_hidden == "post_norm" else h_BSD
-        if self.tp.sp:
-            return self._mtp_loss_sp(h, tokens)
+        if self.tp.sp or self.cp.split:
+            return self._mtp_loss_padded(h, tokens, docs)
         losses = []
         for k, module in enumerate(self.mtp, start=1):
-            h = module(h[:, : S - k], self.embed_tokens(tokens[:, k:S]))
-            losses.append(self._loss(h, module.norm, tokens[:, k + 1:S + 1]))
+            h = module(h[:, : S - k], self.embed_tokens(tokens[:, k:S]), docs=None if docs is None else
+                       docs.prefix(S - k))
+            losses.append(self._loss(h, module.norm, target_ids(tokens, k), depth=k))
         return torch.stack(losses).mean()
 
-    def _mtp_loss_sp(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """MTP on sequence shards: depth k keeps all S positions (so every rank keeps its S/tp), the next-token
-        inputs padded with k tokens at the end; causal attention leaves the first S-k positions exactly as the
-        unpadded computation, the loss ignores the padding and the MoE neither counts it nor puts it in the
-        balance loss (``MoE.valid_len``)."""
+    def _mtp_loss_padded(self, h: torch.Tensor, tokens: torch.Tensor, docs: Documents | None) -> torch.Tensor:
+        """MTP on sequence shards (SP) or CP chunks: depth k keeps all S positions (so every rank keeps its
+        positions), the next-token inputs padded with k tokens at the end of the window; causal attention leaves the
+        first S-k positions exactly as the unpadded computation, the loss ignores the padding and the MoE neither
+        counts it nor puts it in the balance loss (``MoE.valid_len``, a global position)."""
         S = tokens.shape[1] - 1
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             pad = tokens.new_zeros(tokens.shape[0], k)
             nxt = torch.cat([tokens[:, k:S], pad], dim=1)
-            targets = torch.cat([tokens[:, k + 1:S + 1], pad - 1], dim=1)  # -1: padding
+            targets = self.cp.take(torch.cat([target_ids(tokens, k), pad - 1], dim=1))  # -1: padding
             if isinstance(module.block.ffn, MoE):  # stays set: a recomputed segment must see the same padding
                 module.block.ffn.valid_len = S - k
-            h = module(h, self.embed_tokens(nxt))
-            losses.append(self._loss(h, module.norm, targets))
+            h = module(h, self.embed_tokens(nxt), docs=docs)
+            losses.append(self._loss(h, module.norm, targets, tokens.shape[0] * (S - k), depth=k))
         return torch.stack(losses).mean()
 
-    def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
+    def head_loss(self, h_BSD: torch.Tensor, tokens: torch.Tensor, docs: Documents | None = None) -> LossOutput:
         """Main next-token loss plus lambda x the MTP losses."""
         main = self.main_loss(h_BSD, tokens)
-        mtp = self.mtp_loss(h_BSD, tokens) if self.mtp else main.new_zeros(())
+        mtp = self.mtp_loss(h_BSD, tokens, docs) if self.mtp else main.new_zeros(())
         return LossOutput(main + self.cfg.mtp_lambda * mtp, main.detach(), mtp.detach())
 
     def forward(self, tokens: torch.Tensor) -> LossOutput:
+        docs = self.documents(tokens)
         h = self.embed_tokens(tokens[:, :-1])
         for layer in self.layers:
-            h = layer(h)
-        return self.head_loss(h, tokens)
+            h = layer(h, docs=docs)
+        return self.head_loss(h, tokens, docs)
 
     # --- inference ---
     @torch.no_grad()
@@ -227,15 +268,16 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def forward_logits_mtp(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(main logits (B, S, V), per MTP depth k its logits (B, S-k, V)): depth k at position i has seen tokens
-        up to i+k and predicts token i+k+1 (the drafts of speculative decoding)."""
+        up to i+k and predicts token i+k+1 (the drafts of speculative decoding). Documents as ``doc_spec`` says."""
+        S = tokens_BS.shape[1]
+        docs = documents(tokens_BS, self.doc_spec)
         h = self.embed(tokens_BS)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, docs=docs)
         main, drafts = self.logits(h), []
         h = self.norm(h) if self.cfg.mtp_hidden == "post_norm" else h
-        S = tokens_BS.shape[1]
         for k, module in enumerate(self.mtp, start=1):
-            h = module(h[:, : S - k], self.embed(tokens_BS[:, k:]))
+            h = module(h[:, : S - k], self.embed(tokens_BS[:, k:]), docs=None if docs is None else docs.prefix(S - k))
             drafts.append(self.logits(h, module.norm))
         return main, drafts
 
@@ -256,7 +298,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     """Build the whole model on ``meta`` and, unless ``device='meta'``, materialize it on ``device`` with weights in
     ``dtype`` (default: :func:`~hai.model.init.param_dtype`) initialized from ``seed`` (:mod:`hai.model.init`).
 
-    A parallel run builds on ``meta``, applies its layout (the parallel layer's ``parallelize``) and materializes only then."""
+    A parallel run builds on ``meta``, applies its layout (the parallel layer's ``parallelize``) and materializes
+    only then."""
     if cfg.precision == "fp8" and str(device) != "meta":
         import hai.kernels as k
 

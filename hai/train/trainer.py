@@ -26,6 +26,7 @@ from hai.config import Config, ConfigError
 from hai.config.compose import to_yaml
 from hai.data import Dataset, Sampler, TokenFile, ensure_token_file, open_dataset
 from hai.model import Router, build_model, materialize, param_dtype
+from hai.model.sequence import DocumentSpec
 from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW, ZeroGroups
@@ -76,7 +77,9 @@ class Trainer:
             check_fp8_device(self.device)  # capability >= 8.9, or a message naming the GPU and model.precision=bf16
         t = cfg.train
         self.n_micro = cfg.n_micro_batches
-        self.dp_group, self.pp_group = _group(mesh, "dp"), _group(mesh, "pp")
+        # the data-parallel sums (ZeRO-1, losses, router loads) run over dp x cp: the CP ranks hold the other
+        # positions of the same sequences (each its share of the loss), so their gradients add like the dp ranks'
+        self.dp_group, self.pp_group = _group(mesh, "dp_cp"), _group(mesh, "pp")
         self.tp_group = _group(mesh, "tp") if topo.tp > 1 else None
         # per-rank construction: the architecture on meta, this rank's layout, then only its share materialized
         self.model = build_model(cfg.model, device="meta", recompute=t.recompute)
@@ -100,6 +103,7 @@ class Trainer:
                 if data.val is not None and t.eval_every else None
         else:  # one token file, all of its windows (no held-out split)
             self.sampler, self.val_sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed), None
+        self.model.doc_spec = _doc_spec(cfg, data)
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
         self.run_id: str | None = None  # the metrics/wandb run this training continues (from a checkpoint)
@@ -112,8 +116,8 @@ class Trainer:
         t = self.cfg.train
         return PipelineExecutor(self.model, self.placement.layout, self.coords["pp"], self.n_micro, self.pp_group,
                                 self.topo.group_ranks("pp", self.rank),
-                                (t.micro_batch_size, t.seq_len // (self.topo.tp if self.topo.sequence_parallel
-                                                                   else 1), self.cfg.model.hidden_size),
+                                (t.micro_batch_size, t.seq_len // self.topo.cp // (
+                                    self.topo.tp if self.topo.sequence_parallel else 1), self.cfg.model.hidden_size),
                                 1.0 / self.n_micro,
                                 overlap=self.cfg.parallel.overlap, act_dtype=param_dtype(self.cfg.model),
                                 device=self.device)
@@ -304,6 +308,9 @@ class Trainer:
         run = self.run_state()
         meta = load_checkpoint(run, path, self.cfg.model)
         self.step, self.run_id = run.progress.step, run.progress.run_id
+        saved_len = (meta.get("train") or {}).get("seq_len", self.cfg.train.seq_len)
+        if saved_len != self.cfg.train.seq_len:  # a new phase (context extension): its own steps and data from 0
+            self.step = 0
         return {"step": self.step, "path": path, "saved_dp": meta.get("dp"),
                 "saved_world_size": meta.get("world_size"), "seconds": time.perf_counter() - t0}
 
@@ -325,6 +332,18 @@ class Trainer:
         if sink is not None:
             sink.event("checkpoint", step=self.step, path=path, seconds=time.perf_counter() - t0)
         return path
+
+
+def _doc_spec(cfg: Config, data) -> DocumentSpec | None:
+    """``data.document_mask`` / ``data.reset_positions``: the documents end with the data's EOS id."""
+    d = cfg.data
+    if not (d.document_mask or d.reset_positions):
+        return None
+    if data.eos_id < 0:
+        raise ConfigError("data.document_mask / data.reset_positions need the documents' EOS id, which this token "
+                          "file does not record: re-create it with `hai prepare`, or set both to false")
+    marked = data.loss_mask if isinstance(data, Dataset) else data.mask is not None  # chat windows mark starts
+    return DocumentSpec(data.eos_id, d.document_mask, d.reset_positions, marked)
 
 
 def _memory_bytes(device: torch.device) -> int:

@@ -1,0 +1,186 @@
+"""Context parallelism reproduces the single-process training run of the same model, seed and data: per-step losses
+and final parameters (every rank against the slice of the reference it holds), fp32 on gloo.
+
+Tolerance: losses rel 1e-5, parameters rtol 1e-4 / atol 1e-5 after 3 AdamW steps (as tests/test_parallel_train.py):
+the layouts differ from the reference only in the order of sums (the latents' reduce-scatter, the balance loss's
+all-reduce, the all-to-all, P2P and the optimizer's reduce-scatter over dp x cp). Sequences of 256 positions, MTP
+depth 1 and the sequence-wise balance loss on (alpha 0.01, 100x the preset, so a wrong sum shows), router biases
+moving at 10x the preset. Configurations of one world size share one launch of forked ranks.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from test_tensor_parallel import _compare
+from hai.config import ConfigError
+from hai.config.compose import compose
+from hai.data import TokenFile, ensure_token_file
+from hai.data.tokens import write_token_file
+from hai.model.sequence import zigzag_runs
+from hai.parallel import Topology
+from hai.train.trainer import Trainer, init_distributed
+
+STEPS = 3
+BASE = ["model=tiny", "train=test", "cluster=cpu1", "parallel=single", f"train.steps={STEPS}", "wandb.mode=disabled",
+        "model.bias_update_speed=0.01", "model.seq_aux_alpha=0.01", "train.seq_len=256", "train.global_batch_size=4",
+        "train.micro_batch_size=2"]
+SP = ["parallel.sequence_parallel=true"]
+V3, FULL, SDPA = ["train.recompute=v3"], ["train.recompute=full"], ["model.attention=sdpa"]
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    """The default corpus cut into documents of 8-119 tokens (EOS after each): 2-30 documents per window, many
+    spanning the CP chunk boundaries. Overrides turning the document mask and position resets on."""
+    tf = TokenFile.open(ensure_token_file(compose(BASE).data))
+    toks = np.asarray(tf.tokens[:120_000]).astype(np.int64)
+    rng, out, i = np.random.default_rng(0), [], 0
+    while i < len(toks):
+        n = int(rng.integers(8, 120))
+        out += [toks[i:i + n], [tf.eos_id]]
+        i += n
+    path = tmp_path_factory.mktemp("docs") / "docs.haitok"
+    write_token_file(path, np.concatenate(out), tf.vocab_size, tf.tokenizer, tf.eos_id)
+    return [f"data.path={path}", "data.document_mask=true", "data.reset_positions=true"]
+
+
+def _trainer(overrides):
+    cfg = compose([*BASE, *overrides])
+    topo = Topology.from_config(cfg)
+    return Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+
+
+def _run(overrides):
+    tr = _trainer(overrides)
+    losses = [tr.train_step()["loss"] for _ in range(STEPS)]
+    params, shards = {}, {}
+    for mod_name, module in tr.model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            params[name] = p.detach().clone()
+            if pname in getattr(module, "tp_shard", {}):
+                shards[name] = module.tp_shard[pname]
+        for bname, b in module.named_buffers(recurse=False):  # the aux-loss-free biases, updated from loads
+            if bname == "bias":
+                params[f"{mod_name}.{bname}"] = b.detach().clone()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    overlap = tr.pipeline is not None and tr.pipeline.overlap
+    return losses, params, tr.topo.coords(rank), tr.topo.ep, shards, overlap
+
+
+def _rank_many(rank, world, runs):
+    return [_run(overrides) for overrides in runs]
+
+
+# name -> (world, layout overrides, recipe overrides (the reference runs them too), uses the documents)
+LAYOUTS = {
+    "cp2": (2, ["parallel.cp=2"], [], False),
+    "cp2_docs": (2, ["parallel.cp=2"], [], True),
+    "cp2_v3_sdpa_docs": (2, ["parallel.cp=2"], V3 + SDPA, True),
+    "cp2_full": (2, ["parallel.cp=2"], FULL, False),
+    "cp4": (4, ["parallel.cp=4"], [], False),
+    "cp4_docs": (4, ["parallel.cp=4"], [], True),
+    "cp2_ep2_dp2": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.ep=2"], [], False),
+    "cp2_ep2_dp2_docs_v3": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.ep=2"], V3, True),
+    "cp2_pp2_dualpipe_ep2": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe",
+                                 "train.micro_batch_size=1"], [], False),
+    "cp2_pp2_dualpipe_ep2_docs_v3": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.ep=2",
+                                         "parallel.schedule=dualpipe", "train.micro_batch_size=1"], V3, True),
+    "cp2_pp2_zb1p": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.schedule=zb1p", "train.micro_batch_size=1"],
+                     [], False),
+    "cp2_tp2_sp_ep2": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.ep=2", *SP], [], False),
+    "cp2_tp2_sp_ep4_docs_v3": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.ep=4", *SP], V3, True),
+}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_matches_single_process(world, docs, tmp_path):
+    names = [n for n, (w, *_) in LAYOUTS.items() if w == world]
+    runs, refs = [], {}
+    for n in names:
+        _, layout, recipe, uses_docs = LAYOUTS[n]
+        common = [*recipe, *(docs if uses_docs else []), f"out_dir={tmp_path / n}"]
+        key = tuple(recipe) + (uses_docs,)
+        if key not in refs:
+            refs[key] = _run(common)
+        runs.append([f"cluster.gpus_per_node={world}", *layout, *common])
+    per_rank = run_ranks(_rank_many, world, runs)
+    for i, n in enumerate(names):
+        _, layout, recipe, uses_docs = LAYOUTS[n]
+        results = [r[i] for r in per_rank]
+        if "parallel.schedule=dualpipe" in layout:  # the F&B pairs overlap the all-to-alls
+            assert all(r[5] for r in results), n
+        try:
+            _compare([r[:5] for r in results], refs[tuple(recipe) + (uses_docs,)])
+        except AssertionError as e:
+            raise AssertionError(f"{n}: {e}") from None
+
+
+def test_zigzag_balances_causal_attention_work():
+    """Per-rank (query, key) pairs under the causal mask, counted from the runs each rank attends with: equal on
+    every rank with zig-zag chunks, against more than (2cp-2) : 1 between the busiest and the idlest rank with
+    contiguous chunks."""
+    S = 4096
+    for cp in (2, 4, 8):
+        work = []
+        for r in range(cp):
+            work.append(sum(sum(g0 + j + 1 for j in range(n)) for _, n, g0 in zigzag_runs(S // cp, cp, r)))
+        assert len(set(work)) == 1 and sum(work) == S * (S + 1) // 2
+        c = S // cp
+        contiguous = [sum(r * c + j + 1 for j in range(c)) for r in range(cp)]
+        assert max(contiguous) / min(contiguous) > 2 * cp - 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.cp=3", "cluster.gpus_per_node=3"], "parallel.cp=3 splits train.seq_len=256 into 2 x cp = 6 zig-zag "
+                                                   "chunks"),
+    (["parallel.cp=2", "cluster.gpus_per_node=4"], "!= parallel.pp=1 x parallel.dp=1 x parallel.cp=2 = 2: set "
+                                                   "parallel.dp=2"),
+    (["parallel.cp=2", "cluster.gpus_per_node=6"], "!= parallel.pp=1 x parallel.dp=1 x parallel.cp=2 = 2: set "
+                                                   "parallel.dp=3"),
+    (["parallel.cp=4", "parallel.pp=2", "cluster.gpus_per_node=6"], "is not divisible by pp x cp = 8"),
+    (["parallel.cp=2", "parallel.tp=4", "cluster.gpus_per_node=8", "train.seq_len=12", *SP],
+     "each CP rank's train.seq_len/cp = 6 positions over parallel.tp=4: choose a seq_len divisible by cp x tp = 8"),
+    (["parallel.cp=2", "cluster.gpus_per_node=2", "parallel.ep=4"], "parallel.ep=4 does not divide parallel.dp=1 x "
+                                                                    "parallel.cp=2"),
+    (["parallel.cp=2", "cluster.gpus_per_node=2", "train.seq_len=2048"], "train.seq_len=2048 exceeds "
+                                                                         "model.max_seq_len=1024"),
+])
+def test_cp_misconfigurations_name_value_and_fix(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Topology.from_config(compose([*BASE, *overrides]))
+
+
+def _save_rank(rank, world, overrides):
+    tr = _trainer(overrides)
+    losses = [tr.train_step()["loss"] for _ in range(STEPS)]
+    return losses, tr.save_checkpoint()
+
+
+def _resume_rank(rank, world, overrides):
+    tr = _trainer(overrides)
+    tr.resume()
+    return tr.step, [tr.train_step()["loss"] for _ in range(STEPS)]
+
+
+@pytest.mark.multiproc
+def test_checkpoint_moves_between_cp_sizes(tmp_path):
+    """Saved at cp=2 (x ep=2) after 3 steps, resumed at cp=1 (one process) and at cp=4: the next 3 losses are those
+    of an uninterrupted single-process run of 6 steps (rel 1e-5)."""
+    six = f"train.steps={2 * STEPS}"
+    ref = _trainer([six, f"out_dir={tmp_path / 'ref'}"])
+    want = [ref.train_step()["loss"] for _ in range(2 * STEPS)]
+    saved = run_ranks(_save_rank, 2, ["cluster.gpus_per_node=2", "parallel.cp=2", "parallel.ep=2",
+                                      f"out_dir={tmp_path / 'cp2'}", six])
+    assert saved[0][0] == pytest.approx(want[:STEPS], rel=1e-5)
+    path = saved[0][1]
+    step, got = _resume_rank(0, 1, [f"resume={path}", f"out_dir={tmp_path / 'cp1'}", six])
+    assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
+    for step, got in run_ranks(_resume_rank, 4, ["cluster.gpus_per_node=4", "parallel.cp=4", f"resume={path}",
+                                                 f"out_dir={tmp_path / 'cp4'}", six]):
+        assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
