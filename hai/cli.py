@@ -40,18 +40,22 @@ def cmd_train(cfg, overrides: list[str]) -> int:
         preflight(cfg)
         _check_fits(cfg)
     if topo.world_size > 1 and not _under_torchrun():
-        from hai.launch.torchrun import run_local
+        from hai.launch.torchrun import agent_grace_s, run_local
 
         if cfg.cluster.device == "cuda" and cfg.cluster.nodes > 1:
             raise ConfigError(f"cluster {cfg.cluster.name!r} has {cfg.cluster.nodes} nodes: start it with "
                               f"`hai launch launcher.kind=torchrun ...` on each node or `launcher.kind=slurm`")
-        return run_local(overrides, topo.world_size)
+        return run_local(overrides, topo.world_size, grace_s=agent_grace_s(cfg.train.preempt_grace_s))
     from hai.train.trainer import train
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out_dir": cfg.out_dir, **summary}) if cfg.output == "json" else
               format_summary(cfg, summary), flush=True)
+    if topo.world_size > 1:  # a torchrun worker whose process group is shut down: skip interpreter teardown, where
+        sys.stdout.flush()  # gloo's C++ threads meeting static destructors abort ~1 exit in 15 after a preemption
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -103,6 +107,11 @@ def format_summary(cfg, s: dict) -> str:
     for key, label in (("metrics_path", "metrics"), ("loss_png", "loss plot"), ("checkpoint_dir", "checkpoints")):
         if s.get(key) and (key != "checkpoint_dir" or os.path.isdir(s[key])):
             lines.append(f"  {label:<11} {s[key]}")
+    if s.get("preempted"):
+        p = s["preempted"]
+        since = "" if p.get("since_signal_s") is None else f", {p['since_signal_s']:.1f} s after the signal"
+        lines.append(f"  preempted   {p['signal']}: stopped after step {p['step']} with a checkpoint (saved in "
+                     f"{p['save_s']:.1f} s{since}); continue with resume=auto")
     if s.get("wandb_sync"):
         lines.append(f"  wandb       {s['wandb_dir']} (offline; upload: {s['wandb_sync']})")
     elif s.get("wandb_url"):

@@ -23,7 +23,7 @@ import sys
 
 from hai.config import Config, ConfigError
 
-from hai.launch.torchrun import local_command, node_command, run_command, run_local, train_overrides
+from hai.launch.torchrun import agent_grace_s, local_command, node_command, run_command, run_local, train_overrides
 
 __all__ = ["launch", "plan_nodes", "local_command", "node_command", "run_local", "train_overrides"]
 
@@ -71,15 +71,16 @@ def launch(cfg: Config, overrides: list[str], out=None) -> int:
     out = out or sys.stdout
     nnodes, nproc, _ = plan_nodes(cfg)
     lc = cfg.launcher
+    grace = agent_grace_s(cfg.train.preempt_grace_s)
     if lc.kind == "local":
-        cmd = local_command(overrides, nproc, lc.max_restarts)
+        cmd = local_command(overrides, nproc, lc.max_restarts, grace_s=grace)
         if cfg.dry_run:
             print(shlex.join(cmd), file=out)
             return 0
-        return run_local(overrides, nproc, lc.max_restarts)
+        return run_local(overrides, nproc, lc.max_restarts, grace_s=grace)
     if lc.kind == "torchrun":
         cmds = [node_command(overrides, nnodes=nnodes, nproc=nproc, node_rank=r, rdzv_endpoint=lc.rdzv_endpoint,
-                             rdzv_id=lc.job_name, max_restarts=lc.max_restarts) for r in range(nnodes)]
+                             rdzv_id=lc.job_name, max_restarts=lc.max_restarts, grace_s=grace) for r in range(nnodes)]
         if cfg.dry_run:
             for r, cmd in enumerate(cmds):
                 print(f"# node {r} of {nnodes}\n{shlex.join(cmd)}", file=out)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from hai.config import Config, ConfigError
 
-from hai.launch.torchrun import RESTART_SAFE_ENV, node_command
+from hai.launch.torchrun import RESTART_SAFE_ENV, agent_grace_s, node_command
 
 __all__ = ["SlurmJob", "render_sbatch", "write_script", "submit", "SCRIPT_NAME"]
 
@@ -67,6 +67,10 @@ def render_sbatch(cfg: Config, overrides: list[str], job: SlurmJob) -> str:
     if job.gpus_per_node:
         directives.append(("--gpus-per-node", "cluster.gpus_per_node", job.gpus_per_node))
     directives.append(("--time", "launcher.time", lc.time))
+    if lc.signal_lead_s:  # the time-limit warning, to this batch shell (B:), which forwards it to the ranks
+        directives.append(("--signal", "launcher.signal_lead_s", f"B:USR1@{lc.signal_lead_s}"))
+    if lc.requeue:
+        directives += [("--requeue", None, None), ("--open-mode", None, "append")]  # a requeued job appends its log
     if lc.partition:
         directives.append(("--partition", "launcher.partition", lc.partition))
     if lc.account:
@@ -76,15 +80,18 @@ def render_sbatch(cfg: Config, overrides: list[str], job: SlurmJob) -> str:
         ("--error", "out_dir", os.path.join(out, "slurm-%j.err")),
         ("--chdir", "working directory", job.workdir),
     ]
+    if lc.requeue and not any(o.split("=", 1)[0] == "resume" for o in overrides):
+        overrides = [*overrides, "resume=auto"]  # a requeued job continues from its newest checkpoint
     torchrun = node_command(overrides, nnodes=job.nodes, nproc=job.nproc_per_node,
                             rdzv_endpoint="@ENDPOINT@", rdzv_id="@RDZV_ID@", max_restarts=lc.max_restarts,
-                            python=job.python)
+                            python=job.python, grace_s=agent_grace_s(cfg.train.preempt_grace_s))
     args = " \\\n    ".join(" ".join(_torchrun_arg(a) for a in group) for group in _line_groups(torchrun))
     lines = [
         "#!/bin/bash",
         f"# Written by `hai launch launcher.kind=slurm` for run directory {_q('out_dir', out)}",
         f"# Submit again with: sbatch {_q('out_dir', os.path.join(out, SCRIPT_NAME))}",
-        *(f"#SBATCH {flag}={_q(key or flag, value)}" for flag, key, value in directives),
+        *(f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={_q(key or flag, value)}"
+          for flag, key, value in directives),
         "set -euo pipefail",
         "",
         "# Rendezvous on the job's first node, at the address Slurm reaches it by (its NodeAddr).",
@@ -98,18 +105,54 @@ def render_sbatch(cfg: Config, overrides: list[str], job: SlurmJob) -> str:
     if cfg.cluster.device == "cpu":
         lines.append("export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # CPU ranks share the node's cores")
     lines += [
-        'echo "hai: job $SLURM_JOB_ID, $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST), '
-        f'{job.nproc_per_node} process(es) per node, rendezvous $MASTER_ADDR:$MASTER_PORT"',
+        'echo "hai: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), $SLURM_JOB_NUM_NODES node(s) '
+        f'($SLURM_JOB_NODELIST), {job.nproc_per_node} process(es) per node, rendezvous $MASTER_ADDR:$MASTER_PORT"',
         "",
+        *_STOP_TRAP,
         f"srun --nodes={job.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
-        f"    {args}",
+        f"    {args} &",
+        *_wait_and_requeue(lc.requeue),
         "",
     ]
     return "\n".join(lines)
 
 
+# Slurm signals this shell (--signal=B:USR1@N before the time limit; scancel --batch); bash runs a trap only between
+# commands, so srun runs in the background and the script waits for it. Every stop signal reaches srun as SIGUSR1,
+# which srun forwards to the launch agent (hai.launch.agent) on every node: a SIGTERM to srun itself would make it
+# cancel the step (SIGKILL after KillWait) instead of letting the ranks save.
+_STOP_TRAP = [
+    "# Preemption: a stop signal makes every rank finish its step, save a checkpoint and exit 0 (hai.train.preempt).",
+    'stop_signal="" srun_pid=""',
+    'forward() { stop_signal=$1; echo "hai: SIG$1 at $(date +%T): the ranks save a checkpoint and stop" >&2; '
+    'kill -s USR1 "$srun_pid" 2>/dev/null || true; }',
+    "trap 'forward USR1' USR1",
+    "trap 'forward TERM' TERM",
+    "trap 'forward INT' INT",
+]
+
+
+def _wait_and_requeue(requeue: bool) -> list[str]:
+    lines = [
+        "srun_pid=$!",
+        "while :; do  # wait returns early when a trapped signal arrives: wait again until srun has exited",
+        '    wait "$srun_pid" && rc=0 || rc=$?',
+        '    kill -0 "$srun_pid" 2>/dev/null || break',
+        "done",
+    ]
+    if requeue:
+        lines += [
+            "# Stopped early by the time-limit warning (SIGUSR1) with a checkpoint: run again from it (resume=auto).",
+            'if [ "$rc" = 0 ] && [ "$stop_signal" = USR1 ]; then',
+            '    echo "hai: job $SLURM_JOB_ID saved and stopped on SIGUSR1: requeued, it resumes from the checkpoint"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+        ]
+    return lines + ['exit "$rc"']
+
+
 def _line_groups(cmd: list[str]) -> list[list[str]]:
-    """Lines: ``python -m torch.distributed.run``, one flag each, ``-m hai.cli train``, one override each."""
+    """Lines: ``python -m hai.launch.agent``, one flag each, ``-m hai.cli train``, one override each."""
     entry = cmd.index("hai.cli") - 1
     return [cmd[:3], *([a] for a in cmd[3:entry]), cmd[entry:entry + 3], *([a] for a in cmd[entry + 3:])]
 

@@ -184,3 +184,66 @@ def test_checkpoint_moves_between_cp_sizes(tmp_path):
     for step, got in run_ranks(_resume_rank, 4, ["cluster.gpus_per_node=4", "parallel.cp=4", f"resume={path}",
                                                  f"out_dir={tmp_path / 'cp4'}", six]):
         assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
+
+
+def _count_rank(rank, world, overrides):
+    import torch.distributed as dist
+
+    import hai.parallel.context_parallel as cpm
+    from hai.plan.cp import cp_chunk_bytes
+
+    tr = _trainer(overrides)
+    group, got = tr.model.cp.group, {}
+    ag, rs, ar = cpm._all_gather, cpm._reduce_scatter, dist.all_reduce
+
+    def count(kind, t, g):
+        if g is group:
+            got[kind] = got.get(kind, 0) + t.numel() * t.element_size()
+
+    cpm._all_gather = lambda out, inp, group=None, **k: (count("all_gather", out, group), ag(out, inp, group=group,
+                                                                                           **k))[1]
+    cpm._reduce_scatter = lambda out, inp, group=None, **k: (count("reduce_scatter", inp, group),
+                                                             rs(out, inp, group=group, **k))[1]
+    dist.all_reduce = lambda t, op=dist.ReduceOp.SUM, group=None, **k: (count("all_reduce", t, group),
+                                                                        ar(t, op=op, group=group, **k))[1]
+    try:
+        tr.forward_backward(tr.sampler.micro_batches(0, tr.coords["dp"], tr.topo.dp, tr.cfg.train.micro_batch_size))
+    finally:
+        cpm._all_gather, cpm._reduce_scatter, dist.all_reduce = ag, rs, ar
+    want = {}
+    for phase in cp_chunk_bytes(tr.cfg, 0).values():
+        for k, v in phase.items():
+            want[k] = want.get(k, 0) + v * tr.cfg.n_micro_batches
+    return got, want
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("recompute", ["none", "v3", "full"])
+def test_plan_cp_bytes_equal_the_collectives_of_a_run(recompute):
+    """Every CP collective of one forward/backward (tensor bytes per kind, rank 0) is what `hai plan` counts."""
+    got, want = run_ranks(_count_rank, 2, ["cluster.gpus_per_node=2", "parallel.cp=2",
+                                           f"train.recompute={recompute}"])[0]
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-9) for k in got), (got, want)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=small", "cluster=h100_node", "parallel=single", "parallel.cp=4", "parallel.dp=2", "parallel.ep=8",
+     "train.seq_len=8192", "model.max_seq_len=8192", "train.global_batch_size=4", "train.micro_batch_size=1"],
+    ["model=small", "cluster=h100_node", "cluster.nodes=2", "parallel=tp4_pp2", "parallel.tp=2", "parallel.cp=2",
+     "train.seq_len=8192", "model.max_seq_len=8192", "train.global_batch_size=8", "train.micro_batch_size=1",
+     "train.recompute=v3"],
+])
+def test_plan_static_bytes_equal_the_cp_rank_built_on_meta(overrides):
+    """`hai plan`'s static bytes for a CP layout (dense ZeRO-1 buckets over dp x cp, experts over the stage's
+    dp x cp x tp / ep) equal what the construction path allocates on meta, on the first and last rank of a stage."""
+    from hai.plan.construct import constructed_bytes
+    from hai.plan.memory import static_bytes
+
+    cfg = compose(overrides)
+    topo = Topology.from_config(cfg)
+    p = cfg.parallel
+    for pp in range(p.pp):
+        want = static_bytes(cfg, pp)
+        for rank in (topo.rank_of_dp(pp, 0, 0, 0), topo.rank_of_dp(pp, p.dp - 1, p.tp - 1, p.cp - 1)):
+            built = constructed_bytes(cfg, rank)
+            assert {k: built[k] for k in want} == want, (rank, built, want)

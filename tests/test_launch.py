@@ -11,9 +11,11 @@ import io
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,8 +39,8 @@ def test_local_dry_run_is_the_exact_torchrun_command():
     ov = BASE + ["cluster.gpus_per_node=2", "parallel.dp=2", "launcher.max_restarts=1", "resume=auto",
                  "dry_run=true"]
     cmd = shlex.split(_dry(ov))
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert cmd[3:6] == ["--standalone", "--nproc-per-node=2", "--max-restarts=1"]
+    assert cmd[:3] == [sys.executable, "-m", "hai.launch.agent"]  # torchrun behind the signal-forwarding agent
+    assert cmd[3:7] == ["--grace-s=75", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
     i = cmd.index("hai.cli")
     assert cmd[i - 1:i + 2] == ["-m", "hai.cli", "train"]
     assert cmd[i + 2:] == [o for o in ov if not o.startswith("dry_run")]  # the same overrides, dry_run dropped
@@ -139,7 +141,7 @@ json.dump({{"argv": sys.argv[1:], "addr": os.environ["MASTER_ADDR"], "port": os.
     assert argv[:3] == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert "--rdzv-endpoint=10.9.8.7:29555" in argv and "--rdzv-id=4242" in argv
     train = argv[argv.index("hai.cli") + 2:]
-    assert train == [o for o in ov if not o.startswith("dry_run")]
+    assert train == [o for o in ov if not o.startswith("dry_run")] + ["resume=auto"]  # requeue: resume=auto
     assert not any(p.name.startswith("PWNED") for p in tmp_path.rglob("*"))
 
 
@@ -201,3 +203,52 @@ def test_unknown_or_misplaced_flags_fail_with_the_flags_that_exist(capsys):
     assert main(["train", "--dry-run"]) == 2  # a training run has no dry run: refused, not silently ignored
     err = capsys.readouterr().err
     assert "hai train" in err and "no flags" in err
+
+
+_SRUN_STUB = """#!{python}
+import os, signal, sys, time
+got = []
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+open({started!r}, "w").write(str(os.getpid()))
+deadline = time.time() + 20
+while not got and time.time() < deadline:
+    time.sleep(0.02)
+open({record!r}, "w").write(",".join(got))
+sys.exit(0 if got else 3)
+"""
+
+
+@pytest.mark.parametrize("sig, requeued", [("USR1", True), ("TERM", False)])
+def test_slurm_script_forwards_stop_signals_and_requeues_on_usr1(tmp_path, sig, requeued):
+    """The batch shell (what `--signal=B:USR1@N` and `scancel --batch` reach) traps the signal, srun (a stub here) gets
+    SIGUSR1 whatever the shell got, and a clean stop on SIGUSR1 (the time-limit warning) requeues the job; a SIGTERM
+    stop does not."""
+    ov = BASE + ["cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.dp=4", "launcher.kind=slurm",
+                 "launcher.signal_lead_s=240", "dry_run=true"]
+    text = _dry(ov)
+    for line in ("#SBATCH --signal=B:USR1@240", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+        assert line in text
+    script, bindir = tmp_path / "job.sbatch", tmp_path / "bin"
+    script.write_text(text)
+    bindir.mkdir()
+    started, record, calls = tmp_path / "started", tmp_path / "srun_got", tmp_path / "scontrol_calls"
+    _stub(bindir / "scontrol", f"""
+if [ "$1 $2" = "show hostnames" ]; then echo n1; echo n2; exit 0; fi
+if [ "$1 $2" = "show node" ]; then echo "NodeName=$3 NodeAddr=10.0.0.1"; exit 0; fi
+echo "$@" >> {calls}
+""")
+    (bindir / "srun").write_text(_SRUN_STUB.format(python=sys.executable, started=str(started), record=str(record)))
+    (bindir / "srun").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="77",
+               SLURM_JOB_NUM_NODES="2")
+    proc = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 20
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, f"SIG{sig}"))
+    log, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, log
+    assert record.read_text() == "SIGUSR1"  # srun forwards it to the launch agents, which stop the ranks
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "77"] if requeued else [])

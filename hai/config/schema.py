@@ -23,6 +23,7 @@ __all__ = [
     "LauncherConfig",
     "GenerateConfig",
     "ConvertConfig",
+    "ProfileConfig",
     "Config",
     "ConfigError",
     "mixture_item",
@@ -210,6 +211,20 @@ def mixture_item(item: str) -> tuple[float, str]:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces of a few steps (hai.train.profile): ``steps=[a,b]`` profiles steps a..b (1-based, as
+    logged) on every rank; ``memory=true`` adds a CUDA memory snapshot (on CPU: allocations in the trace)."""
+
+    steps: List[int] = field(default_factory=list)
+    memory: bool = False
+
+    def __post_init__(self) -> None:
+        s = list(self.steps)
+        _require(not s or (len(s) == 2 and 1 <= s[0] <= s[1]), f"train.profile.steps={s} must be [] or [FIRST,LAST] "
+                 f"with 1 <= FIRST <= LAST (steps as logged), e.g. train.profile.steps=[10,12]")
+
+
+@dataclass
 class TrainConfig:
     name: str = "demo"
     steps: int = 200
@@ -229,7 +244,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW moments in bf16 (as V3 did)
     recompute: str = "none"  # none | v3 (DeepSeek-V3's activation recipe) | full (every block segment recomputed)
-    collective_timeout_s: float = 600.0  # a collective stuck this long fails the job (process-group timeout)
+    collective_timeout_s: float = 600.0  # a collective stuck this long: every rank dumps OUT_DIR/hang/, the job ends
+    preempt_grace_s: float = 60.0  # SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit 0 within this (else killed)
+    straggler_ratio: float = 1.5  # a rank this much slower than the median, persistently, is named in the log
+    async_save: Optional[bool] = None  # checkpoint writes in the background; None: on with CUDA, off on CPU
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     save_every: int = 0  # 0: no periodic checkpoints
     keep_last: int = 2
     log_every: int = 1
@@ -253,6 +272,9 @@ class TrainConfig:
         _positive("train.eval_batches", self.eval_batches)
         _choice("train.recompute", self.recompute, ("none", "v3", "full"))
         _positive("train.collective_timeout_s", self.collective_timeout_s)
+        _positive("train.preempt_grace_s", self.preempt_grace_s)
+        _require(self.straggler_ratio > 1, f"train.straggler_ratio={self.straggler_ratio} must be > 1 (a rank's busy "
+                 f"time over the median's), e.g. 1.5")
 
 
 @dataclass
@@ -366,10 +388,14 @@ class LauncherConfig:
     account: Optional[str] = None
     time: str = "01:00:00"
     job_name: str = "hai"
+    signal_lead_s: int = 300  # Slurm: SIGUSR1 this long before the time limit (save, then requeue); 0: none
+    requeue: bool = True  # Slurm: --requeue, and a job stopped by that signal requeues itself (resume=auto)
 
     def __post_init__(self) -> None:
         _choice("launcher.kind", self.kind, ("local", "torchrun", "slurm"))
         _require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts} must be >= 0")
+        _require(0 <= self.signal_lead_s <= 65535, f"launcher.signal_lead_s={self.signal_lead_s} must lie in "
+                 f"[0, 65535] seconds (Slurm's --signal limit; 0: no early signal)")
 
 
 @dataclass

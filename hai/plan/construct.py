@@ -49,7 +49,7 @@ def constructed_bytes(cfg: Config, rank: int) -> dict:
         def group(axis):
             return mesh[axis].get_group() if mesh is not None else None
 
-        opt = ZeroAdamW(model.named_parameters(), cfg.train, ZeroGroups(group("dp"), group("edp")), placement)
+        opt = ZeroAdamW(model.named_parameters(), cfg.train, ZeroGroups(group("dp_cp"), group("edp")), placement)
         dense = sum(p.numel() for n, p in model.named_parameters() if not is_expert_param(n))
         expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n))
         return {"rank": rank, "pp_rank": topo.coords(rank)["pp"], **opt.buffer_bytes(),

@@ -189,7 +189,8 @@ def chunk_compute(cfg: Config, stage: int) -> dict:
 def chunk_comm(cfg: Config, moe_layers: int) -> dict:
     """EP bytes and seconds of one chunk (forward: dispatch + combine; backward: their bf16 gradients)."""
     m, p = cfg.model, cfg.parallel
-    D, T = m.hidden_size, cfg.train.micro_batch_size * cfg.train.seq_len // p.tp  # TP: each rank routes S/tp
+    # TP (SP): each rank routes S/tp; CP: its S/cp positions
+    D, T = m.hidden_size, cfg.train.micro_batch_size * cfg.train.seq_len // (p.tp * p.cp)
     rows = ep_rows(cfg)
     Dp = -(-D // 128) * 128  # the FP8 payload is padded to whole 1x128 tiles
     disp = Dp + Dp // 128 * 4 if p.fp8_dispatch else 2 * D
@@ -214,20 +215,21 @@ def _all_to_all_gbps(cfg: Config) -> dict:
 def p2p_bytes_per_chunk(cfg: Config) -> float:
     """Activation (or gradient) bytes one chunk hands to the next stage: T x D in bf16."""
     sp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1  # SP: a sequence shard per TP rank
-    return cfg.train.micro_batch_size * cfg.train.seq_len // sp * cfg.model.hidden_size * 2
+    cp = cfg.parallel.cp  # CP: this rank's positions
+    return cfg.train.micro_batch_size * cfg.train.seq_len // (sp * cp) * cfg.model.hidden_size * 2
 
 
 def zero1_bytes(cfg: Config, rank: int) -> dict:
     """End-of-step bytes a GPU sends: gradient reduce-scatter (fp32) and bf16 parameter all-gather, ring algorithm
-    ((n-1)/n of the buffer) over dp (dense) and edp (experts); DualPipe's two copies also sum their gradients
+    ((n-1)/n of the buffer) over dp x cp (dense) and edp (experts); DualPipe's two copies also sum their gradients
     (one fp32 exchange of the rank's gradients with its copy partner)."""
     p = cfg.parallel
     prm: StageParams = rank_params(cfg, rank)
-    edp = p.dp // p.ep
+    edp, dense = p.edp, p.dp * p.cp
     ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
     wbytes = 4 if cfg.model.precision == "fp32" else 2
-    rs = 4 * (prm.dense * ring(p.dp) + prm.expert * ring(edp))
-    ag = wbytes * (prm.dense * ring(p.dp) + prm.expert * ring(edp))
+    rs = 4 * (prm.dense * ring(dense) + prm.expert * ring(edp))
+    ag = wbytes * (prm.dense * ring(dense) + prm.expert * ring(edp))
     copies = 4 * prm.total if p.schedule == "dualpipe" and p.pp > 1 else 0.0
     return {"reduce_scatter": rs, "all_gather": ag, "copy_grad_sync": copies}
 

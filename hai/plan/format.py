@@ -31,6 +31,7 @@ def _layout(r: dict) -> str:
         ("model / cluster", f"{lay['model']} on {lay['cluster']} ({lay['nodes']} x {lay['gpus_per_node']} "
                             f"{lay['gpu']} = {lay['world_size']} GPUs)"),
         ("parallelism", f"pp={lay['pp']} dp={lay['dp']} "
+                        + (f"cp={lay['cp']} " if lay.get("cp", 1) > 1 else "")
                         + (f"tp={lay['tp']}{' (SP)' if lay.get('sequence_parallel') else ''} " if lay.get("tp", 1) > 1
                            else "")
                         + f"ep={lay['ep']} edp={lay['edp']} schedule={lay['schedule']} "
@@ -93,6 +94,7 @@ def _comm(c: dict) -> str:
         ("ZeRO-1 all-gather (params)", _gb(z["all_gather"])),
         ("DualPipe copy gradient sync", _gb(z["copy_grad_sync"])),
         *_tp_rows(c),
+        *_cp_rows(c),
     ])
 
 
@@ -111,6 +113,35 @@ def _tp_rows(c: dict) -> list[tuple[str, str]]:
     for piece, b in t["per_piece"].items():
         rows.append((f"  TP {piece} layer", f"fwd {kinds(b['fwd'])}; bwd {kinds(b['bwd'])}"))
     return rows
+
+
+def _cp_rows(c: dict) -> list[tuple[str, str]]:
+    """Context-parallel collectives per micro-batch (tensor bytes; hai.plan.cp), and per layer the latent
+    all-gather against the K/V all-gather / ring and absorbed attention."""
+    t = c.get("cp_per_chunk")
+    if not t:
+        return []
+    x = t["per_layer"]
+
+    def kinds(d):
+        return ", ".join(f"{k.replace('_', '-')} {v / 1e6:,.1f} MB" for k, v in d.items()) or "-"
+
+    return [
+        (f"CP per micro-batch (stage {t['stage']})", f"fwd {kinds(t['bytes']['fwd'])}; bwd {kinds(t['bytes']['bwd'])}; "
+                                                    f"{t['link']} {t['fwd_s'] * 1e3:.2f} + {t['bwd_s'] * 1e3:.2f} ms "
+                                                    f"(not overlapped)"),
+        ("  CP per attention layer (fwd)", f"latent all-gather {x['latent_allgather_bytes'] / 1e6:,.1f} MB "
+                                           f"({x['latent_wire_bytes'] / 1e6:,.1f} MB on the wire) vs K/V all-gather or "
+                                           f"ring {x['kv_allgather_bytes'] / 1e6:,.1f} MB "
+                                           f"({x['kv_wire_bytes'] / 1e6:,.1f} MB on the wire): "
+                                           f"{x['kv_over_latent']:.0f}x"),
+        ("  CP compute per attention layer", f"core {x['attention_core_flops'] / 1e12:,.2f} TFLOP; every key's "
+                                             f"up-projection +{100 * x['extra_upproj_share_of_core']:.1f}% of it "
+                                             f"(the price of gathering latents); absorbed attention would be "
+                                             f"{x['absorbed_over_core']:.1f}x the core"),
+        ("  attention working set (transient)", f"{_gb(t['attention_working_set'])}: one layer's backward (the "
+                                                f"window's k, v and fp32 gradients, not in the totals above)"),
+    ]
 
 
 def _step(r: dict) -> str:

@@ -24,6 +24,7 @@ their log-sum-exp and targets, and the MTP modules.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,7 +35,8 @@ from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copie
 
 __all__ = ["RECOMPUTE_MODES", "GRAD_BYTES", "GB", "StageParams", "UnitParams", "unit_params", "rank_units",
            "rank_params", "worst_rank_params", "rank_buckets", "static_bytes", "act_items", "layer_act_bytes",
-           "stage_act_bytes", "rank_act_peaks", "memory_report", "is_moe_layer", "fp8_bytes", "act_bytes", "check_fits"]
+           "stage_act_bytes", "local_config", "rank_act_peaks", "memory_report", "is_moe_layer", "fp8_bytes",
+           "act_bytes", "check_fits"]
 
 RECOMPUTE_MODES = ("none", "v3", "full")
 GRAD_BYTES = 4  # gradients accumulated in fp32 over micro-batches (as V3)
@@ -180,7 +182,7 @@ def static_bytes(cfg: Config, rank: int) -> dict[str, int]:
     state = 4 + 2 * (2 if t.bf16_moments else 4)
     out = {"parameters": 0, "gradients": 0, "optimizer": 0}
     for (expert, *_), n in rank_buckets(cfg, rank).items():
-        shard, padded = bucket_layout(n, p.dp * p.tp // p.ep if expert else p.dp)
+        shard, padded = bucket_layout(n, p.edp if expert else p.dp * p.cp)  # ZeRO-1 over edp / dp x cp
         out["parameters"] += padded * wbytes
         out["gradients"] += padded * GRAD_BYTES
         out["optimizer"] += shard * state
@@ -337,6 +339,8 @@ def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> fl
     mode = recompute or t.recompute
     sp = _layout(cfg).specs[stage]
     S, B = t.seq_len, t.micro_batch_size
+    if par.cp > 1:
+        return _cp_stage_act_bytes(cfg, stage, mode)
     if par.tp > 1:
         return _tp_stage_act_bytes(cfg, sp, mode, S, B)
     per_token = sum(layer_act_bytes(m, is_moe_layer(m, i), mode, S, B) for i in sp.layers)
@@ -347,6 +351,36 @@ def stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> fl
     if sp.mtp:
         per_token += _mtp_bytes(m, mode, S, B, shares_h=sp.head and m.mtp_hidden == "pre_norm")
     return per_token * B * S
+
+
+def local_config(cfg: Config) -> Config:
+    """The config of one CP rank's positions: seq_len/cp, no CP."""
+    t, p = cfg.train, cfg.parallel
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, seq_len=t.seq_len // p.cp),
+                               parallel=dataclasses.replace(p, cp=1))
+
+
+def _cp_stage_act_bytes(cfg: Config, stage: int, recompute: str | None = None) -> float:
+    """Activation bytes one CP rank keeps for one micro-batch through one stage chunk: the items of its S/cp
+    positions, plus what the code keeps for the whole window (hai/plan/cp.py's docstring). Measured by
+    ``benchmarks/memory.py --only cp``."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    mode = recompute or t.recompute
+    S, B, cp = t.seq_len, t.micro_batch_size, p.cp
+    S_l = S // cp
+    local = local_config(cfg)
+    total = stage_act_bytes(local, stage, mode)
+    a, H = act_bytes(m), m.num_heads // p.tp
+    C, R, N, V = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
+    sp = _layout(cfg).specs[stage]
+    layers = len(sp.layers) + (m.mtp_depth if sp.mtp else 0)
+    if mode == "none":  # the whole window's keys: latents (+ rstd), normed c_kv, k, v; the keys' RoPE tables
+        per_key = (C + R) * a + 4 + C * a + H * (N + R) * a + H * V * a
+        total += layers * (per_key * B * (S - S_l) + 4 * R * S)
+    if sp.mtp:  # MTP padded over all S/cp positions (the items count (S/cp - k) of them)
+        x = _mtp_bytes(m, mode, S_l, B, shares_h=sp.head and m.mtp_hidden == "pre_norm") * S_l / (S_l - 1)
+        total += sum(k for k in range(1, m.mtp_depth + 1)) / S_l * x / m.mtp_depth * B * S_l
+    return total
 
 
 def _tp_stage_act_bytes(cfg: Config, sp, mode: str, S: int, B: int) -> float:

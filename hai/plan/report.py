@@ -194,7 +194,7 @@ def plan(cfg: Config, out_dir: str | None = None, build_topology: bool = True) -
     return {
         "layout": {"model": cfg.model.name, "cluster": c.name, "gpu": c.gpu_name, "nodes": c.nodes,
                    "gpus_per_node": c.gpus_per_node, "world_size": topo.world_size, "pp": p.pp, "dp": p.dp,
-                   "ep": p.ep, "edp": topo.edp, "tp": p.tp, "sequence_parallel": topo.sequence_parallel,
+                   "ep": p.ep, "edp": topo.edp, "tp": p.tp, "cp": p.cp, "sequence_parallel": topo.sequence_parallel,
                    "schedule": p.schedule, "node_limit": p.node_limit,
                    "dispatch": p.dispatch, "fp8_dispatch": p.fp8_dispatch, "precision": cfg.model.precision,
                    "stages": describe_layout(cfg),

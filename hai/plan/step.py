@@ -12,7 +12,9 @@ from hai.pipeline.schedules import num_stages, param_copies
 from hai.pipeline.simulate import Costs, SimResult, bubble_formula, simulate_schedule
 from hai.plan.accounting import train_flops_per_token
 from hai.plan.cost import chunk_comm, chunk_compute, chunk_flops, p2p_bytes_per_chunk, zero1_bytes
-from hai.plan.memory import memory_report
+from hai.plan.cp import (attention_working_set, cp_alternatives, cp_chunk_bytes, cp_chunk_compute, cp_chunk_seconds,
+                         cp_link)
+from hai.plan.memory import local_config, memory_report
 from hai.plan.tp import tp_chunk_bytes, tp_chunk_seconds, tp_layer_bytes
 
 __all__ = ["predict", "predict_step_time"]
@@ -22,8 +24,8 @@ def _stage_costs(c: dict, cf: float, cb: float, overlap: bool, p2p: float, tf: f
                  tb: float = 0.0) -> Costs:
     """One stage chunk: compute ``c`` (forward F, full backward B, its weight part W: hai.plan.cost.spec_compute)
     plus the EP comm of each direction; F&B overlaps the EP all-to-alls of one chunk with the other's compute
-    (DualPipe) or runs them back to back. ``tf``/``tb``: the TP collectives of the forward / backward, on the critical
-    path (HAI does not overlap them)."""
+    (DualPipe) or runs them back to back. ``tf``/``tb``: the TP and CP collectives of the forward / backward, on the
+    critical path (HAI does not overlap them)."""
     Fx, Bx = c["F"] + cf + tf, c["B"] + cb + tb
     FB = (max(c["F"] + c["B"], cf + cb) + tf + tb) if overlap else Fx + Bx
     return Costs(F=Fx, B=Bx, W=c["W"], FB=FB, p2p=p2p, F_comm=cf, B_comm=cb)
@@ -38,9 +40,10 @@ def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dic
     stages = []
     for s in range(n_st):
         fl = chunk_flops(cfg, s)
-        tf, tb = tp_chunk_seconds(cfg, s)
-        stages.append({"c": {k: v / p.tp for k, v in chunk_compute(cfg, s).items()},
-                       "comm": chunk_comm(cfg, fl["moe_layers"]), "tp": (tf, tb)})
+        (tf, tb), (cf_cp, cb_cp) = tp_chunk_seconds(local_config(cfg), s), cp_chunk_seconds(cfg, s)
+        compute = chunk_compute(cfg, s) if p.cp == 1 else cp_chunk_compute(cfg, s)  # CP: this rank's positions
+        stages.append({"c": {k: v / p.tp for k, v in compute.items()},
+                       "comm": chunk_comm(cfg, fl["moe_layers"]), "tp": (tf + cf_cp, tb + cb_cp)})
     overlap = p.schedule in ("dualpipe", "dualpipev")
     link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
     p2p = p2p_bytes_per_chunk(cfg) / (link * 1e9)
@@ -152,8 +155,10 @@ def _comm_section(cfg: Config, n_micro: int, parts: dict, zero: dict) -> dict:
     p2p = 2 * n_micro * p2p_bytes_per_chunk(cfg) if cfg.parallel.pp > 1 else 0.0
     out = {"ep_per_step": ep, "ep_per_token_per_layer": w["per_token_per_layer"],
            "pipeline_p2p_per_step": p2p, "zero1_per_step": zero}
+    if cfg.parallel.cp > 1:
+        out["cp_per_chunk"] = _cp_section(cfg)
     if cfg.parallel.tp > 1:  # per micro-batch: the busiest stage's TP collectives, and each piece's
-        m = cfg.model
+        cfg, m = local_config(cfg), cfg.model  # under CP: this rank's positions
         stages = range(num_stages(cfg.parallel.schedule, cfg.parallel.pp))
         worst = max(stages, key=lambda st: sum(tp_chunk_seconds(cfg, st)))
         pieces = ["attention", "moe" if m.is_moe else "mlp", "embed", "head"]
@@ -163,3 +168,13 @@ def _comm_section(cfg: Config, n_micro: int, parts: dict, zero: dict) -> dict:
                                "fwd_s": tp_chunk_seconds(cfg, worst)[0], "bwd_s": tp_chunk_seconds(cfg, worst)[1],
                                "per_piece": {pc: tp_layer_bytes(cfg, pc) for pc in pieces}}
     return out
+
+
+def _cp_section(cfg: Config) -> dict:
+    """Per micro-batch: the busiest stage's CP collectives and their time, the link, the attention working set, and
+    the latent all-gather against the K/V all-gather, the ring and absorbed attention (hai.plan.cp)."""
+    stages = range(num_stages(cfg.parallel.schedule, cfg.parallel.pp))
+    worst = max(stages, key=lambda st: sum(cp_chunk_seconds(cfg, st)))
+    fwd, bwd = cp_chunk_seconds(cfg, worst)
+    return {"stage": worst, "bytes": cp_chunk_bytes(cfg, worst), "fwd_s": fwd, "bwd_s": bwd, "link": cp_link(cfg),
+            "attention_working_set": attention_working_set(cfg), "per_layer": cp_alternatives(cfg)}

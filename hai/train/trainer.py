@@ -31,6 +31,8 @@ from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW, ZeroGroups
 from hai.kernels import check_fp8_device
+from hai.train import preempt
+from hai.train.operations import RunOps
 
 __all__ = ["train", "Trainer", "lr_at", "init_distributed"]
 
@@ -107,6 +109,7 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
         self.run_id: str | None = None  # the metrics/wandb run this training continues (from a checkpoint)
+        self.ops = RunOps(self)  # preemption vote (hai.train.operations)
 
     def _pipeline(self):
         if self.topo.pp == 1:
@@ -185,6 +188,7 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         mbs = self.sampler.micro_batches(self.step, self.coords["dp"], self.topo.dp, self.cfg.train.micro_batch_size)
+        t_data = time.perf_counter() - t0
         sums = self.forward_backward(mbs)
         t1 = time.perf_counter()
         ep_blocked = self._ep_blocked_s()
@@ -193,13 +197,16 @@ class Trainer:
         balance = self.update_router_biases(apply=not result.skipped)
         if self.dp_group is not None:
             dist.all_reduce(sums, group=self.dp_group)
-        main_sum, mtp_sum, violation, spread = torch.cat([sums, balance]).tolist()  # the step's metrics: one read
+        stop = self.ops.vote()  # MAX over ranks of "a preemption signal arrived": read with the metrics
+        main_sum, mtp_sum, violation, spread, stop = torch.cat([sums, balance, stop]).tolist()  # one read
+        self.ops.read_vote(stop)
         t2 = time.perf_counter()
         n = self.n_micro * self.topo.dp
         self.step += 1
         rec = {"step": self.step, "loss": main_sum / n, "mtp_loss": mtp_sum / n, "lr": lr,
                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
-               "optimizer_s": t2 - t1, "expert_load_max_violation": violation, "router_bias_spread": spread}
+               "optimizer_s": t2 - t1, "data_wait_s": t_data, "expert_load_max_violation": violation,
+               "router_bias_spread": spread}
         if ep_blocked is not None:  # host time blocked in EP all-to-alls: the exposed comm on gloo
             rec["ep_comm_blocked_s"] = ep_blocked
         if self.pipeline is not None:  # this rank's idle share of the pipelined forward/backward
@@ -263,6 +270,7 @@ class Trainer:
         speed: list[tuple[float, float]] = []  # (tokens/s, mfu) per step
         t_start = time.perf_counter()
         t = cfg.train
+        self.ops.start()
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
@@ -279,8 +287,11 @@ class Trainer:
                     if rec["skipped"]:
                         sink.event("skipped_step", step=rec["step"], grad_norm=str(rec["grad_norm"]))
                     sink.log(rec)
-                if cfg.train.save_every and (self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps):
+                saved = bool(t.save_every) and (self.step % t.save_every == 0 or self.step == t.steps)
+                if saved:
                     self.save_checkpoint(sink)  # every save_every steps and at the end
+                if self.ops.after_step(sink, saved):  # preempted: this step's checkpoint is saved, stop
+                    break
             if self.pipeline is not None:  # the last step's executed schedule: trace.json + schedule.png
                 self.pipeline.write_timeline(cfg.out_dir if self.rank == 0 else None)
         finally:
@@ -290,7 +301,7 @@ class Trainer:
                        "val_loss": None if val is None else val["val_loss"],
                        "val_ppl": None if val is None else val["val_ppl"],
                        "tokens_per_s": sum(x for x, _ in steady) / len(steady) if steady else None,
-                       "mfu": sum(m for _, m in steady) / len(steady) if steady else None}
+                       "mfu": sum(m for _, m in steady) / len(steady) if steady else None, **self.ops.close()}
             if sink is not None:
                 summary.update(sink.paths())
                 sink.close(summary)
@@ -360,6 +371,7 @@ def load_data(cfg: Config) -> Dataset:
 
 def train(cfg: Config) -> dict:
     """Run training as configured (under torchrun when the topology has several ranks)."""
+    preempt.install()  # from here on SIGTERM/SIGUSR1/SIGINT mean "save and stop" (hai.train.preempt)
     topo = Topology.from_config(cfg)
     data = load_data(cfg)
     if data.vocab_size > cfg.model.vocab_size:

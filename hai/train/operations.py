@@ -1,0 +1,77 @@
+"""The operations side of a training run, as the trainer's loop sees it: one object with a few hooks.
+
+``RunOps(trainer)`` is built with the trainer (no side effects); ``Trainer.fit`` calls ``start`` before the first
+step, ``vote`` inside each step (a device tensor read with the step's metrics), ``after_step`` once the step is
+logged and saved, and ``close`` at the end (extra fields for the run summary). What each concern does lives in its
+own module: ``hai.train.preempt`` (signals, the stop vote).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from hai.train import preempt
+
+__all__ = ["RunOps"]
+
+
+class RunOps:
+    def __init__(self, trainer):
+        self.tr = trainer
+        self.preemption: preempt.Preemption | None = None
+        self._installed = False
+        self.stop = False  # the ranks agreed at the last step boundary that a preemption signal arrived
+        self.preempted: dict | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.tr.mesh is not None
+
+    def start(self) -> None:
+        self.preemption = preempt.active()
+        if self.preemption is None:  # Trainer.fit called directly (tests, notebooks): handlers for the loop only
+            self.preemption = preempt.install(self.tr.rank)
+            self._installed = self.preemption is not None
+
+    # ------------------------------------------------------------------ inside a step
+    def vote(self) -> torch.Tensor:
+        """(1,) float64 device tensor: MAX over ranks of this rank's preemption flag (no host read here)."""
+        requested = self.preemption is not None and self.preemption.requested
+        return preempt.vote(requested, self.tr.device, self.distributed)
+
+    def read_vote(self, value: float) -> None:
+        self.stop = value > 0
+
+    # ------------------------------------------------------------------ between steps
+    def after_step(self, sink, saved: bool) -> bool:
+        """True when the run must stop now (after saving this step's checkpoint if ``saved`` is False). A signal
+        that arrived during a periodic save is voted on once more right after it (a save step only)."""
+        if saved and not self.stop:
+            self.read_vote(self.vote().item())
+        if not self.stop:
+            return False
+        p = self.preemption
+        if p is not None:
+            p.stopping_step = self.tr.step
+        t0 = time.perf_counter()
+        path = None if saved else self.tr.save_checkpoint(sink)
+        since = p.elapsed_s() if p is not None and p.requested else None
+        self.preempted = {"signal": p.signal_name if p is not None and p.requested else "a peer rank's signal",
+                          "step": self.tr.step, "save_s": time.perf_counter() - t0, "since_signal_s": since}
+        if sink is not None:
+            sink.event("preempted", **self.preempted, path=path)
+        grace = self.tr.cfg.train.preempt_grace_s
+        if since is not None and since > grace:
+            print(f"hai train: rank {self.tr.rank} stopped {since:.1f} s after the signal, beyond "
+                  f"train.preempt_grace_s={grace:g}: the launcher may have killed other ranks; the newest complete "
+                  f"checkpoint is what resume=auto takes", file=sys.stderr, flush=True)
+        return True
+
+    def close(self) -> dict:
+        if self._installed:
+            preempt.uninstall()
+            self._installed = False
+        return {"preempted": self.preempted}

@@ -1,0 +1,113 @@
+"""Operations of a long run: preemption signals, hang dumps, straggler statistics, profiles.
+
+The preemption test drives the real `hai train` (parent -> launch agent -> torchrun -> 4 ranks of the default
+layout) with a SIGTERM, then resumes in forked ranks where a signal reaches one rank only, and compares the losses
+with an uninterrupted run. (The same through a real Slurm job: tests/test_preempt_slurm.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from dist_utils import run_ranks
+from hai.checkpoint.state import latest_checkpoint, verify_checkpoint
+from test_checkpoint import fit_rank, losses, make_trainer
+from test_faults import _rows
+
+pytestmark = pytest.mark.multiproc
+
+# The default layout (cluster=local_cpu, parallel=local: 4 ranks, dp=4, ep=4, hierarchical dispatch). min_lr = lr makes
+# the learning rate independent of train.steps, so runs of different lengths share their first steps exactly.
+DEFAULT = ["train=test", "train.min_lr=3e-3", "wandb.mode=disabled", "train.progress=false"]
+
+
+def _tagged(tag: str) -> list[int]:
+    """PIDs of live processes started by this test (HAI_TEST_TAG in their environment)."""
+    want = f"HAI_TEST_TAG={tag}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    with open(f"/proc/{pid}/stat") as s:
+                        if s.read().split(") ", 1)[1][:1] != "Z":
+                            found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_for_steps(proc, out, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if sum("event" not in r for r in _rows(out)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps logged (rc {proc.poll()})")
+
+
+def _resume_signalled(rank: int, world: int, ov: list[str], victim: int, after: int):
+    """Resume, and ``after`` steps later send SIGUSR1 to rank ``victim`` only: every rank must stop at one step."""
+    trainer = make_trainer(ov)
+    real, done = trainer.train_step, []
+
+    def step():
+        rec = real()
+        done.append(rec["step"])
+        if rank == victim and len(done) == after:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return rec
+
+    trainer.train_step = step
+    summary = trainer.fit()
+    return trainer.step, (summary["preempted"] or {}).get("signal")
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
+    out, tag = tmp_path / "run", uuid.uuid4().hex
+    env = dict(os.environ, OMP_NUM_THREADS="1", HAI_TEST_TAG=tag)
+    proc = subprocess.Popen([sys.executable, "-m", "hai.cli", "train", *DEFAULT, "train.steps=500", f"out_dir={out}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_steps(proc, out, 3)
+        t_sig = time.time()
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+        elapsed = time.time() - t_sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-5000:]
+    assert elapsed < 60, f"{elapsed:.1f} s from SIGTERM to exit"
+    assert not _tagged(tag), "processes of the job outlived `hai train`"
+    rows = _rows(out)
+    (pre,) = [r for r in rows if r.get("event") == "preempted"]
+    stop = pre["step"]
+    assert pre["signal"] == "SIGTERM" and [r["step"] for r in rows if "event" not in r] == list(range(1, stop + 1))
+    root = out / "checkpoints"
+    assert latest_checkpoint(str(root)) == str(root / f"step_{stop:08d}")  # the last finished step
+    assert verify_checkpoint(str(root / f"step_{stop:08d}"))["step"] == stop
+    assert f"preempted   SIGTERM: stopped after step {stop}" in log, log[-3000:]
+    print(f"\nSIGTERM -> exit 0 in {elapsed:.1f} s; stopped after step {stop}, saved in {pre['save_s']:.2f} s "
+          f"({pre['since_signal_s']:.2f} s after the signal reached rank 0)")
+
+    # resume=auto in forked ranks; a SIGUSR1 reaches rank 2 alone after 2 steps: all four finish the step under way
+    # (the 3rd) and stop after it
+    got = run_ranks(_resume_signalled, 4, [*DEFAULT, "train.steps=500", f"out_dir={out}", "resume=auto"], 2, 2)
+    end, peer = stop + 3, "a peer rank's signal"
+    assert got == [(end, peer), (end, peer), (end, "SIGUSR1"), (end, peer)]
+    rows = _rows(out)
+    resumed = [r for r in rows if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [stop]
+    assert latest_checkpoint(str(root)) == str(root / f"step_{end:08d}")
+    ref_dir = tmp_path / "reference"
+    run_ranks(fit_rank, 4, [*DEFAULT, f"train.steps={end}", f"out_dir={ref_dir}"])
+    ref, got_losses = losses(ref_dir), losses(out)
+    assert [got_losses[s] for s in range(1, end + 1)] == [ref[s] for s in range(1, end + 1)]  # bit-exact
