@@ -45,7 +45,8 @@ def cmd_train(cfg, overrides: list[str]) -> int:
         if cfg.cluster.device == "cuda" and cfg.cluster.nodes > 1:
             raise ConfigError(f"cluster {cfg.cluster.name!r} has {cfg.cluster.nodes} nodes: start it with "
                               f"`hai launch launcher.kind=torchrun ...` on each node or `launcher.kind=slurm`")
-        return run_local(overrides, topo.world_size, grace_s=agent_grace_s(cfg.train.preempt_grace_s))
+        return run_local(overrides, topo.world_size, grace_s=agent_grace_s(cfg.train.preempt_grace_s),
+                         out_dir=cfg.out_dir)
     from hai.train.trainer import train
 
     summary = train(cfg)

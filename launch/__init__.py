@@ -77,7 +77,7 @@ def launch(cfg: Config, overrides: list[str], out=None) -> int:
         if cfg.dry_run:
             print(shlex.join(cmd), file=out)
             return 0
-        return run_local(overrides, nproc, lc.max_restarts, grace_s=grace)
+        return run_local(overrides, nproc, lc.max_restarts, grace_s=grace, out_dir=cfg.out_dir)
     if lc.kind == "torchrun":
         cmds = [node_command(overrides, nnodes=nnodes, nproc=nproc, node_rank=r, rdzv_endpoint=lc.rdzv_endpoint,
                              rdzv_id=lc.job_name, max_restarts=lc.max_restarts, grace_s=grace) for r in range(nnodes)]
@@ -85,7 +85,7 @@ def launch(cfg: Config, overrides: list[str], out=None) -> int:
             for r, cmd in enumerate(cmds):
                 print(f"# node {r} of {nnodes}\n{shlex.join(cmd)}", file=out)
             return 0
-        return run_command(cmds[lc.node_rank])
+        return run_command(cmds[lc.node_rank], cfg.out_dir)
     from hai.launch.slurm import default_job, render_sbatch, submit, write_script
 
     job = default_job(cfg, nnodes, nproc)

@@ -11,7 +11,9 @@ workers. This entry runs the same ``torch.distributed.run.main`` but handles SIG
 - ``HAI_PREEMPTED`` is set in the agent's environment, so a worker group restarted after the signal
   (``--max-restarts``) stops after its first step instead of training on.
 
-SIGHUP and SIGQUIT keep torchrun's own handling (shut the workers down).
+SIGHUP and SIGQUIT keep torchrun's own handling (shut the workers down). When a worker fails, torchrun SIGTERMs the
+others; they take it for a preemption, and may be blocked in a collective with the failed one: torchrun's shutdown
+timeout is 5 s here (``--shutdown-timeout``, unless given), after which it SIGKILLs them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = ["main", "SignalForwarder", "worker_pids", "FORWARDED"]
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _KEEP_TORCHRUN = "SIGHUP,SIGQUIT"  # signals torchrun still handles itself (shut the workers down)
+_FAILURE_SHUTDOWN_S = 5
 PREEMPTED_ENV = "HAI_PREEMPTED"  # hai.train.preempt reads it (not imported: the agent stays free of torch imports)
 
 
@@ -109,8 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     SignalForwarder(grace).install()
     from torch.distributed.run import get_args_parser, main as torchrun_main
 
-    if any("--signals-to-handle" in a.option_strings for a in get_args_parser()._actions):
+    options = {o for a in get_args_parser()._actions for o in a.option_strings}
+    if "--signals-to-handle" in options:
         args = [f"--signals-to-handle={_KEEP_TORCHRUN}", *args]
+    if "--shutdown-timeout" in options and not any(a.startswith("--shutdown-timeout") for a in args):
+        # torchrun's own shutdown (after a worker failed) SIGTERMs the others, which take it for a preemption and
+        # may be blocked in a collective with the failed rank: SIGKILL them soon (preemption has its own grace)
+        args = [f"--shutdown-timeout={_FAILURE_SHUTDOWN_S}", *args]
     torchrun_main(args)
 
 

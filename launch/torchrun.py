@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 __all__ = ["local_command", "node_command", "run_local", "run_command", "train_overrides", "TRAIN_ENTRY",
            "RESTART_SAFE_ENV", "AGENT", "agent_grace_s"]
@@ -84,8 +85,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_command(cmd: list[str]) -> int:
-    """Run a launch agent command to its end, forwarding SIGTERM/SIGINT/SIGUSR1 to it; its exit code."""
+def run_command(cmd: list[str], out_dir: str | None = None) -> int:
+    """Run a launch agent command to its end, forwarding SIGTERM/SIGINT/SIGUSR1 to it; its exit code. A failed job
+    that left a hang report in ``out_dir`` gets its first line printed last (the ranks that did not arrive)."""
+    started = time.time()
     proc = subprocess.Popen(cmd, env=_env(), start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
@@ -98,11 +101,19 @@ def run_command(cmd: list[str]) -> int:
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
-        return proc.wait()
+        rc = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if rc and out_dir:
+        from hai.train.hang import read_summary
+
+        line = read_summary(out_dir, since=started)
+        if line:
+            print(f"hai train: error: {line}", file=sys.stderr, flush=True)
+    return rc
 
 
-def run_local(overrides: list[str], nproc: int, max_restarts: int = 0, grace_s: float = agent_grace_s(60.0)) -> int:
-    return run_command(local_command(overrides, nproc, max_restarts, grace_s=grace_s))
+def run_local(overrides: list[str], nproc: int, max_restarts: int = 0, grace_s: float = agent_grace_s(60.0),
+              out_dir: str | None = None) -> int:
+    return run_command(local_command(overrides, nproc, max_restarts, grace_s=grace_s), out_dir)

@@ -111,3 +111,68 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     run_ranks(fit_rank, 4, [*DEFAULT, f"train.steps={end}", f"out_dir={ref_dir}"])
     ref, got_losses = losses(ref_dir), losses(out)
     assert [got_losses[s] for s in range(1, end + 1)] == [ref[s] for s in range(1, end + 1)]  # bit-exact
+
+
+_STALL_PLUGIN = '''
+# Test plugin (imported at interpreter start through PYTHONPATH): rank HAI_TEST_STALL_RANK stalls for good in the
+# optimizer step of step HAI_TEST_STALL_STEP, while the other ranks wait for it in that step's collectives.
+import os
+
+if "HAI_TEST_STALL_RANK" in os.environ and os.environ.get("RANK") == os.environ["HAI_TEST_STALL_RANK"]:
+    import time
+    import hai.parallel.zero as zero
+
+    _real_step = zero.ZeroAdamW.step
+
+    def step(self, *args, **kwargs):
+        if self.step_count + 1 == int(os.environ["HAI_TEST_STALL_STEP"]):
+            open(os.environ["HAI_TEST_STALL_MARK"], "w").close()
+            time.sleep(3600)  # the injected stall
+        return _real_step(self, *args, **kwargs)
+
+    zero.ZeroAdamW.step = step
+'''
+
+
+def test_stalled_rank_every_rank_dumps_and_the_job_ends(tmp_path):
+    """Rank 1 stalls in step 3 (a plugin on PYTHONPATH, not a trainer hook); the others wait in a collective. After
+    train.collective_timeout_s every rank writes OUT_DIR/hang/rank_K.txt with the timed-out collective, its stacks and
+    its last collectives; the error names rank 1 as the one that did not arrive; the job ends within timeout + 30 s."""
+    timeout = 6
+    plugin, out, mark = tmp_path / "plugin", tmp_path / "run", tmp_path / "stalled"
+    plugin.mkdir()
+    (plugin / "sitecustomize.py").write_text(_STALL_PLUGIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HAI_TEST_STALL_RANK="1", HAI_TEST_STALL_STEP="3",
+               HAI_TEST_STALL_MARK=str(mark),
+               PYTHONPATH=os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = subprocess.Popen([sys.executable, "-m", "hai.cli", "train", *DEFAULT, "train.steps=50",
+                             f"train.collective_timeout_s={timeout}", f"out_dir={out}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not mark.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        t_stall = time.time()
+        stdout, stderr = proc.communicate(timeout=timeout + 60)
+        ended = time.time() - t_stall
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert mark.exists() and proc.returncode != 0, stderr[-3000:]
+    assert ended < timeout + 30, f"the job ended {ended:.1f} s after the stall"
+    last = [ln for ln in stderr.splitlines() if ln.startswith("hai train: error:")]
+    assert last and last[-1] == stderr.strip().splitlines()[-1], stderr[-3000:]
+    assert "collective timeout: rank(s) 1 did not arrive at gloo:" in last[-1], last[-1]
+    summary = (out / "hang" / "summary.txt").read_text()
+    assert summary.startswith("collective timeout: rank(s) 1 did not arrive")
+    reports = {k: (out / "hang" / f"rank_{k}.txt").read_text() for k in range(4)}
+    timed_out = {r.splitlines()[1].split(": pending")[0] for r in reports.values()}
+    assert len(timed_out) == 1 and next(iter(timed_out)).startswith("timed out: gloo:"), timed_out  # one collective
+    collective = next(iter(timed_out))[len("timed out: "):]
+    assert collective in summary
+    for k, text in reports.items():
+        assert "== Python stacks (faulthandler, every thread) ==" in text and "== last 64 collectives" in text
+        assert ("has NOT issued it" in text) == (k == 1), (k, text[:600])
+        assert "PENDING" in text or k == 1  # the waiting ranks list the stuck collective among their last ones
+    assert "sitecustomize.py" in reports[1] and "in step" in reports[1]  # the stalled rank's stack shows where
+    print(f"\nhang test: the job ended {ended:.1f} s after the stall (timeout {timeout} s)\n{last[-1]}")

@@ -31,7 +31,7 @@ from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW, ZeroGroups
 from hai.kernels import check_fp8_device
-from hai.train import preempt
+from hai.train import hang, preempt
 from hai.train.operations import RunOps
 
 __all__ = ["train", "Trainer", "lr_at", "init_distributed"]
@@ -377,13 +377,16 @@ def train(cfg: Config) -> dict:
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the data {data.sources[0][1][0]!r} uses a vocabulary of {data.vocab_size} but "
                           f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= {data.vocab_size}")
-    mesh = init_distributed(topo, cfg.train.collective_timeout_s)
+    hang.enable_flight_recorder()  # collectives recorded for hang reports (before the process group exists)
+    mesh = init_distributed(topo, hang.pg_timeout_s(cfg.train.collective_timeout_s))
     if mesh is None:
         return Trainer(cfg, topo, mesh, data).fit()
+    watch = hang.HangWatch(cfg.out_dir, cfg.train.collective_timeout_s).start()  # OUT_DIR/hang/ if one is stuck
     try:
         summary = Trainer(cfg, topo, mesh, data).fit()
     except BaseException:  # noqa: BLE001 - any failure on this rank ends the job
         _fail_fast()
+    watch.stop()
     dist.barrier()  # success only: every rank is here; gloo aborts at interpreter exit without a clean shutdown
     dist.destroy_process_group()
     return summary
