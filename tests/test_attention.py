@@ -195,3 +195,23 @@ def test_sdpa_cuda_equals_reference():
         for x, y in zip(sdpa_backward(q, k, v, o_r, lse_r, do, 0.3, mask),
                         attention_backward(q, k, v, o_r, lse_r, do, 0.3, mask)):
             assert _rel(x, y) < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_head_chunks_equal_all_heads_at_once(impl, monkeypatch):
+    """V3's recompute region attending one head at a time (a tiny HEAD_CHUNK_BYTES: the long-window path) gives the
+    loss and every gradient of all heads at once (rel 1e-5), with documents."""
+    import hai.model.attention as A
+
+    tokens = torch.randint(2, 320, (2, 97), generator=torch.Generator().manual_seed(5))
+    tokens[0, 30] = tokens[1, 60] = EOS
+    spec = DocumentSpec(EOS, mask=True, reset=True)
+    loss_all, grads_all = _loss_and_grads(_cfg(attention=impl), tokens, "v3", spec)
+    assert build_model(_cfg(), device="meta").layers[0].attn.head_chunks(2, 96, 4) is None
+    monkeypatch.setattr(A, "HEAD_CHUNK_BYTES", 1)
+    assert build_model(_cfg(), device="meta").layers[0].attn.head_chunks(2, 96, 4) == [(0, 1), (1, 2), (2, 3),
+                                                                                         (3, 4)]
+    loss_one, grads_one = _loss_and_grads(_cfg(attention=impl), tokens, "v3", spec)
+    assert loss_one.item() == pytest.approx(loss_all.item(), rel=1e-5)
+    for n in grads_all:
+        assert _rel(grads_one[n], grads_all[n]) < 1e-5, n

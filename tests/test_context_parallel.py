@@ -99,7 +99,13 @@ LAYOUTS = {
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_matches_single_process(world, docs, tmp_path):
+def test_context_parallel_matches_single_process(world, docs, tmp_path, monkeypatch):
+    """At world 2, V3's recompute region attends one head at a time (the long-window path; the forked ranks
+    inherit the setting) against the single process doing the same."""
+    if world == 2:
+        import hai.model.attention as A
+
+        monkeypatch.setattr(A, "HEAD_CHUNK_BYTES", 1)
     names = [n for n, (w, *_) in LAYOUTS.items() if w == world]
     runs, refs = [], {}
     for n in names:
@@ -247,3 +253,44 @@ def test_plan_static_bytes_equal_the_cp_rank_built_on_meta(overrides):
         for rank in (topo.rank_of_dp(pp, 0, 0, 0), topo.rank_of_dp(pp, p.dp - 1, p.tp - 1, p.cp - 1)):
             built = constructed_bytes(cfg, rank)
             assert {k: built[k] for k in want} == want, (rank, built, want)
+
+
+@pytest.mark.parametrize("phase, seq, batch, cp", [("v3_ext32k", 32768, 1920, 8), ("v3_ext128k", 131072, 480, 32)])
+def test_context_extension_presets_fit_the_2048_gpu_cluster(phase, seq, batch, cp):
+    """train=v3_ext32k / v3_ext128k carry DeepSeek-V3's sec. 4.3 values (1000 steps, lr 7.3e-6, YaRN s=40, alpha=1,
+    beta=32, sqrt(t) = 0.1 ln s + 1), and on the 2048-GPU cluster their layouts (parallel=<same name>) fit 80 GB:
+    the kept bytes of the plan and, beside them, the attention working set of one layer's backward."""
+    import math
+
+    from hai.model.layers import softmax_scale
+    from hai.plan.cp import attention_working_set
+    from hai.plan.step import predict
+
+    cfg = compose(["model=deepseek_v3_671b", "cluster=h800_2048", f"parallel={phase}", f"train={phase}"])
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    assert (t.steps, t.seq_len, t.global_batch_size, t.lr, t.min_lr, t.warmup_steps) == (1000, seq, batch, 7.3e-6,
+                                                                                          7.3e-6, 0)
+    assert (m.rope_factor, m.rope_beta_slow, m.rope_beta_fast, m.rope_original_max_seq_len) == (40, 1, 32, 4096)
+    sqrt_t = 0.1 * math.log(40) + 1
+    assert softmax_scale(m) == pytest.approx(sqrt_t ** 2 / math.sqrt(192), rel=1e-12)
+    assert (p.cp, p.pp, p.ep, p.dp * p.cp * p.pp) == (cp, 16, 64, 2048)
+    Topology.from_config(cfg)
+    mem = predict(cfg, with_comm=False)["memory"]
+    assert mem["fits"] and mem["total"] + attention_working_set(cfg) < 80e9, mem["total"]
+
+
+def test_short_sequence_checkpoint_resumes_at_a_longer_one(tmp_path):
+    """A checkpoint saved at seq_len 64 resumes at seq_len 256 with YaRN on and cp=1 (a new phase, as V3's 4K -> 32K
+    extension): weights and AdamW state load, the phase starts at step 0 and trains."""
+    short = _trainer(["train.seq_len=64", f"out_dir={tmp_path / 'short'}"])
+    for _ in range(2):
+        short.train_step()
+    path = short.save_checkpoint()
+    saved = {n: p.detach().clone() for n, p in short.model.named_parameters()}
+    long = _trainer([f"resume={path}", f"out_dir={tmp_path / 'long'}", "model.rope_factor=4",
+                     "model.rope_original_max_seq_len=64", "model.max_seq_len=256"])
+    long.resume()
+    assert long.step == 0 and long.optimizer.step_count == short.optimizer.step_count == 2
+    for n, p in long.model.named_parameters():
+        assert torch.equal(p, saved[n]), n
+    assert np.isfinite(long.train_step()["loss"])

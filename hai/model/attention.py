@@ -29,7 +29,8 @@ from hai.model.recompute import LinearOp, norm_linears
 from hai.model.regions import LOCAL, Region
 from hai.model.sequence import LOCAL_SEQ, Documents, SequenceSplit
 
-__all__ = ["MLA", "KVCache", "AttnMask", "attention", "attention_forward", "attention_backward"]
+__all__ = ["MLA", "KVCache", "AttnMask", "attention", "attention_forward", "attention_backward", "head_chunks",
+           "HEAD_CHUNK_BYTES"]
 
 
 @dataclass
@@ -62,6 +63,15 @@ class KVCache:
 
 
 _Q_BLOCK = 256  # queries per block of the flash-style attention (bounds the transient scores to 256 x L per head)
+HEAD_CHUNK_BYTES = 1 << 30  # V3's recompute region: k, v (+ fp32 gradients) of at most this many bytes at a time
+
+
+def head_chunks(heads: int, bytes_per_head: int) -> list[tuple[int, int]] | None:
+    """Equal head ranges of at most ``HEAD_CHUNK_BYTES`` each (a divisor of ``heads`` per range); None: one range."""
+    n = max(1, min(heads, HEAD_CHUNK_BYTES // max(1, bytes_per_head)))
+    while heads % n:
+        n -= 1
+    return None if n == heads else [(h, h + n) for h in range(0, heads, n)]
 
 
 @dataclass(frozen=True)
@@ -173,18 +183,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
 
 class _MLACore(torch.autograd.Function):
     """Latents -> (gathered over CP) -> up-projections + RoPE -> attention -> output projection, keeping this
-    rank's latents, o and lse; the backward gathers the latents again and reduce-scatters their gradient."""
+    rank's latents, o and lse; the backward gathers the latents again and reduce-scatters their gradient. Over long
+    windows the keys and values are up-projected and attended a range of heads at a time (``MLA.head_chunks``)."""
 
     @staticmethod
     def forward(ctx, mla, docs, q_in, kv, *weights):
         kv_all = mla.cp.all_gather(kv)
-        q, k, v = mla._qkv(q_in, kv_all, docs)
-        mask = mla._mask(q_in.shape[1], kv_all.shape[1], docs)
+        B, L = kv_all.shape[:2]
+        mask = mla._mask(q_in.shape[1], L, docs)
+        chunks = mla.head_chunks(B, L, kv_all.element_size())
         fwd, _ = _core(mla.cfg.attention)
-        o, lse = fwd(q, k, v, mla.softmax_scale) if mask is None else fwd(q, k, v, mla.softmax_scale, mask)
+        args = () if mask is None else (mask,)
+        if chunks is None:
+            q, k, v = mla._qkv(q_in, kv_all, docs)
+            o, lse = fwd(q, k, v, mla.softmax_scale, *args)
+        else:
+            q, (c, k_pe) = mla._q(q_in, L, docs), mla._keys(kv_all, docs)
+            parts = []
+            for h0, h1 in chunks:
+                k, v = mla._kv(c, k_pe, (h0, h1))
+                parts.append(fwd(q[:, :, h0:h1].contiguous(), k.contiguous(), v.contiguous(), mla.softmax_scale,
+                                 *args))
+                del k, v
+            o, lse = torch.cat([x for x, _ in parts], dim=2), torch.cat([x for _, x in parts], dim=1)
         y = mla.wo(o.flatten(2))
         ctx.save_for_backward(q_in, kv, o, lse)
-        ctx.mla, ctx.docs, ctx.mask = mla, docs, mask
+        ctx.mla, ctx.docs, ctx.mask, ctx.chunks = mla, docs, mask, chunks
         return y
 
     @staticmethod
@@ -193,14 +217,35 @@ class _MLACore(torch.autograd.Function):
         mla = ctx.mla
         do = mla.wo.backward(o.flatten(2), dy).view_as(o)
         kv_all = mla.cp.all_gather(kv)  # outside grad mode: the collective writes views of its output in place
+        _, bwd = _core(mla.cfg.attention)
         with torch.enable_grad():
             q_leaf, kv_leaf = q_in.detach().requires_grad_(), kv_all.detach().requires_grad_()
-            q, k, v = mla._qkv(q_leaf, kv_leaf, ctx.docs)
-            _, bwd = _core(mla.cfg.attention)
-            grads = bwd(q, k, v, o, lse, do, mla.softmax_scale, ctx.mask)
-            torch.autograd.backward([q, k, v], list(grads))
+            if ctx.chunks is None:
+                q, k, v = mla._qkv(q_leaf, kv_leaf, ctx.docs)
+                grads = bwd(q, k, v, o, lse, do, mla.softmax_scale, ctx.mask)
+                torch.autograd.backward([q, k, v], list(grads))
+            else:
+                _chunked_backward(mla, ctx, q_leaf, kv_leaf, o, lse, do, bwd)
         d_kv = mla.cp.reduce_scatter(kv_leaf.grad)
         return (None, None, q_leaf.grad, d_kv, *([None] * (len(ctx.needs_input_grad) - 4)))
+
+
+def _chunked_backward(mla, ctx, q_leaf, kv_leaf, o, lse, do, bwd) -> None:
+    """The attention backward a range of heads at a time: each range's k and v are up-projected from the (cut)
+    latents, its q/k/v gradients formed and back-propagated into the latents' and the weight's gradients, then
+    freed; q, the latents' norm and RoPE back-propagate once at the end."""
+    q = mla._q(q_leaf, kv_leaf.shape[1], ctx.docs)
+    c, k_pe = mla._keys(kv_leaf, ctx.docs)
+    c_cut, pe_cut = c.detach().requires_grad_(), k_pe.detach().requires_grad_()
+    dq = torch.empty_like(q)
+    for h0, h1 in ctx.chunks:
+        k, v = mla._kv(c_cut, pe_cut, (h0, h1))
+        part = [t[:, :, h0:h1].contiguous() for t in (q.detach(), o)]
+        g = bwd(part[0], k.detach().contiguous(), v.detach().contiguous(), part[1], lse[:, h0:h1].contiguous(),
+                do[:, :, h0:h1].contiguous(), mla.softmax_scale, ctx.mask)
+        dq[:, :, h0:h1] = g[0]
+        torch.autograd.backward([k, v], [g[1], g[2]])
+    torch.autograd.backward([q, c, k_pe], [dq, c_cut.grad, pe_cut.grad])
 
 
 class MLA(nn.Module):
@@ -248,27 +293,58 @@ class MLA(nn.Module):
             return None
         return AttnMask(runs, None if seg is None else self.cp.take(seg), seg)
 
+    def _q(self, q_in: torch.Tensor, L: int, docs: Documents | None) -> torch.Tensor:
+        """q (B, S, H, N+R) of this rank's S positions of a window of L, RoPE at their global positions (or the
+        documents' positions with ``data.reset_positions``)."""
+        H, N, R = self.n_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim
+        B, S, _ = q_in.shape
+        pos = None if docs is None else docs.position_BS
+        q_pos = self.cp.take(pos) if pos is not None else (self.cp.positions(S, q_in.device) if self.cp.split else
+                                                           None if S == L else torch.arange(L - S, L,
+                                                                                            device=q_in.device))
+        cos_q, sin_q = self._rope_at(L, q_in.device, q_pos)
+        q = q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))
+        q = q.view(B, S, H, N + R)
+        return torch.cat([q[..., :N], apply_rope(q[..., N:], cos_q, sin_q)], dim=-1)
+
+    def _keys(self, kv: torch.Tensor, docs: Documents | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed c_kv (B, L, C), roped k_pe (B, L, 1, R)) of the window's latents [c_kv | k_pe]."""
+        C = self.cfg.kv_lora_rank
+        cos_k, sin_k = self._rope_at(kv.shape[1], kv.device, None if docs is None else docs.position_BS)
+        return self.kv_norm(kv[..., :C]), apply_rope(kv[..., C:].unsqueeze(2), cos_k, sin_k)
+
+    def _kv(self, c_BLC: torch.Tensor, k_pe: torch.Tensor, heads: tuple[int, int] | None = None):
+        """k (B, L, h, N+R) and v (B, L, h, V) of heads [h0, h1) (None: all, through the module's Linear; a range:
+        through that slice of its weight, whose gradient is then formed at once, never deferred)."""
+        N, R, V, C = self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim, self.cfg.v_head_dim, self.cfg.kv_lora_rank
+        B, L, _ = c_BLC.shape
+        if heads is None:
+            h, kvb = self.n_heads, self.wkv_b(c_BLC)
+        else:
+            h = heads[1] - heads[0]
+            w = self.wkv_b.weight.view(self.n_heads, N + V, C)[heads[0]:heads[1]].reshape(h * (N + V), C)
+            if self.wkv_b.fp8:
+                from hai.kernels import fp8_linear
+
+                kvb = fp8_linear(c_BLC, w)
+            else:
+                kvb = torch.nn.functional.linear(c_BLC, w)
+        kvb = kvb.view(B, L, h, N + V)
+        return torch.cat([kvb[..., :N], k_pe.expand(B, L, h, R)], dim=-1), kvb[..., N:]
+
     def _qkv(self, q_in: torch.Tensor, kv: torch.Tensor, docs: Documents | None = None):
         """From the down-projections' outputs (q latent, or q without q_lora, for this rank's S positions;
         [c_kv | k_pe] for all L positions of the window) to the attention's q (B, S, H, N+R), k (B, L, H, N+R) and
-        v (B, L, H, V). RoPE at the global positions (or the documents' positions with ``data.reset_positions``)."""
-        H, N, R, V, C = (self.n_heads, self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim,
-                         self.cfg.v_head_dim, self.cfg.kv_lora_rank)
-        B, L, _ = kv.shape
-        S = q_in.shape[1]
-        pos = None if docs is None else docs.position_BS
-        q_pos = self.cp.take(pos) if pos is not None else (self.cp.positions(S, kv.device) if self.cp.split else
-                                                           None if S == L else torch.arange(L - S, L,
-                                                                                            device=kv.device))
-        cos_q, sin_q = self._rope_at(L, kv.device, q_pos)
-        cos_k, sin_k = self._rope_at(L, kv.device, pos)
-        q = q_in if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(q_in))
-        q = q.view(B, S, H, N + R)
-        q = torch.cat([q[..., :N], apply_rope(q[..., N:], cos_q, sin_q)], dim=-1)
-        kvb = self.wkv_b(self.kv_norm(kv[..., :C])).view(B, L, H, N + V)
-        k_pe = apply_rope(kv[..., C:].unsqueeze(2), cos_k, sin_k)
-        k = torch.cat([kvb[..., :N], k_pe.expand(B, L, H, R)], dim=-1)
-        return q, k, kvb[..., N:]
+        v (B, L, H, V)."""
+        q = self._q(q_in, kv.shape[1], docs)
+        k, v = self._kv(*self._keys(kv, docs))
+        return q, k, v
+
+    def head_chunks(self, B: int, L: int, elem_bytes: int) -> list[tuple[int, int]] | None:
+        """Head ranges V3's recompute region up-projects and attends at a time, so one range's k, v and their fp32
+        gradients over the window stay within ``HEAD_CHUNK_BYTES`` (heads are independent: exact); None: all at
+        once."""
+        return head_chunks(self.n_heads, B * L * (self.cfg.qk_head_dim + self.cfg.v_head_dim) * (elem_bytes + 4))
 
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 docs: Documents | None = None) -> torch.Tensor:

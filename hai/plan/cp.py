@@ -40,15 +40,23 @@ __all__ = ["cp_chunk_bytes", "cp_layer_bytes", "cp_chunk_seconds",
 
 
 def attention_working_set(cfg: Config) -> float:
-    """Transient bytes of one layer's attention backward on one rank: k and v of the whole window (activation dtype)
-    and their fp32 gradient accumulators, q, o and dO of this rank's positions, one query block of fp32 scores."""
+    """Transient bytes of one layer's attention backward on one rank (an estimate, not in the totals): k and v of
+    the whole window for the heads attended at once (under ``v3`` the recompute region's head ranges,
+    ``hai.model.attention.head_chunks``; otherwise all of this rank's heads) with their fp32 gradients, the gathered
+    latents and their gradient, q, o, dO and dq of this rank's positions, and with the reference core one query
+    block of fp32 scores and probabilities (the fused kernels tile them)."""
+    from hai.model.attention import _Q_BLOCK, head_chunks
+
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    a, H, B, S = act_bytes(m), m.num_heads // p.tp, t.micro_batch_size, t.seq_len
-    qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
-    S_l = S // p.cp
-    keys = B * S * H * (qk + v) * (a + 4)
+    a, H, B, L = act_bytes(m), m.num_heads // p.tp, t.micro_batch_size, t.seq_len
+    qk, v, C, R = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank, m.qk_rope_head_dim
+    per_head = B * L * (qk + v) * (a + 4)
+    chunks = head_chunks(H, per_head) if t.recompute == "v3" else None
+    h = H if chunks is None else chunks[0][1] - chunks[0][0]
+    S_l = L // p.cp
     queries = B * S_l * H * (qk * (a + 4) + 2 * v * a)
-    return keys + queries + 2 * B * H * 256 * S * 4
+    scores = 2 * B * h * _Q_BLOCK * L * 4 if m.attention == "reference" else 0
+    return h * per_head + B * L * (C + R) * 2 * a + queries + scores
 
 
 def cp_link(cfg: Config) -> str:

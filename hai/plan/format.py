@@ -124,7 +124,8 @@ def _cp_rows(c: dict) -> list[tuple[str, str]]:
     x = t["per_layer"]
 
     def kinds(d):
-        return ", ".join(f"{k.replace('_', '-')} {v / 1e6:,.1f} MB" for k, v in d.items()) or "-"
+        return ", ".join(f"{k.replace('_', '-')} " + (f"{v / 1e6:,.1f} MB" if v >= 1e5 else f"{v / 1e3:,.1f} kB")
+                         for k, v in d.items()) or "-"
 
     return [
         (f"CP per micro-batch (stage {t['stage']})", f"fwd {kinds(t['bytes']['fwd'])}; bwd {kinds(t['bytes']['bwd'])}; "

@@ -45,7 +45,8 @@ def _chunk_costs(cfg: Config, stage_cost: str = "per_stage") -> tuple[Costs, dic
         stages.append({"c": {k: v / p.tp for k, v in compute.items()},
                        "comm": chunk_comm(cfg, fl["moe_layers"]), "tp": (tf + cf_cp, tb + cb_cp)})
     overlap = p.schedule in ("dualpipe", "dualpipev")
-    link = c.ib_gbps if p.dp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
+    # neighbouring stages are a stage's dp x cp x tp ranks apart: other nodes once a stage fills one
+    link = c.ib_gbps if p.dp * p.cp * p.tp >= c.gpus_per_node and c.nodes > 1 else c.nvlink_gbps
     p2p = p2p_bytes_per_chunk(cfg) / (link * 1e9)
     agg = (lambda xs: sum(xs) / len(xs)) if stage_cost == "mean" else max
     c = {k: agg([x["c"][k] for x in stages]) for k in ("F", "B", "W")}
