@@ -141,9 +141,7 @@ def pipeline_rank(rank: int, world: int, schedule: str, pairs: int, warmup: int)
     group = mesh["pp"].get_group()
     pp_rank = topo.coords(rank)["pp"]
     t = cfg.train
-    hai = PipelineExecutor(model, placement.layout, pp_rank, N_MICRO, group, topo.group_ranks("pp", rank),
-                           (t.micro_batch_size, t.seq_len, cfg.model.hidden_size), 1.0 / N_MICRO,
-                           overlap=cfg.parallel.overlap, act_dtype=param_dtype(cfg.model), device=device)
+    hai = PipelineExecutor(model, placement, topo, cfg, group, device)
     lam = cfg.model.mtp_lambda
 
     def loss_fn(h, tokens):

@@ -142,6 +142,10 @@ class Topology:
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
+    def local_seq_len(self, seq_len: int) -> int:
+        """Positions of a window one rank's residual stream holds: S / cp, and / tp under sequence parallelism."""
+        return seq_len // self.cp // (self.tp if self.sequence_parallel else 1)
+
     def group_ranks(self, axis: str, rank: int) -> list[int]:
         """The ranks of ``rank``'s group along ``axis`` (in group-rank order)."""
         c = self.coords(rank)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hai.model.init import param_dtype
 from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore
-from hai.parallel.layout import PipelineLayout
 from hai.model.moe import LocalDispatcher
 from hai.pipeline.overlap import PlainTape, Tape, block_forward, run_fb, supports_seams
 from hai.pipeline.schedules import Action, Kind, build_schedule
@@ -56,10 +56,16 @@ class PipelineExecutor:
     """Runs ``schedule`` on the stages of a model already laid out for pipeline rank ``pp_rank``
     (:func:`hai.parallel.parallelize`)."""
 
-    def __init__(self, model: Transformer, layout: PipelineLayout, pp_rank: int, n_micro: int, pp_group,
-                 pp_ranks: list[int], act_shape: tuple[int, ...], loss_scale: float, overlap: bool = True,
-                 act_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, model: Transformer, placement, topo, cfg, pp_group, device: torch.device | str = "cpu"):
+        """``placement``: this rank's layout (:class:`hai.parallel.parallelize.Placement`: its stages, its pp
+        coordinate); ``topo``: the pipeline group's ranks and the positions each rank holds; ``cfg``: micro-batches
+        per step, the activations' shape and dtype on the wire (micro-batch x local positions x hidden, the model's
+        weight dtype) and ``parallel.overlap``; ``pp_group``: the pipeline process group (None: one process)."""
+        layout, pp_rank, n_micro = placement.layout, placement.coords["pp"], cfg.n_micro_batches
         self.model, self.name, self.pp_rank, self.pp, self.n_micro = model, layout.schedule, pp_rank, layout.pp, n_micro
+        pp_ranks = topo.group_ranks("pp", placement.rank)
+        act_shape = (cfg.train.micro_batch_size, topo.local_seq_len(cfg.train.seq_len), cfg.model.hidden_size)
+        loss_scale, overlap, act_dtype = 1.0 / n_micro, cfg.parallel.overlap, param_dtype(cfg.model)
         self.fb_sequential = False
         self.seam_log: list[list] = []  # per FB action of the last step: (chunk "F"/"B", seam, time) (overlap mode)
         self.group, self.pp_ranks, self.act_shape, self.loss_scale = pp_group, pp_ranks, act_shape, loss_scale

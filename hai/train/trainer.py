@@ -116,14 +116,7 @@ class Trainer:
             return None
         from hai.pipeline.executor import PipelineExecutor
 
-        t = self.cfg.train
-        return PipelineExecutor(self.model, self.placement.layout, self.coords["pp"], self.n_micro, self.pp_group,
-                                self.topo.group_ranks("pp", self.rank),
-                                (t.micro_batch_size, t.seq_len // self.topo.cp // (
-                                    self.topo.tp if self.topo.sequence_parallel else 1), self.cfg.model.hidden_size),
-                                1.0 / self.n_micro,
-                                overlap=self.cfg.parallel.overlap, act_dtype=param_dtype(self.cfg.model),
-                                device=self.device)
+        return PipelineExecutor(self.model, self.placement, self.topo, self.cfg, self.pp_group, self.device)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
