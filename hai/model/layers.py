@@ -2,7 +2,7 @@
 
 The elementwise pieces are fused autograd functions whose saved tensors are exactly their inputs (RMSNorm: the input
 and one fp32 rstd per row; SwiGLU: its two inputs), so what a block keeps for the backward is the short list
-``hai.plan.memory`` counts, on every device. ``Linear.backward`` is the layer's gradient for callers that keep (or
+the planner counts, on every device. ``Linear.backward`` is the layer's gradient for callers that keep (or
 recompute) its input themselves: the recompute regions of :mod:`hai.model.recompute`.
 
 Shape legend: B batch, S sequence, D hidden, H heads, F ffn width, T tokens (B*S).
