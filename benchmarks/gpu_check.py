@@ -219,14 +219,22 @@ def _gemm_row_cpu(kind: str, n: int, k: int, m: int, e: int) -> dict:
 
 
 def section_gemm(ctx: Ctx) -> dict:
+    """One row per shape (a shape that fails is recorded and the next one measured)."""
     rows = []
     for kind, n, k, m, e in _gemm_shapes():
         t0 = time.perf_counter()
-        row = (_gemm_row_cpu if ctx.smoke else _gemm_row_gpu)(kind, n, k, m, e)
+        try:
+            row = (_gemm_row_cpu if ctx.smoke else _gemm_row_gpu)(kind, n, k, m, e)
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory at one shape: keep the others
+            row = {"error": f"{type(err).__name__}: {err}"[:500]}
         row.update(kind=kind, n=n, k=k, m=m, groups=e, seconds=round(time.perf_counter() - t0, 2))
         ctx.emit(row)
         rows.append(row)
-    return {"rows": rows}
+    out = {"rows": rows}
+    bad = [f"{r['kind']} {r['n']}x{r['k']}" for r in rows if "error" in r or r.get("rel_err_vs_ref", 0) > 1e-3]
+    if bad:
+        out.update(status="failed", reason=f"{', '.join(bad)}: failed or error > 1e-3 against the torch reference")
+    return out
 
 
 def _attention_available() -> str | None:
@@ -386,7 +394,8 @@ def judge_gpu_tests(counts: dict, returncode: int, cuda: bool) -> tuple[str, str
         return "skipped", "needs CUDA"
     ran = counts["tests"] - counts["skipped"]
     if counts["tests"] == 0 or ran == 0:
-        return "failed", f"vacuous: {counts['tests']} gpu tests collected, {counts['skipped']} skipped, none ran"
+        return "failed", (f"vacuous: {counts['tests']} gpu tests collected, {counts['skipped']} skipped, none ran "
+                          f"(pytest rc {returncode})")
     if counts["skipped"]:
         return "failed", f"{counts['skipped']} gpu tests skipped with CUDA present: {counts.get('skip_reasons')}"
     if returncode or counts["failures"] or counts["errors"]:

@@ -37,7 +37,9 @@ case "$out" in
   *) report="$out/gpu_check.json"; out_dir="$out" ;;
 esac
 mkdir -p "$out_dir"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# the image's python3 is a venv; where it is a system Python, pip may install there all the same (a throwaway machine)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+  PIP_BREAK_SYSTEM_PACKAGES=1
 
 main() {
   if [ -n "$wheels" ]; then

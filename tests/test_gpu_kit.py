@@ -3,7 +3,8 @@
 - Its CPU code paths run end to end (--smoke): every kernel launcher gives its torch reference's bytes under the
   interpreter, the calibration table it writes is one ``hai plan calibration=PATH`` reads, and the two short
   training runs finish with a falling loss and a plan row beside them; a section that times out is recorded, the
-  sections after it still run, and the JSON on disk is complete after every section.
+  sections after it still run, and the JSON on disk is complete after every section; gpu_check.sh's outer timeout
+  (SIGTERM) leaves the report written and no section process running.
 - Its GPU-test section refuses a vacuous run: with CUDA present (mocked), zero tests run or any skipped is a failure
   (real pytest: the two gpu tests skip themselves without CUDA, which the kit must not pass).
 - The wheels the preparation step downloads (needs PyPI, which CI has; ~3 MiB) install into a fresh venv with no
@@ -83,6 +84,31 @@ def test_smoke_on_cpu_with_a_section_timeout(tmp_path):
     assert train["calibration_loaded"] == "cpu_smoke"  # hai plan calibration=PATH read the table the kit wrote
     _check_smoke_calibration(out, report)
     assert "verdict failed (failed: aot)" in proc.stdout and "fp8   3 steps" in proc.stdout
+
+
+def test_outer_timeout_writes_the_report_and_kills_the_section(tmp_path):
+    """gpu_check.sh's `timeout` sends SIGTERM: the section in flight is killed (its whole process group) and
+    recorded, what finished before stays in the report."""
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "gpu_check.py"), "--smoke", "--only", "env,train",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and "env" not in (json.loads(out.read_text()) if out.exists() else {}).get(
+            "sections", {}):
+        time.sleep(0.1)
+    time.sleep(1.0)  # the train section is in flight
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 124, stdout[-2000:] + stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["sections"]["env"]["status"] == "ok" and report["kit"]["stopped"] == "SIGTERM"
+    assert report["sections"]["train"] == {"status": "timeout",
+                                           "reason": "the kit was stopped (SIGTERM) in this section"}
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-o", "stat=,args=", "-s", str(proc.pid)], capture_output=True, text=True)
+    alive = [line for line in ps.stdout.splitlines() if not line.lstrip().startswith("Z")]  # zombies: killed
+    assert alive == [], alive  # no section process (or its training run) left running in the kit's session
 
 
 def _check_smoke_calibration(out: Path, report: dict) -> None:
