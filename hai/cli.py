@@ -204,20 +204,25 @@ def cmd_generate(cfg, overrides: list[str]) -> int:
     model, tok_spec = load_model(cfg)
     tok = load_tokenizer(tok_spec)
     g = cfg.generate
-    prompt = tok.encode(g.prompt)
+    prompt, stop = tok.encode(g.prompt), ()
+    if g.chat:  # a user turn in the tokenizer's chat template (as `hai prepare data.format=chat` renders them)
+        from hai.data.chat import load_chat_template
+
+        template = load_chat_template(tok_spec)
+        prompt, stop = template.prompt([{"role": "user", "content": g.prompt}]), template.stop_ids
     runs = [("speculative (MTP drafts)" if g.speculative else "plain", g.speculative)]
     if g.speculative and g.compare:
         runs.append(("plain", False))
     report = {}
     for name, spec in runs:
-        res = generate(model, prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, speculative=spec)
+        res = generate(model, prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed, speculative=spec, stop=stop)
         report[name] = {"tokens_per_s": res.tokens_per_s, "main_passes": res.main_passes, "tokens": len(res.tokens),
                         "acceptance": res.acceptance if spec else None, "text": tok.decode(res.tokens)}
     if cfg.output == "json":
         print(json.dumps(report))
         return 0
     first = report[runs[0][0]]
-    print(g.prompt + first["text"])
+    print(f"user: {g.prompt}\nassistant: {first['text']}" if g.chat else g.prompt + first["text"])
     for name, r in report.items():
         acc = f", draft acceptance {100 * r['acceptance']:.1f}%" if r["acceptance"] is not None else ""
         print(f"[{name}] {r['tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s, {r['main_passes']} main-model "

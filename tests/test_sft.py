@@ -199,3 +199,211 @@ def test_target_ids_stop_at_document_starts():
     assert target_ids(row, 1).tolist() == [[7, -1, -1, 10, 11]]  # 7 -> 9 is a target of the next document
     plain = torch.tensor([[1, 2, 3, 4]])
     assert target_ids(plain, 0).tolist() == [[2, 3, 4]] and target_ids(plain, 1).tolist() == [[3, 4]]
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def _hf_chat_setup(tmp_path, n_rows=24, seq_len=47):
+    """A tiny transformers DeepSeek-V3 (+ the release's MTP layer), the tokenizer directory beside it, and a chat
+    file of short conversations in windows of seq_len+1 (one conversation per window, padded: the layout
+    transformers can run as is)."""
+    import hf_models
+    from hai.data.chat_corpus import conversations
+
+    ref = hf_models.v3()
+    ref.save_pretrained(tmp_path / "src")
+    hf_models.add_mtp_layer(ref, str(tmp_path / "src"))
+    tok = tokenizer_dir(tmp_path / "src")
+    template = load_chat_template(tok)
+    rows = [r for r in conversations(200, seed=3) if len(template.render(conversation(r))[0]) <= seq_len + 1]
+    rows = rows[:n_rows]
+    src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    path = prepare_chat(DataConfig(format="chat", source=src, tokenizer=tok, workers=1, pack=False), seq_len,
+                        str(tmp_path / "chat.haitok"))["path"]
+    return ref, tok, path
+
+
+def _sft_overrides(tmp_path, tok, path, seq_len=47, gb=8):
+    return ["train=sft", f"model.init_from=hf:{tmp_path / 'src'}", "model.precision=fp32", f"data.path={path}",
+            f"data.tokenizer={tok}", "data.val_fraction=0.34", f"train.seq_len={seq_len}",
+            f"train.global_batch_size={gb}", "train.epochs=0", "train.steps=1", "train.eval_every=1",
+            "train.eval_batches=2", "train.save_every=0", "train.progress=false", "wandb.mode=disabled",
+            f"out_dir={tmp_path / 'run'}"]
+
+
+def _sft_first_step(rank, world, overrides):
+    from hai.config.compose import compose
+    from hai.parallel import Topology
+    from hai.train.trainer import Trainer, init_distributed, load_data
+
+    cfg = compose(overrides)
+    topo = Topology.from_config(cfg)
+    tr = Trainer(cfg, topo, init_distributed(topo), load_data(cfg))
+    val = tr.evaluate()["val_loss"]  # the imported weights, before any update
+    rec = tr.train_step()
+    return rec["loss"], rec["target_tokens"], val
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout, world", [("single", 1), ("pp2_1f1b_dp2_ep2", 4), ("pp2_dualpipe_dp2_ep2", 4)])
+def test_sft_step_0_loss_equals_transformers_masked_loss(layout, world, tmp_path):
+    """`hai train train=sft model.init_from=hf:DIR`: the masked loss of the first step equals transformers' loss with
+    labels=-100 on every position that is not an assistant token or its EOS, over the same global batch (fp32),
+    in one process and under pp=2 (1F1B; DualPipe, overlap on) x dp=2 x ep=2, where the 8 windows are 4 micro-batches
+    of 1 per dp rank
+    with different target counts: the per-token normalization over micro-batches and dp ranks is what matches. The
+    held-out masked loss (2 batches of the chat data's held-out windows) equals transformers' on those windows."""
+    from dist_utils import run_ranks
+
+    ref, tok, path = _hf_chat_setup(tmp_path)
+    ov = _sft_overrides(tmp_path, tok, path)
+    ov += ["cluster=cpu1", "parallel=single", "train.micro_batch_size=2"] if layout == "single" else [
+        "cluster=local_cpu", "parallel=local", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
+        "parallel.node_limit=0", "parallel.dispatch=flat", f"parallel.schedule={layout.split('_')[1]}",
+        "train.micro_batch_size=1"]
+    from hai.config.compose import compose
+    from hai.train.trainer import load_data
+
+    cfg = compose(ov)
+    data = load_data(cfg)
+    windows = Sampler(data.train, 47, 8, cfg.train.seed).sequences(0, 0, 8)  # the step-0 global batch
+    held_out = torch.cat([Sampler(data.val, 47, 8, cfg.train.seed).sequences(i, 0, 8) for i in range(2)])
+    want, want_val = _hf_masked_loss(ref, windows), _hf_masked_loss(ref, held_out)
+    ids = token_ids(windows)
+    labels = torch.where((windows & (1 << 32)) != 0, torch.full_like(ids, -100), ids)
+    with torch.no_grad():
+        logits = ref(input_ids=ids).logits[:, :-1]
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    valid = (labels[:, 1:] != -100).flatten()
+    per_seq = (per_token * valid).view(8, -1).sum(1) / valid.view(8, -1).sum(1)
+    assert abs(per_seq.mean().item() - want) > 1e-4 * want  # a per-sequence mean is 10x the tolerance off (3e-4)
+    for loss, n_targets, val in run_ranks(_sft_first_step, world, ov):
+        assert n_targets == int(valid.sum())
+        assert loss == pytest.approx(want, rel=1e-5) and val == pytest.approx(want_val, rel=1e-5)
+
+
+def _hf_masked_loss(ref, windows) -> float:
+    """transformers' loss with labels=-100 where a token is not a target (the flags of hai.model.batch)."""
+    ids = token_ids(windows)
+    labels = torch.where((windows & (1 << 32)) != 0, torch.full_like(ids, -100), ids)
+    with torch.no_grad():
+        return ref(input_ids=ids, labels=labels).loss.item()
+
+
+def _per_token_losses(model, window, monkeypatch):
+    """Per-token cross-entropies of the main loss and MTP depth 1 of one forward over ``window`` (1, W), recorded
+    from the logits and targets the model's losses see (-1: not a target)."""
+    import hai.model.transformer as tr
+
+    seen = []
+    original = tr.cross_entropy
+    monkeypatch.setattr(tr, "cross_entropy", lambda logits, t: seen.append((logits.detach(), t)) or original(logits, t))
+    with torch.no_grad():
+        model(window)
+    monkeypatch.setattr(tr, "cross_entropy", original)
+    out = []
+    for logits, t in seen:  # main, then MTP depth 1
+        ce = torch.nn.functional.cross_entropy(logits.double(), t.clamp_min(0), reduction="none")
+        out.append(torch.where(t >= 0, ce, torch.full_like(ce, float("nan"))))
+    return out
+
+
+def test_packed_window_gives_each_conversation_its_own_per_token_losses(monkeypatch):
+    """Three conversations packed into one window (document mask, RoPE positions restarting per conversation) give,
+    token for token, the main and MTP losses of each conversation run alone; without the mask they do not."""
+    from hai.config.compose import compose
+    from hai.data.chat_corpus import conversations
+    from hai.model import build_model
+    from hai.model.sequence import DocumentSpec
+
+    cfg = compose(["model=tiny", "model.precision=fp32"]).model
+    model = build_model(cfg, seed=0).eval()
+    t = ByteChatTemplate()
+    convs = [t.render(conversation(r)) for r in conversations(3, seed=5)]
+    packer = Packer(sum(len(i) for i, _ in convs) + 5, True, 256)
+    for ids, target in convs:
+        packer.add(ids, target)
+    (window, flags, n), = packer.finish()
+    assert n == 3
+
+    def flagged(tokens, fl):
+        from hai.data.sampler import _flagged
+        return torch.from_numpy(_flagged(tokens, fl))[None]
+
+    model.doc_spec = DocumentSpec(256, mask=True, reset=True, marked=True)
+    packed = _per_token_losses(model, flagged(window, flags), monkeypatch)
+    at = 0
+    for ids, target in convs:
+        fl = np.where(target, TARGET, 0).astype(np.uint8)
+        fl[0] |= START
+        alone = _per_token_losses(model, flagged(ids, fl), monkeypatch)
+        for k, (p, a) in enumerate(zip(packed, alone)):  # position i of the conversation: packed at + i
+            got = p[at: at + len(a)]
+            ok = ~torch.isnan(a)
+            assert ok.sum() > 5 and torch.equal(torch.isnan(got), ~ok), k
+            assert torch.allclose(got[ok], a[ok], rtol=1e-5, atol=0), k
+        at += len(ids)
+    assert torch.isnan(packed[0][at:]).all()  # the padding: no targets
+    model.doc_spec = None  # the same window attending across conversations: other losses
+    crossed = _per_token_losses(model, flagged(window, flags), monkeypatch)[0]
+    ok = ~torch.isnan(crossed)
+    assert not torch.allclose(crossed[ok], packed[0][ok], rtol=1e-3)
+
+
+def _events(run) -> list[dict]:
+    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+
+
+def test_sft_from_a_hai_pretraining_checkpoint(tmp_path, capsys):
+    """`hai train train=sft resume=PRETRAIN_RUN`: the pre-training weights only (the first SFT step is step 1 and its
+    loss is the pre-trained model's masked loss on that batch, computed here from its plain logits), train.epochs
+    sets the steps; the same command again resumes the SFT run's own checkpoint; `hai generate
+    generate.chat=true` answers a user turn rendered with the same template."""
+    from hai.checkpoint.load import load_model
+    from hai.config.compose import compose
+    from hai.data.chat_corpus import conversations
+    from hai.train.trainer import load_data
+
+    common = ["cluster=cpu1", "parallel=single", "wandb.mode=disabled", "train.progress=false"]
+    assert main(["train", "train=test", "train.steps=2", "train.save_every=2", f"out_dir={tmp_path / 'pre'}",
+                 *common]) == 0
+    src = write_jsonl(tmp_path / "c.jsonl", conversations(200, seed=1))
+    chat = prepare_chat(DataConfig(format="chat", source=src, workers=1, pack=False), 128, str(tmp_path / "c.haitok"))
+    sft = ["train", "train=sft", f"resume={tmp_path / 'pre'}", f"data.path={chat['path']}", "train.epochs=0.1",
+           "train.eval_every=0", "train.save_every=2", f"out_dir={tmp_path / 'sft'}", *common]
+    assert main(sft) == 0
+    recs = _events(tmp_path / "sft")
+    resumed = [r for r in recs if r.get("event") == "resumed"][0]
+    assert resumed["weights_only"] and resumed["path"].endswith("step_00000002")
+    steps = [r for r in recs if "loss" in r]
+    cfg = compose(sft[1:])
+    data = load_data(cfg)
+    assert [r["step"] for r in steps] == [1, 2] == list(range(1, 1 + int(np.ceil(0.1 * data.train.n_windows / 16))))
+    model, _ = load_model(compose(["train=test", f"resume={tmp_path / 'pre'}", f"out_dir={tmp_path / 'pre'}"]))
+    windows = Sampler(data.train, 128, 16, cfg.train.seed).sequences(0, 0, 16)
+    targets = target_ids(windows)
+    with torch.no_grad():
+        logits = model.forward_logits(token_ids(windows[:, :-1]))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert steps[0]["loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert steps[0]["target_tokens"] == int((targets >= 0).sum())
+    assert main([*sft, "train.epochs=0.3"]) == 0  # the same run, longer (4 steps): continues from its step-2 save
+    recs = _events(tmp_path / "sft")
+    assert [r["step"] for r in recs if "loss" in r][-2:] == [3, 4]
+    assert not [r for r in recs if r.get("event") == "resumed"][-1].get("weights_only")
+    capsys.readouterr()
+    assert main(["generate", f"resume={tmp_path / 'sft'}", "generate.chat=true", "generate.prompt=Hello",
+                 "generate.max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.startswith("user: Hello\nassistant: ")
+
+
+def test_generation_stops_at_the_chat_eos():
+    from hai.config.compose import compose
+    from hai.inference.generate import generate
+    from hai.model import build_model
+
+    model = build_model(compose(["model=tiny"]).model, seed=0).eval()
+    prompt = ByteChatTemplate().prompt([{"role": "user", "content": "Hi!"}])
+    free = generate(model, prompt, 6).tokens
+    assert len(free) == 6
+    assert generate(model, prompt, 6, stop=(free[2],)).tokens == free[:2]
+    assert generate(model, prompt, 6, speculative=True, stop=(free[2],)).tokens == free[:2]

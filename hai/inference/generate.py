@@ -54,8 +54,9 @@ def sample(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.
 
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, speculative: bool = False) -> GenerateResult:
-    """New tokens after ``prompt`` (batch of one) from ``model`` (a whole ``Transformer`` in eval mode)."""
+             seed: int = 0, speculative: bool = False, stop: tuple[int, ...] = ()) -> GenerateResult:
+    """New tokens after ``prompt`` (batch of one) from ``model`` (a whole ``Transformer`` in eval mode), ending at
+    ``max_new`` tokens or at a token of ``stop`` (a chat turn's EOS; not part of the result)."""
     if speculative and not model.mtp:
         raise ValueError("generate.speculative=true needs a model with MTP modules (model.mtp_depth >= 1)")
     model.eval()
@@ -68,14 +69,19 @@ def generate(model, prompt: list[int], max_new: int, temperature: float = 0.0, t
         out, passes = [], 0
         while len(out) < max_new:
             out.append(sample(logits[0, -1], temperature, top_p, gen))
+            if out[-1] in stop:
+                return GenerateResult(out[:-1], time.perf_counter() - t0, passes)
             if len(out) < max_new:
                 h, logits = model.decode(torch.tensor([[out[-1]]], device=device), cache)
                 passes += 1
         return GenerateResult(out, time.perf_counter() - t0, passes)
-    return _speculative(model, prompt, max_new, temperature, top_p, gen, cache, h, logits, t0)
+    res = _speculative(model, prompt, max_new, temperature, top_p, gen, cache, h, logits, t0, stop)
+    ends = [i for i, x in enumerate(res.tokens) if x in stop]
+    res.tokens = res.tokens[: ends[0]] if ends else res.tokens
+    return res
 
 
-def _speculative(model, prompt, max_new, temperature, top_p, gen, cache, h, logits, t0) -> GenerateResult:
+def _speculative(model, prompt, max_new, temperature, top_p, gen, cache, h, logits, t0, stop=()) -> GenerateResult:
     device = h.device
     tokens = list(prompt)
     res = GenerateResult([], 0.0, 0)
@@ -85,7 +91,7 @@ def _speculative(model, prompt, max_new, temperature, top_p, gen, cache, h, logi
         x = forced if forced is not None else sample(logits[0, -1], temperature, top_p, gen)
         tokens.append(x)
         res.tokens.append(x)
-        if len(res.tokens) >= max_new:
+        if len(res.tokens) >= max_new or x in stop:
             break
         n = len(tokens) - 1  # position of x
         S = waiting.shape[1]
@@ -99,6 +105,8 @@ def _speculative(model, prompt, max_new, temperature, top_p, gen, cache, h, logi
             res.accepted += 1
             tokens.append(draft)
             res.tokens.append(draft)
+            if draft in stop:
+                break
             waiting, logits, forced = h2, logits2[:, 1:], None
         else:  # drop the draft's cache entry; the main model's token is next
             cache.truncate(n + 1)

@@ -25,7 +25,9 @@ from hai.plan.accounting import train_flops_per_token
 from hai.config import Config, ConfigError
 from hai.config.compose import to_yaml
 from hai.data import Dataset, Sampler, TokenFile, ensure_token_file, open_dataset
+from hai.data.chat_prepare import ensure_chat_file
 from hai.model import Router, build_model, materialize, param_dtype
+from hai.model.batch import target_counts
 from hai.model.sequence import DocumentSpec
 from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
@@ -98,6 +100,7 @@ class Trainer:
         self.pipeline = self._pipeline()
         groups = ZeroGroups(self.dp_group, _group(mesh, "edp"), self.tp_group,
                             (self.dp_group, self.pp_group, self.tp_group), topo.dp)
+        self.zero_groups = groups
         self.optimizer = ZeroAdamW(self.model.named_parameters(), t, groups, self.placement)
         if isinstance(data, Dataset):  # training windows, and the held-out split when there is one
             self.sampler = Sampler(data.train, t.seq_len, t.global_batch_size, t.seed)
@@ -105,6 +108,8 @@ class Trainer:
                 if data.val is not None and t.eval_every else None
         else:  # one token file, all of its windows (no held-out split)
             self.sampler, self.val_sampler = Sampler(data, t.seq_len, t.global_batch_size, t.seed), None
+        # chat (SFT) data: windows carry target flags; the loss is per target token of the global batch
+        self.masked = data.loss_mask if isinstance(data, Dataset) else data.mask is not None
         self.model.doc_spec = _doc_spec(cfg, data)
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
@@ -141,6 +146,23 @@ class Trainer:
             (out.loss / self.n_micro).backward()
             sums += torch.stack([out.main_loss.double(), out.mtp_loss.double()])
         return sums
+
+    def set_target_norm(self, micro_batches: list[torch.Tensor], batches: int = 1) -> torch.Tensor | None:
+        """Chat data: the target counts (main loss, each MTP depth) of ``batches`` global batches, from this rank's
+        micro-batches with one all-reduce over the data-parallel ranks; the model divides each micro-batch's sum over
+        its targets by the count per micro-batch, so the losses (summed over micro-batches, averaged over dp like the
+        gradients) are the per-token mean of the global batch: every target token weighs the same, however its
+        conversation is packed or long. Plain data: None (every position a target, the per-micro-batch mean is
+        already per token)."""
+        if not self.masked:
+            self.model.target_norm = None
+            return None
+        counts = target_counts(micro_batches, self.cfg.model.mtp_depth)
+        if self.dp_group is not None:
+            dist.all_reduce(counts, group=self.dp_group)
+        counts = counts / self.topo.cp  # the CP ranks of a data-parallel rank count the same windows
+        self.model.target_norm = (counts.clamp_min(1) / (batches * self.n_micro * self.topo.dp)).float()
+        return counts
 
     def update_router_biases(self, apply: bool) -> torch.Tensor:
         """Aux-loss-free balancing: loads summed over the data-parallel group (and over a router's pipeline copies),
@@ -180,8 +202,10 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
-        mbs = self.sampler.micro_batches(self.step, self.coords["dp"], self.topo.dp, self.cfg.train.micro_batch_size)
+        mbs = [mb.to(self.device) for mb in self.sampler.micro_batches(self.step, self.coords["dp"], self.topo.dp,
+                                                                       self.cfg.train.micro_batch_size)]
         t_data = time.perf_counter() - t0
+        targets = self.set_target_norm(mbs)  # chat data: the global batch's target count (one all-reduce)
         sums = self.forward_backward(mbs)
         t1 = time.perf_counter()
         ep_blocked = self._ep_blocked_s()
@@ -191,7 +215,8 @@ class Trainer:
         if self.dp_group is not None:
             dist.all_reduce(sums, group=self.dp_group)
         stop = self.ops.vote()  # MAX over ranks of "a preemption signal arrived": read with the metrics
-        main_sum, mtp_sum, violation, spread, stop = torch.cat([sums, balance, stop]).tolist()  # one read
+        extra = [] if targets is None else [targets[:1]]
+        main_sum, mtp_sum, violation, spread, stop, *n_targets = torch.cat([sums, balance, stop, *extra]).tolist()
         self.ops.read_vote(stop)
         t2 = time.perf_counter()
         n = self.n_micro * self.topo.dp
@@ -200,6 +225,8 @@ class Trainer:
                "grad_norm": result.grad_norm, "skipped": result.skipped, "forward_backward_s": t1 - t0,
                "optimizer_s": t2 - t1, "data_wait_s": t_data, "expert_load_max_violation": violation,
                "router_bias_spread": spread}
+        if n_targets:  # chat data: the loss is the mean over these target tokens of the global batch
+            rec["target_tokens"] = n_targets[0]
         if ep_blocked is not None:  # host time blocked in EP all-to-alls: the exposed comm on gloo
             rec["ep_comm_blocked_s"] = ep_blocked
         if self.pipeline is not None:  # this rank's idle share of the pipelined forward/backward
@@ -210,21 +237,22 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean main loss (and MTP loss) over ``train.eval_batches`` global batches of the held-out split, under this
         run's layout (pipeline stages, expert shards, dp slices): the same value a single process computes from the
-        same weights. The same batches every time, so evaluations are comparable along the run."""
+        same weights. The same batches every time, so evaluations are comparable along the run. Chat data: the
+        masked loss, the mean over the target tokens of all ``train.eval_batches`` batches (as in training)."""
         t = self.cfg.train
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = [mb.to(self.device) for i in range(t.eval_batches)
+                   for mb in self.val_sampler.micro_batches(i, self.coords["dp"], self.topo.dp, t.micro_batch_size)]
+        self.set_target_norm(batches, t.eval_batches)
         self.model.eval()  # routers do not count eval tokens; no sequence-wise aux loss
         try:
             with torch.no_grad(), self._autocast():
-                for i in range(t.eval_batches):
-                    for tokens in self.val_sampler.micro_batches(i, self.coords["dp"], self.topo.dp,
-                                                                 t.micro_batch_size):
-                        tokens = tokens.to(self.device)
-                        if self.pipeline is not None:
-                            sums += self.pipeline.evaluate(tokens)
-                        else:
-                            out = self.model(tokens)
-                            sums += torch.stack([out.main_loss.double(), out.mtp_loss.double()])
+                for tokens in batches:
+                    if self.pipeline is not None:
+                        sums += self.pipeline.evaluate(tokens)
+                    else:
+                        out = self.model(tokens)
+                        sums += torch.stack([out.main_loss.double(), out.mtp_loss.double()])
         finally:
             self.model.train()
         if self.pipeline is not None:
@@ -238,7 +266,9 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.cluster
         tokens_per_s = t.global_batch_size * t.seq_len / step_time
         per_device = tokens_per_s / self.topo.world_size
-        tflops = per_device * self.flops_per_token / 1e12
+        tflops = per_device * self.flops_per_token / 1e12  # every computed position, padding and prompts included
+        if "target_tokens" in rec:  # chat data: the tokens the loss learned from
+            rec = {**rec, "target_tokens_per_s": rec["target_tokens"] / step_time}
         return {**rec, "step_time_s": step_time, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
                 "tflops_per_device": tflops, "mfu": tflops / c.peak_tflops_bf16,
                 "memory_bytes": _memory_bytes(self.device), "optimizer_state_bytes": self.optimizer.state_bytes()}
@@ -308,15 +338,36 @@ class Trainer:
         path = resume_path(self.cfg)
         if path is None:
             return None
+        if self.cfg.train.finetune:
+            path, weights_only = self._finetune_source(path)
         t0 = time.perf_counter()
         run = self.run_state()
         meta = load_checkpoint(run, path, self.cfg.model)
         self.step, self.run_id = run.progress.step, run.progress.run_id
+        if self.cfg.train.finetune and weights_only:  # a new run from these weights: fresh AdamW, step 0
+            self.optimizer = ZeroAdamW(self.model.named_parameters(), self.cfg.train, self.zero_groups, self.placement)
+            self.step, self.run_id = 0, None
+            return {"step": 0, "path": path, "weights_only": True, "seconds": time.perf_counter() - t0}
         saved_len = (meta.get("train") or {}).get("seq_len", self.cfg.train.seq_len)
         if saved_len != self.cfg.train.seq_len:  # a new phase (context extension): its own steps and data from 0
             self.step = 0
         return {"step": self.step, "path": path, "saved_dp": meta.get("dp"),
                 "saved_world_size": meta.get("world_size"), "seconds": time.perf_counter() - t0}
+
+    def _finetune_source(self, path: str) -> tuple[str, bool]:
+        """``train.finetune``: a checkpoint of another run gives its weights only (its optimizer state and step are
+        dropped: a new run, e.g. SFT from pre-training); this run's own newest checkpoint, when it has one, is
+        resumed fully (a restarted fine-tuning job continues with the same command line)."""
+        import dataclasses
+
+        from hai.checkpoint.files import checkpoint_root
+        from hai.checkpoint.state import resume_path
+
+        root = os.path.abspath(checkpoint_root(self.cfg.out_dir))
+        if os.path.abspath(path).startswith(root + os.sep):
+            return path, False
+        own = resume_path(dataclasses.replace(self.cfg, resume="auto"))
+        return (own, False) if own is not None else (path, True)
 
     def run_state(self):
         """The checkpoint's view of this rank: model, optimizer shard, progress and where its shards sit."""
@@ -357,9 +408,26 @@ def _memory_bytes(device: torch.device) -> int:
 
 
 def load_data(cfg: Config) -> Dataset:
-    """The run's training and held-out windows (``data.mixture``, else ``data.path`` or the default corpus)."""
-    return open_dataset(cfg.data, cfg.train.seq_len, cfg.train.seed,
-                        path=None if cfg.data.mixture else ensure_token_file(cfg.data))
+    """The run's training and held-out windows (``data.mixture``, else ``data.path`` or the default corpus; with
+    ``data.format=chat`` the default is the synthetic chat corpus, prepared for train.seq_len)."""
+    if cfg.data.mixture:
+        path = None
+    elif cfg.data.format == "chat":
+        path = ensure_chat_file(cfg.data, cfg.train.seq_len)
+    else:
+        path = ensure_token_file(cfg.data)
+    return open_dataset(cfg.data, cfg.train.seq_len, cfg.train.seed, path=path)
+
+
+def with_epochs(cfg: Config, data: Dataset) -> Config:
+    """``train.epochs > 0``: ``train.steps`` = the steps that draw that many passes over the training windows."""
+    t = cfg.train
+    if not t.epochs:
+        return cfg
+    import dataclasses
+
+    steps = max(1, math.ceil(t.epochs * data.train.n_windows / t.global_batch_size))
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps))
 
 
 def train(cfg: Config) -> dict:
@@ -367,6 +435,7 @@ def train(cfg: Config) -> dict:
     preempt.install()  # from here on SIGTERM/SIGUSR1/SIGINT mean "save and stop" (hai.train.preempt)
     topo = Topology.from_config(cfg)
     data = load_data(cfg)
+    cfg = with_epochs(cfg, data)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the data {data.sources[0][1][0]!r} uses a vocabulary of {data.vocab_size} but "
                           f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= {data.vocab_size}")
