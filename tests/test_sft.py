@@ -202,7 +202,7 @@ def test_target_ids_stop_at_document_starts():
 
 
 # ------------------------------------------------------------------------------------------------ the loss
-def _hf_chat_setup(tmp_path, n_rows=24, seq_len=47):
+def _hf_chat_setup(tmp_path, n_rows=24, seq_len=48):
     """A tiny transformers DeepSeek-V3 (+ the release's MTP layer), the tokenizer directory beside it, and a chat
     file of short conversations in windows of seq_len+1 (one conversation per window, padded: the layout
     transformers can run as is)."""
@@ -222,7 +222,7 @@ def _hf_chat_setup(tmp_path, n_rows=24, seq_len=47):
     return ref, tok, path
 
 
-def _sft_overrides(tmp_path, tok, path, seq_len=47, gb=8):
+def _sft_overrides(tmp_path, tok, path, seq_len=48, gb=8):
     return ["train=sft", f"model.init_from=hf:{tmp_path / 'src'}", "model.precision=fp32", f"data.path={path}",
             f"data.tokenizer={tok}", "data.val_fraction=0.34", f"train.seq_len={seq_len}",
             f"train.global_batch_size={gb}", "train.epochs=0", "train.steps=1", "train.eval_every=1",
@@ -244,29 +244,33 @@ def _sft_first_step(rank, world, overrides):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout, world", [("single", 1), ("pp2_1f1b_dp2_ep2", 4), ("pp2_dualpipe_dp2_ep2", 4)])
+@pytest.mark.parametrize("layout, world", [("single", 1), ("pp2_1f1b_dp2_ep2", 4), ("pp2_dualpipe_dp2_ep2", 4),
+                                           ("cp2_dp2_ep2", 4)])
 def test_sft_step_0_loss_equals_transformers_masked_loss(layout, world, tmp_path):
     """`hai train train=sft model.init_from=hf:DIR`: the masked loss of the first step equals transformers' loss with
     labels=-100 on every position that is not an assistant token or its EOS, over the same global batch (fp32),
-    in one process and under pp=2 (1F1B; DualPipe, overlap on) x dp=2 x ep=2, where the 8 windows are 4 micro-batches
-    of 1 per dp rank
-    with different target counts: the per-token normalization over micro-batches and dp ranks is what matches. The
-    held-out masked loss (2 batches of the chat data's held-out windows) equals transformers' on those windows."""
+    in one process, under pp=2 (1F1B; DualPipe, overlap on) x dp=2 x ep=2 and under cp=2 x dp=2 x ep=2, where the 8
+    windows are 4 micro-batches of 1 per dp rank with different target counts: the per-token normalization over
+    micro-batches, dp and cp ranks is what matches. The held-out masked loss (2 batches of the chat data's held-out
+    windows) equals transformers' on those windows."""
     from dist_utils import run_ranks
 
     ref, tok, path = _hf_chat_setup(tmp_path)
     ov = _sft_overrides(tmp_path, tok, path)
     ov += ["cluster=cpu1", "parallel=single", "train.micro_batch_size=2"] if layout == "single" else [
-        "cluster=local_cpu", "parallel=local", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
-        "parallel.node_limit=0", "parallel.dispatch=flat", f"parallel.schedule={layout.split('_')[1]}",
-        "train.micro_batch_size=1"]
+        "cluster=local_cpu", "parallel=local", "parallel.dp=2", "parallel.ep=2", "parallel.node_limit=0",
+        "parallel.dispatch=flat", "train.micro_batch_size=1"]
+    if layout.startswith("pp2"):
+        ov += ["parallel.pp=2", f"parallel.schedule={layout.split('_')[1]}"]
+    if layout.startswith("cp2"):  # each rank holds 2 of the window's 4 zig-zag chunks of 12 positions
+        ov += ["parallel.cp=2"]
     from hai.config.compose import compose
     from hai.train.trainer import load_data
 
     cfg = compose(ov)
     data = load_data(cfg)
-    windows = Sampler(data.train, 47, 8, cfg.train.seed).sequences(0, 0, 8)  # the step-0 global batch
-    held_out = torch.cat([Sampler(data.val, 47, 8, cfg.train.seed).sequences(i, 0, 8) for i in range(2)])
+    windows = Sampler(data.train, 48, 8, cfg.train.seed).sequences(0, 0, 8)  # the step-0 global batch
+    held_out = torch.cat([Sampler(data.val, 48, 8, cfg.train.seed).sequences(i, 0, 8) for i in range(2)])
     want, want_val = _hf_masked_loss(ref, windows), _hf_masked_loss(ref, held_out)
     ids = token_ids(windows)
     labels = torch.where((windows & (1 << 32)) != 0, torch.full_like(ids, -100), ids)
