@@ -19,7 +19,8 @@ smaller), and the JSON is rewritten after every section, so a timeout or a crash
    TFLOP/s and relative errors;
    then ``calibration``: the table ``hai plan calibration=PATH`` reads, from sections 1, 3 and 4 (written into the
    report itself and into ``--calibration``, default calibration.json beside it);
-5. ``aot``: ``benchmarks/kernels_aot.py`` with this machine's Triton (registers, spills, smem, async copies);
+5. ``aot``: ``benchmarks/kernels_aot.py`` for this GPU's target with this machine's Triton (registers, spills,
+   shared memory, async copies per operand, e4m3 MMA: the checks of tests/test_kernels_aot.py);
 6. ``train``: short single-GPU ``hai train model=small`` runs in bf16 and fp8 next to ``hai plan``'s prediction with
    the published and the measured calibration, and the V3 plan priced with both;
 7. ``gpu_tests``: the ``@pytest.mark.gpu`` tests with TRITON_INTERPRET unset; fails if none ran or any skipped;
@@ -297,9 +298,13 @@ def section_attention(ctx: Ctx) -> dict:
 
 def section_aot(ctx: Ctx) -> dict:
     """benchmarks/kernels_aot.py with this machine's Triton, and the checks tests/test_kernels_aot.py makes."""
-    path = ctx.work / "aot.json"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability() if ctx.device == "cuda" else (9, 0)
+    path = ctx.work / "aot.json"  # this GPU's target only (CI's tests/test_kernels_aot.py compiles sm_90 and sm_100)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    rc, lines = _stream([sys.executable, str(HERE / "kernels_aot.py"), "--json", str(path)], env)
+    rc, lines = _stream([sys.executable, str(HERE / "kernels_aot.py"), "--arch", f"{major}{minor}", "--json",
+                         str(path)], env)
     if rc:
         return {"status": "failed", "reason": f"kernels_aot.py exited {rc}", "tail": lines[-30:]}
     rows = json.loads(path.read_text())
@@ -436,6 +441,15 @@ def section_gpu_tests(ctx: Ctx, stream=_stream, cuda: bool | None = None) -> dic
             "seconds": time.time() - t0}
 
 
+PARITY_STEPS = 200
+
+
+def parity_layout() -> list[str]:
+    return ["model=small", "cluster=gpu1", "parallel=single", "train.seq_len=512", "train.global_batch_size=16",
+            "train.micro_batch_size=16", "train.warmup_steps=20", f"train.steps={PARITY_STEPS}", "wandb.mode=disabled",
+            "train.progress=false", *([] if _attention_available() else ["model.attention=sdpa"])]
+
+
 def section_parity(ctx: Ctx) -> dict:
     """fp8 - bf16 and bf16 - fp32 paired gaps of model=small on the GPU (benchmarks/fp8_parity.py's statistics),
     over as many seeds as the time allows."""
@@ -443,11 +457,8 @@ def section_parity(ctx: Ctx) -> dict:
 
     from hai.train.metrics import read_metrics
 
-    steps, last, t0 = 200, 20, time.time()
-    deadline = t0 + ctx.timeout - 5
-    layout = ["model=small", "cluster=gpu1", "parallel=single", "train.seq_len=512", "train.global_batch_size=16",
-              "train.micro_batch_size=16", "train.warmup_steps=20", f"train.steps={steps}", "wandb.mode=disabled",
-              "train.progress=false", *([] if _attention_available() else ["model.attention=sdpa"])]
+    steps, last, t0 = PARITY_STEPS, 20, time.time()
+    deadline, layout = t0 + ctx.timeout - 5, parity_layout()
     finals = {}
     for seed in range(16):
         row = {}

@@ -157,6 +157,18 @@ def test_calibration_from_measurements_reads_back(tmp_path):
     assert "unknown GPU" in failed["sources"]["nominal"]
 
 
+def test_gpu_layouts_compose():
+    """The GPU-only sections' training layouts are valid configs (checked here, not on the first lent GPU)."""
+    from hai.config.compose import compose
+
+    train = kit._train_layout(SimpleNamespace(smoke=False))
+    assert "model.attention=sdpa" in train  # the fused attention exists in this checkout
+    for precision in ("fp32", "bf16", "fp8"):
+        for layout in (train, kit.parity_layout()):
+            cfg = compose([*layout, f"model.precision={precision}", "out_dir=/nonexistent"])
+            assert cfg.cluster.device == "cuda" and cfg.model.precision == precision
+
+
 # ------------------------------------------------------------------------------------------------ gpu tests
 def _fake_stream(tests: int, skipped: int, failures: int = 0, rc: int = 0):
     calls = []
@@ -193,6 +205,22 @@ def test_gpu_tests_section_refuses_a_vacuous_run(tmp_path, monkeypatch):
     assert res["status"] == "failed" and res["reason"].startswith("vacuous"), res
     assert res["counts"]["tests"] >= 2 and res["counts"]["skipped"] == res["counts"]["tests"]
     assert kit.judge_gpu_tests({"tests": 2, "skipped": 2}, 0, cuda=False) == ("skipped", "needs CUDA")
+
+
+def test_aot_section_applies_the_aot_checks(tmp_path, monkeypatch):
+    row = {"kernel": "_fp8_gemm_kernel", "arch": "sm_90", "registers": 168, "spill_stores": 0, "spill_loads": 0,
+           "smem": 99_000, "num_warps": 8, "num_stages": 3, "mma": ["wgmma.mma_async.sync.aligned.f32.e4m3.e4m3"],
+           "mma_e4m3": True, "async_copies": {"a": 3, "b": 3}, "fma": 0}
+    for copies, status in (({"a": 3, "b": 3}, None), ({"a": 3}, "failed")):
+        def stream(cmd, env, copies=copies):
+            assert cmd[cmd.index("--arch") + 1] == "90" and "TRITON_INTERPRET" not in env
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps([{**row, "async_copies": copies}]))
+            return 0, ["1 variants compiled; ..."]
+
+        monkeypatch.setattr(kit, "_stream", stream)
+        res = kit.section_aot(SimpleNamespace(device="cpu", work=tmp_path))
+        assert res.get("status") == status and res["summary"].startswith("1 variants compiled"), res
+    assert res["reason"] == "failed: both_operands_async"
 
 
 # ------------------------------------------------------------------------------------- the device command line
