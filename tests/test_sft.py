@@ -411,3 +411,34 @@ def test_generation_stops_at_the_chat_eos():
     assert len(free) == 6
     assert generate(model, prompt, 6, stop=(free[2],)).tokens == free[:2]
     assert generate(model, prompt, 6, speculative=True, stop=(free[2],)).tokens == free[:2]
+
+
+def test_parquet_rows_and_worker_processes_give_the_same_windows(tmp_path):
+    """Chat rows from parquet (a messages column of structs, prompt/completion columns) read like jsonl rows; two
+    worker processes (`hai prepare` in a fresh interpreter) write the same file as one."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hai.data.chat_corpus import conversations
+
+    rows = conversations(60, seed=2)
+    chats = [r for r in rows if "messages" in r]
+    pairs = [r for r in rows if "prompt" in r]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "pq" / "a.parquet", row_group_size=7)
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pq" / "b.parquet")
+    (tmp_path / "js").mkdir()
+    write_jsonl(tmp_path / "js" / "a.jsonl", chats)
+    write_jsonl(tmp_path / "js" / "b.jsonl", pairs)
+    a = prepare_chat(DataConfig(format="chat", source=str(tmp_path / "pq"), workers=1), 128, str(tmp_path / "p.haitok"))
+    b = prepare_chat(DataConfig(format="chat", source=str(tmp_path / "js"), workers=1), 128, str(tmp_path / "j.haitok"))
+    assert a["conversations"] == 60 and a["bad_rows"] == {}
+    assert open(a["path"], "rb").read() == open(b["path"], "rb").read()
+    out = tmp_path / "w2.haitok"
+    subprocess.run([sys.executable, "-m", "hai.cli", "prepare", "data.format=chat", f"data.source={tmp_path / 'js'}",
+                    "data.workers=2", "train.seq_len=128", f"data.path={out}", "output=json"], check=True,
+                   capture_output=True)
+    assert open(out, "rb").read() == open(b["path"], "rb").read()
