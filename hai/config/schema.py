@@ -244,6 +244,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW moments in bf16 (as V3 did)
     recompute: str = "none"  # none | v3 (DeepSeek-V3's activation recipe) | full (every block segment recomputed)
+    compile: bool = False  # torch.compile the block's elementwise math (norms, SwiGLU, RoPE; hai.model.layers)
     collective_timeout_s: float = 600.0  # a collective stuck this long: every rank dumps OUT_DIR/hang/, the job ends
     preempt_grace_s: float = 60.0  # SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit 0 within this (else killed)
     straggler_ratio: float = 1.5  # a rank this much slower than the median, persistently, is named in the log

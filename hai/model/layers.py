@@ -10,7 +10,9 @@ Shape legend: B batch, S sequence, D hidden, H heads, F ffn width, T tokens (B*S
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +23,43 @@ from hai.model.wgrad import accumulate_wgrad, defer_or_run
 
 __all__ = ["RMSNorm", "Linear", "SwiGLU", "rope_cos_sin", "apply_rope", "rms_norm", "rms_norm_forward",
            "rms_norm_backward", "swiglu", "swiglu_forward", "swiglu_backward", "cross_entropy", "rope_inv_freq",
-           "softmax_scale", "yarn_mscale"]
+           "softmax_scale", "yarn_mscale", "compile_elementwise", "ELEMENTWISE"]
+
+
+# ------------------------------------------------------------------------------------------ compiled elementwise
+_COMPILED: dict[str, Callable] = {}  # name -> torch.compile'd function, while compile_elementwise(True) holds
+ELEMENTWISE: list[Callable] = []  # the eager definitions compile_elementwise compiles
+
+
+def _compilable(fn: Callable) -> Callable:
+    """Route calls of ``fn`` (pure tensor math: no autograd inside, no data-dependent Python) to its compiled form
+    while ``train.compile`` is on; ``.eager`` is the definition."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def call(*args):
+        return _COMPILED.get(name, fn)(*args)
+
+    call.eager = fn
+    ELEMENTWISE.append(fn)
+    return call
+
+
+def compile_elementwise(enabled: bool) -> None:
+    """``train.compile``: the block's elementwise math (RMSNorm and SwiGLU forward and backward, RoPE) runs through
+    ``torch.compile`` (inductor; one graph each, no breaks: ``fullgraph=True``; dynamic shapes, so the micro-batch,
+    CP and MTP shapes share one kernel), or eagerly. Process-wide, like the compiled kernels themselves. The GEMMs,
+    attention core, collectives and the autograd Functions around the math stay eager, so the zero-bubble weight
+    split, the overlap tape and the recompute regions see the same tensors either way."""
+    _COMPILED.clear()
+    torch._dynamo.reset()  # drop compiled code of an earlier setting (or inherited by a forked rank)
+    if enabled:
+        for fn in ELEMENTWISE:
+            _COMPILED[fn.__name__] = torch.compile(fn, fullgraph=True, dynamic=True)
 
 
 # ------------------------------------------------------------------------------------------------------- RMSNorm
+@_compilable
 def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y in x's dtype, rstd fp32 (..., 1)); computed in fp32."""
     x32 = x.float()
@@ -32,6 +67,7 @@ def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torc
     return (x32 * rstd * w.float()).to(x.dtype), rstd
 
 
+@_compilable
 def rms_norm_backward(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
     """(dx in x's dtype, dw fp32) of y = x * rstd * w."""
     x_hat = x.float() * rstd
@@ -72,10 +108,12 @@ class RMSNorm(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------------- SwiGLU
+@_compilable
 def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.silu(a.float()) * b.float()).to(a.dtype)
 
 
+@_compilable
 def swiglu_backward(a: torch.Tensor, b: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, db) of s = silu(a) * b, computed in fp32."""
     a32, ds32 = a.float(), ds.float()
@@ -230,6 +268,7 @@ def softmax_scale(cfg) -> float:
                                                                                 cfg.rope_mscale_all_dim) ** 2
 
 
+@_compilable
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim. x: (B, S, H, R) ; cos/sin: (S, R/2), or (B, S, R/2) when the
     positions differ per sequence (``data.reset_positions``)."""

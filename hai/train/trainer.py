@@ -33,6 +33,7 @@ from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW, ZeroGroups
 from hai.kernels import check_fp8_device
+from hai.model.layers import compile_elementwise
 from hai.train import hang, preempt
 from hai.train.operations import RunOps
 
@@ -79,6 +80,7 @@ class Trainer:
             torch.device("cpu")
         if cfg.model.precision == "fp8":
             check_fp8_device(self.device)  # capability >= 8.9, or a message naming the GPU and model.precision=bf16
+        compile_elementwise(cfg.train.compile)
         t = cfg.train
         self.n_micro = cfg.n_micro_batches
         # the data-parallel sums (ZeRO-1, losses, router loads) run over dp x cp: the CP ranks hold the other
