@@ -75,3 +75,27 @@ def test_training_step_creates_nothing_on_the_default_device(layout, tmp_path, m
                         env={"TRITON_INTERPRET": "0"})
     for first, resumed, loss in results:
         assert (first, resumed) == (2, 3) and loss == loss  # finite
+
+
+def test_cuda_ranks_bind_their_gpu_when_joining(monkeypatch):
+    """On CUDA every rank joins with ``device_id`` = its LOCAL_RANK GPU (NCCL communicators created eagerly and
+    bound, not lazily inside the first P2P batch); on CPU no device is named (mocked: no GPU here)."""
+    import torch.distributed as dist
+
+    from hai.parallel import Topology
+    from hai.train import trainer
+
+    calls = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.update(set_device=d))
+    monkeypatch.setattr(Topology, "build_meshes", lambda self: "meshes")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    topo = Topology(nodes=1, gpus_per_node=8, pp=1, dp=8, ep=8, device="cuda", backend="nccl")
+    assert trainer.init_distributed(topo) == "meshes"
+    assert calls["device_id"] == torch.device("cuda", 3) and calls["set_device"] == torch.device("cuda", 3)
+    assert calls["backend"] == "nccl"
+    calls.clear()
+    trainer.init_distributed(Topology(nodes=1, gpus_per_node=8, pp=1, dp=8, ep=8))
+    assert "device_id" not in calls and "set_device" not in calls

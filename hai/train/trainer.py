@@ -61,9 +61,11 @@ def init_distributed(topo: Topology, timeout_s: float = 600.0):
                           f"`hai train` or "
                           f"`hai launch`, which run torchrun with the right --nproc-per-node")
     if not dist.is_initialized():
-        if topo.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=topo.backend, timeout=datetime.timedelta(seconds=timeout_s))
+        bind = {}
+        if topo.device == "cuda":  # bound to this GPU: NCCL creates its communicators now, not inside the first P2P
+            bind["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(bind["device_id"])
+        dist.init_process_group(backend=topo.backend, timeout=datetime.timedelta(seconds=timeout_s), **bind)
     return topo.build_meshes()
 
 
