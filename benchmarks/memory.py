@@ -42,6 +42,11 @@ LAYOUTS = {
                            "parallel.ep=2"],
     "pp2 dualpipe x tp2 SP": ["parallel.pp=2", "parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true",
                               "parallel.ep=2", "parallel.schedule=dualpipe"],
+    # context parallelism: each rank keeps its S/cp positions, plus the whole window's keys without recompute
+    # (hai.plan.memory._cp_stage_act_bytes)
+    "cp2 x dp2 x ep4": ["parallel.pp=1", "parallel.dp=2", "parallel.cp=2", "parallel.ep=4"],
+    "pp2 dualpipe x cp2": ["parallel.pp=2", "parallel.dp=1", "parallel.cp=2", "parallel.ep=2",
+                           "parallel.schedule=dualpipe"],
 }
 
 
@@ -68,7 +73,7 @@ def _rank(rank: int, world: int, overrides: list[str], passes: int) -> dict:
     tokens = tr.sampler.micro_batches(0, tr.coords["dp"], topo.dp, cfg.train.micro_batch_size)[0]
     t, m = cfg.train, cfg.model
     gen = torch.Generator().manual_seed(1)
-    seq = t.seq_len // (topo.tp if topo.sequence_parallel else 1)  # SP: a stage input is this rank's shard
+    seq = t.seq_len // (topo.tp if topo.sequence_parallel else 1) // topo.cp  # SP, CP: this rank's positions
     inputs = {s: None if s == 0 else torch.randn(t.micro_batch_size, seq, m.hidden_size, generator=gen,
                                                  dtype=param_dtype(m)).requires_grad_() for s in tr.placement.stages}
 

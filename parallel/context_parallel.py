@@ -30,7 +30,7 @@ gathering latents is the up-projection of all S keys on every rank: 2·S·C·H·
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -66,12 +66,14 @@ class CPGroup(SequenceSplit):
     group: object  # the CP process group (None only for accounting on meta)
     size: int
     rank: int
+    _index: dict = field(default_factory=dict, repr=False, compare=False)  # (order, device) -> index tensor
 
     def _chunks(self, x_SBC: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
         """Reorder the 2·size chunks along dim 0 (chunk g of the result is chunk order[g] of x)."""
-        n = 2 * self.size
-        idx = torch.tensor(order, device=x_SBC.device)
-        return x_SBC.view(n, -1, *x_SBC.shape[1:]).index_select(0, idx).view(x_SBC.shape)
+        idx = self._index.get((order, x_SBC.device))
+        if idx is None:  # built once per device: no host-to-device copy per collective
+            idx = self._index[order, x_SBC.device] = torch.tensor(order, device=x_SBC.device)
+        return x_SBC.view(2 * self.size, -1, *x_SBC.shape[1:]).index_select(0, idx).view(x_SBC.shape)
 
     def all_gather(self, x_BSC: torch.Tensor) -> torch.Tensor:
         xs = x_BSC.transpose(0, 1).contiguous()  # positions first: the gather concatenates along them

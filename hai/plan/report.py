@@ -128,6 +128,24 @@ def _comparisons(cfg: Config, base: dict) -> list[dict]:
                 text = None
             if text is not None:
                 rows.append(_row(f"parallel.layout=auto ({text})", _variant(cfg, {"layout": text})))
+    return rows + _cp_variants(cfg)
+
+
+def _cp_variants(cfg: Config) -> list[dict]:
+    """Context parallelism at half and twice the degree, dp x cp kept (the layouts the schedule and the sequence
+    allow): the memory / step-time trade-off of the CP degree."""
+    p, rows = cfg.parallel, []
+    if p.cp == 1:
+        return rows
+    for cp in (p.cp // 2, p.cp * 2):
+        if cp < 1 or (p.dp * p.cp) % cp:
+            continue
+        alt = dataclasses.replace(cfg, parallel=dataclasses.replace(p, cp=cp, dp=p.dp * p.cp // cp))
+        try:
+            Topology.from_config(alt)
+        except ConfigError:
+            continue
+        rows.append(_row(f"parallel.cp={cp} parallel.dp={alt.parallel.dp}", _variant(alt)))
     return rows
 
 

@@ -57,7 +57,7 @@ def init_distributed(topo: Topology, timeout_s: float = 600.0):
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world != topo.world_size:
         raise ConfigError(f"this process runs in a world of {env_world} rank(s) (WORLD_SIZE) but the topology needs "
-                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp} x tp={topo.tp}): start it with "
+                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp} x cp={topo.cp} x tp={topo.tp}): start it with "
                           f"`hai train` or "
                           f"`hai launch`, which run torchrun with the right --nproc-per-node")
     if not dist.is_initialized():
