@@ -113,11 +113,25 @@ def format_summary(cfg, s: dict) -> str:
         since = "" if p.get("since_signal_s") is None else f", {p['since_signal_s']:.1f} s after the signal"
         lines.append(f"  preempted   {p['signal']}: stopped after step {p['step']} with a checkpoint (saved in "
                      f"{p['save_s']:.1f} s{since}); continue with resume=auto")
+    lines += _profile_lines(s.get("profile"))
     if s.get("wandb_sync"):
         lines.append(f"  wandb       {s['wandb_dir']} (offline; upload: {s['wandb_sync']})")
     elif s.get("wandb_url"):
         lines.append(f"  wandb       {s['wandb_url']}")
     return "\n".join(lines)
+
+
+def _profile_lines(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    first, last = p["steps"]
+    lines = [f"  profile     steps {first}-{last}: {p['dir']}/{p['traces']} (chrome://tracing, Perfetto)"]
+    if p.get("memory"):
+        lines.append(f"  memory      {p['memory']}")
+    if p.get("top_ops"):
+        lines.append("  top 10 ops by self time (rank 0):")
+        lines += ["    " + row for row in p["top_ops"].splitlines()]
+    return lines
 
 
 def _check_fits(cfg) -> None:

@@ -176,3 +176,55 @@ def test_stalled_rank_every_rank_dumps_and_the_job_ends(tmp_path):
         assert "PENDING" in text or k == 1  # the waiting ranks list the stuck collective among their last ones
     assert "sitecustomize.py" in reports[1] and "in step" in reports[1]  # the stalled rank's stack shows where
     print(f"\nhang test: the job ended {ended:.1f} s after the stall (timeout {timeout} s)\n{last[-1]}")
+
+
+def _delayed(rank: int, world: int, ov: list[str], victim: int, delay_s: float):
+    """Train; rank ``victim`` sleeps ``delay_s`` in every step's forward/backward (the injected straggler)."""
+    trainer = make_trainer(ov)
+    if rank == victim:
+        real = trainer.forward_backward
+
+        def slow(micro_batches):
+            time.sleep(delay_s)
+            return real(micro_batches)
+
+        trainer.forward_backward = slow
+    summary = trainer.fit()
+    return summary if rank == 0 else None
+
+
+def test_straggler_is_named_and_profile_writes_a_trace_per_rank(tmp_path):
+    """Rank 2 sleeps 0.4 s per step: the gathered split names it the slowest rank with its extra time as compute,
+    and after 3 windows above train.straggler_ratio it is named in the log. The same run profiles steps 2-3: one
+    valid Chrome trace per rank with that rank's events, steps and communication waits labelled, and the summary's
+    top-10 table."""
+    from hai.cli import format_summary
+    from hai.config.compose import compose
+    from hai.train.metrics import read_metrics
+
+    ov = [*DEFAULT, "train.steps=6", "train.profile.steps=[2,3]", "train.profile.memory=true", f"out_dir={tmp_path}"]
+    summary = run_ranks(_delayed, 4, ov, 2, 0.4)[0]
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        assert r["straggler_rank"] == 2 and r["straggler_ratio"] > 1.5, r
+        assert r["straggler_compute_s"] >= 0.4 and r["straggler_compute_s"] + r["straggler_data_s"] > 1.5 * \
+            r["median_busy_s"]
+    events = [r for r in _rows(tmp_path) if r.get("event") == "straggler"]
+    assert [(e["step"], e["straggler_rank"]) for e in events] == [(3, 2)]
+
+    import json
+
+    for k in range(4):
+        trace = json.loads((tmp_path / "profile" / f"rank_{k}.trace.json").read_text())
+        assert trace["distributedInfo"]["rank"] == k and trace["distributedInfo"]["world_size"] == 4
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"hai.step_2", "hai.step_3", "hai.comm_wait"} <= names and "hai.step_4" not in names
+        assert any(str(n).startswith("gloo:") for n in names)  # torch's own collective events
+        assert "[memory]" in names  # profile.memory on CPU: allocations in the trace
+    prof = summary["profile"]
+    assert prof["steps"] == [2, 3] and "allocations recorded in the traces" in prof["memory"]
+    rows = [ln for ln in prof["top_ops"].splitlines()[3:] if "%" in ln and not ln.startswith("-")]
+    assert len(rows) == 10 and "Self CPU %" in prof["top_ops"]  # the 10 ops with the most self time
+    text = format_summary(compose(ov), summary)
+    assert f"profile     steps 2-3: {tmp_path}/profile/rank_K.trace.json" in text and "top 10 ops" in text

@@ -85,7 +85,8 @@ def _describe(e: dict, groups: dict) -> str:
     kind = "p2p" if e.get("is_p2p") else "collective"
     seq = e.get("p2p_seq_id") if e.get("is_p2p") else e.get("collective_seq_id")
     return (f"{e.get('profiling_name', '?')} {kind} #{seq} on group {name} ({desc or 'no description'}, ranks "
-            f"{ranks}) input sizes {e.get('input_sizes')} {e.get('input_dtypes')}, output sizes {e.get('output_sizes')}")
+            f"{ranks}) input sizes {e.get('input_sizes')} {e.get('input_dtypes')}, output sizes "
+            f"{e.get('output_sizes')}")
 
 
 def _progress(entries: list[dict]) -> dict[str, dict[str, int]]:

@@ -1,9 +1,10 @@
 """The operations side of a training run, as the trainer's loop sees it: one object with a few hooks.
 
 ``RunOps(trainer)`` is built with the trainer (no side effects); ``Trainer.fit`` calls ``start`` before the first
-step, ``vote`` inside each step (a device tensor read with the step's metrics), ``after_step`` once the step is
-logged and saved, and ``close`` at the end (extra fields for the run summary). What each concern does lives in its
-own module: ``hai.train.preempt`` (signals, the stop vote).
+step, ``begin_step`` before each, ``vote`` inside it (a device tensor read with the step's metrics), ``end_step``
+with its record (extra metrics), ``after_step`` once it is logged and saved, and ``close`` at the end (extra fields
+for the run summary). What each concern does lives in its own module: ``hai.train.preempt`` (signals, the stop vote),
+``hai.train.straggler`` (the step split and the slowest rank), ``hai.train.profile`` (torch.profiler traces).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 import torch
 
 from hai.train import preempt
+from hai.train.profile import StepProfiler
+from hai.train.straggler import CommClock, StragglerStats, report
 
 __all__ = ["RunOps"]
 
@@ -25,6 +28,12 @@ class RunOps:
         self._installed = False
         self.stop = False  # the ranks agreed at the last step boundary that a preemption signal arrived
         self.preempted: dict | None = None
+        t, world = trainer.cfg.train, trainer.topo.world_size
+        self.clock: CommClock | None = None
+        self.stragglers = StragglerStats(trainer.rank, world, trainer.device, t.straggler_ratio,
+                                         trainer.cfg.cluster.gpus_per_node)
+        self.profiler = StepProfiler(list(t.profile.steps), t.profile.memory, trainer.cfg.out_dir, trainer.rank,
+                                     trainer.device)
 
     @property
     def distributed(self) -> bool:
@@ -35,6 +44,33 @@ class RunOps:
         if self.preemption is None:  # Trainer.fit called directly (tests, notebooks): handlers for the loop only
             self.preemption = preempt.install(self.tr.rank)
             self._installed = self.preemption is not None
+        self.clock = CommClock().install()
+
+    def begin_step(self, step: int) -> None:
+        """Before step ``step`` (1-based) runs: the profiler window."""
+        self.profiler.begin(step)
+        if self.clock is not None:
+            self.clock.label = self.profiler.active
+            self.clock.take()  # only this step's waits count
+
+    def end_step(self, rec: dict, sink) -> dict:
+        """After the step ran (``rec``: its record): straggler metrics every ``train.log_every`` steps (one
+        all-gather; rank 0 gets them and names a persistent straggler)."""
+        comm = self.clock.take() if self.clock is not None else 0.0
+        self.stragglers.add(rec["step_time_s"], comm, rec.get("data_wait_s", 0.0))
+        out = {"comm_wait_s": comm}
+        if self.distributed and rec["step"] % self.tr.cfg.train.log_every == 0:
+            rows = self.stragglers.gather()
+            if rows is not None:
+                m = self.stragglers.metrics(rows)
+                out.update(m)
+                line = self.stragglers.persistent(m)
+                if line is not None:
+                    report(line)
+                    if sink is not None:
+                        sink.event("straggler", step=rec["step"], **m)
+        self.profiler.end(rec["step"])
+        return out
 
     # ------------------------------------------------------------------ inside a step
     def vote(self) -> torch.Tensor:
@@ -74,4 +110,8 @@ class RunOps:
         if self._installed:
             preempt.uninstall()
             self._installed = False
-        return {"preempted": self.preempted}
+        if self.clock is not None:
+            self.clock.uninstall()
+            self.clock = None
+        self.profiler.close()
+        return {"preempted": self.preempted, "profile": self.profiler.summary()}

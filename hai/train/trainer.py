@@ -127,7 +127,7 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.step = 0
         self.run_id: str | None = None  # the metrics/wandb run this training continues (from a checkpoint)
-        self.ops = RunOps(self)  # preemption vote (hai.train.operations)
+        self.ops = RunOps(self)  # preemption, stragglers, profiles (hai.train.operations)
 
     def _pipeline(self):
         if self.topo.pp == 1:
@@ -309,9 +309,11 @@ class Trainer:
         self.ops.start()
         try:
             while self.step < t.steps:
+                self.ops.begin_step(self.step + 1)  # profile window
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 rec = self._throughput(rec, time.perf_counter() - t0)
+                rec.update(self.ops.end_step(rec, sink))  # exposed comm; the slowest rank every train.log_every steps
                 if self.val_sampler is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
                     t1 = time.perf_counter()
                     val = self.evaluate()
