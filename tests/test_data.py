@@ -312,7 +312,7 @@ def test_prepare_splits_large_files_without_changing_the_documents(tmp_path, mon
     pq.write_table(pa.table({"text": docs[250:]}), src / "b.parquet", row_group_size=16)
     whole = prepare_corpus(DataConfig(source=str(src), path=str(tmp_path / "whole.haitok"), workers=1))
     monkeypatch.setattr(hp, "CHUNK_BYTES", 997)  # odd: ranges start mid-line and mid-UTF-8 character
-    jobs = hp._jobs(hp.source_files(str(src)), "text")
+    jobs = hp.split_jobs(hp.source_files(str(src)), "text")
     assert sum(1 for j in jobs if j[2] and j[2][0] == "bytes") > 10 and sum(1 for j in jobs if j[2] and
                                                                             j[2][0] == "rows") > 1
     split = prepare_corpus(DataConfig(source=str(src), path=str(tmp_path / "split"), workers=workers, shard_mb=1))

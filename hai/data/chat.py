@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from hai.data.tokenizer import load_tokenizer
+from hai.data.tokenizer import check_tokenizer_spec, load_tokenizer
 from hai.data.tokens import DataError
 
 __all__ = ["ChatError", "KINDS", "ROLES", "conversation", "load_chat_template", "ByteChatTemplate",
@@ -216,8 +216,5 @@ class HFChatTemplate:
 
 def load_chat_template(tokenizer: str):
     """The chat template of ``data.tokenizer``: built-in for ``byte``, else the tokenizer directory's own."""
-    if tokenizer == "byte":
-        return ByteChatTemplate()
-    if not os.path.isfile(tokenizer):
-        raise DataError(f"data.tokenizer={tokenizer!r} is neither 'byte' nor an existing tokenizer.json file")
-    return HFChatTemplate(tokenizer)
+    check_tokenizer_spec(tokenizer)
+    return ByteChatTemplate() if tokenizer == "byte" else HFChatTemplate(tokenizer)

@@ -36,7 +36,7 @@ import numpy as np
 from hai.config import DataConfig
 from hai.data.chat import KINDS, ChatError, conversation, load_chat_template
 from hai.data.chat_corpus import CORPUS_VERSION, write_corpus
-from hai.data.prepare import _jobs, _jsonl_lines, _kind, source_files
+from hai.data.prepare import file_kind, init_worker, jsonl_lines, source_files, split_jobs, worker_tool
 from hai.data.tokens import START, TARGET, DataError, write_token_file
 
 __all__ = ["prepare_chat", "ensure_chat_file", "default_chat_file", "default_chat_source", "Packer"]
@@ -93,28 +93,19 @@ def _parquet_rows(path: str, part):
 
 def _rows(path: str, part):
     """(where, record or ChatError) per row of a file (or of a byte range / row groups of it)."""
-    kind = _kind(path)
+    kind = file_kind(path)
     if kind == "parquet":
         yield from _parquet_rows(path, part)
         return
     if kind != "jsonl":
         raise ChatError("unreadable", "is neither jsonl (.jsonl/.json/.ndjson, .gz) nor parquet")
-    for where, line in _jsonl_lines(path, part):
+    for where, line in jsonl_lines(path, part):
         if not line.strip():
             continue
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
             yield where, ChatError("malformed", f"is not JSON ({e.msg})")
-
-
-_TEMPLATE = None
-
-
-def _init_worker(spec: str) -> None:
-    global _TEMPLATE
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _TEMPLATE = load_chat_template(spec)
 
 
 def _render_job(args: tuple):
@@ -132,7 +123,7 @@ def _render_job(args: tuple):
             try:
                 if isinstance(rec, ChatError):
                     raise rec
-                ids, target = _TEMPLATE.render(conversation(rec))
+                ids, target = worker_tool().render(conversation(rec))
                 convs.append((f"{path} {where}", ids, target))
             except ChatError as e:
                 errors.append((e.kind, f"{path} {where}", str(e)))
@@ -269,13 +260,13 @@ class _Stats:
 def _results(cfg: DataConfig, jobs: list[tuple], workers: int):
     if workers > 1:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            workers, initializer=_init_worker, initargs=(cfg.tokenizer,))
+            workers, initializer=init_worker, initargs=(load_chat_template, cfg.tokenizer))
         try:
             yield from pool.imap(_render_job, jobs, chunksize=1)  # ordered
         finally:
             pool.terminate()
         return
-    _init_worker(cfg.tokenizer)
+    init_worker(load_chat_template, cfg.tokenizer)
     yield from map(_render_job, jobs)
 
 
@@ -285,7 +276,7 @@ def prepare_chat(cfg: DataConfig, seq_len: int, out_path: str | None = None, pro
     template = load_chat_template(cfg.tokenizer)  # a missing template fails here, once, before any worker starts
     out = out_path or cfg.path or default_chat_file(cfg, seq_len)
     files = source_files(cfg.source or default_chat_source(cfg))
-    jobs = _jobs(files, "")
+    jobs = split_jobs(files, "")
     workers = min(len(jobs), cfg.workers or os.cpu_count() or 1)
     window = seq_len + 1
     stats = _Stats(cfg.on_error, cfg.truncate, window)

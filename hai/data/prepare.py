@@ -33,7 +33,8 @@ from hai.config import DataConfig
 from hai.data.tokenizer import load_tokenizer
 from hai.data.tokens import DataError, write_token_file
 
-__all__ = ["prepare_corpus", "prepare", "source_files", "default_token_file", "ensure_token_file"]
+__all__ = ["prepare_corpus", "prepare", "source_files", "default_token_file", "ensure_token_file", "split_jobs",
+           "jsonl_lines", "file_kind", "init_worker", "worker_tool"]
 
 
 def source_files(source: str | None) -> list[str]:
@@ -52,7 +53,7 @@ def source_files(source: str | None) -> list[str]:
     return files
 
 
-def _kind(path: str) -> str:
+def file_kind(path: str) -> str:
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
@@ -64,12 +65,12 @@ def _kind(path: str) -> str:
 CHUNK_BYTES = 64 << 20  # an uncompressed jsonl / a parquet file larger than this is split across workers
 
 
-def _jobs(files: list[str], field: str) -> list[tuple]:
+def split_jobs(files: list[str], field: str) -> list[tuple]:
     """(path, field, part) per worker job, in input order: a large uncompressed jsonl in byte ranges (each a whole
     number of lines: a line belongs to the range it starts in), a large parquet in runs of row groups."""
     jobs = []
     for path in files:
-        size, kind = os.path.getsize(path), _kind(path)
+        size, kind = os.path.getsize(path), file_kind(path)
         if size <= CHUNK_BYTES or path.endswith(".gz") or kind == "text":
             jobs.append((path, field, None))
         elif kind == "jsonl":
@@ -91,7 +92,7 @@ def _jobs(files: list[str], field: str) -> list[tuple]:
     return jobs
 
 
-def _jsonl_lines(path: str, part):
+def jsonl_lines(path: str, part):
     """(where, line) of a jsonl file, or of the lines starting in byte range ``part``."""
     if part is None:
         opener = gzip.open if path.endswith(".gz") else open
@@ -112,13 +113,13 @@ def _jsonl_lines(path: str, part):
 
 
 def _documents(path: str, field: str, part=None):
-    kind = _kind(path)
+    kind = file_kind(path)
     opener = gzip.open if path.endswith(".gz") else open
     if kind == "text":
         with opener(path, "rb") as f:
             yield f.read().decode("utf-8")
     elif kind == "jsonl":
-        for where, line in _jsonl_lines(path, part):
+        for where, line in jsonl_lines(path, part):
             if not line.strip():
                 continue
             try:
@@ -143,19 +144,25 @@ def _documents(path: str, field: str, part=None):
                     yield text
 
 
-_TOKENIZER = None
+_WORKER = None  # what a worker process loaded once: the tokenizer (text) or the chat template (chat data)
 
 
-def _init_worker(spec: str) -> None:
-    global _TOKENIZER
+def init_worker(load, spec: str) -> None:
+    """Worker-pool initializer (and the one-process path): ``load(spec)`` once per process, for
+    :func:`worker_tool`."""
+    global _WORKER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _TOKENIZER = load_tokenizer(spec)
+    _WORKER = load(spec)
+
+
+def worker_tool():
+    return _WORKER
 
 
 def _tokenize(args: tuple):
     """(path, field, part) -> (name, bytes read, token arrays or None, documents, error or None)."""
     path, field, part = args
-    tok = _TOKENIZER
+    tok = worker_tool()
     size = os.path.getsize(path) if os.path.exists(path) else 0
     if part is not None:  # a byte range of a jsonl (its size), or row groups of a parquet (their share)
         size = part[2] - part[1] if part[0] == "bytes" else part[3]
@@ -223,7 +230,7 @@ def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool 
     out = out_path or cfg.path or default_token_file(cfg)
     files = source_files(cfg.source)
     capped = cfg.source is None
-    jobs = _jobs(files, cfg.text_field)
+    jobs = split_jobs(files, cfg.text_field)
     workers = min(len(jobs), cfg.workers or os.cpu_count() or 1)
     writer = _ShardWriter(out, tok.vocab_size, tok.name, tok.eos_id, cfg.shard_mb * 2**20)
     skipped: dict[str, str] = {}
@@ -237,10 +244,10 @@ def prepare_corpus(cfg: DataConfig, out_path: str | None = None, progress: bool 
     pool = None
     if workers > 1:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            workers, initializer=_init_worker, initargs=(cfg.tokenizer,))
+            workers, initializer=init_worker, initargs=(load_tokenizer, cfg.tokenizer))
         results = pool.imap(_tokenize, jobs, chunksize=1 if len(jobs) < 64 * workers else 8)  # ordered
     else:
-        _init_worker(cfg.tokenizer)
+        init_worker(load_tokenizer, cfg.tokenizer)
         results = map(_tokenize, jobs)
     try:
         for path, size, parts, docs, err in results:

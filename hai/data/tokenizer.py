@@ -6,7 +6,7 @@ import os
 
 from hai.data.tokens import DataError
 
-__all__ = ["ByteTokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "load_tokenizer", "check_tokenizer_spec"]
 
 
 
@@ -50,9 +50,12 @@ class _HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
-def load_tokenizer(spec: str):
-    if spec == "byte":
-        return ByteTokenizer()
-    if not os.path.isfile(spec):
+def check_tokenizer_spec(spec: str) -> None:
+    """``data.tokenizer`` is ``byte`` or an existing tokenizer.json file (else a DataError naming it)."""
+    if spec != "byte" and not os.path.isfile(spec):
         raise DataError(f"data.tokenizer={spec!r} is neither 'byte' nor an existing tokenizer.json file")
-    return _HFTokenizer(spec)
+
+
+def load_tokenizer(spec: str):
+    check_tokenizer_spec(spec)
+    return ByteTokenizer() if spec == "byte" else _HFTokenizer(spec)
