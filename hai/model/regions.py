@@ -19,19 +19,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Region", "LOCAL"]
+__all__ = ["Split", "Region", "LOCAL"]
 
 
-class Region:
-    """One device: nothing split (size 1), every crossing the identity."""
+class Split:
+    """What every seam over a group of ranks has (tensor parallelism here, context parallelism in
+    ``hai.model.sequence``): its size and this rank's index (1 and 0 on one device), and sums over the group that
+    are identities on one device."""
 
     size: int = 1
     rank: int = 0
-    sp: bool = False  # sequence parallelism: the residual stream holds S / size positions per rank
 
     @property
     def split(self) -> bool:
         return self.size > 1
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, gradient passed through (statistics every rank then uses identically)."""
+        return x
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the group of a tensor outside autograd (counts)."""
+        return x
+
+
+class Region(Split):
+    """One device: nothing split (size 1), every crossing the identity."""
+
+    sp: bool = False  # sequence parallelism: the residual stream holds S / size positions per rank
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Into the split region (the input of column-split weights)."""
@@ -40,14 +55,6 @@ class Region:
     def exit(self, y: torch.Tensor) -> torch.Tensor:
         """Out of the split region (the output of row-split weights: partial sums)."""
         return y
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the split ranks, gradient passed through (statistics every rank then uses identically)."""
-        return x
-
-    def sum_(self, x: torch.Tensor) -> torch.Tensor:
-        """In-place sum over the split ranks of a tensor outside autograd (counts)."""
-        return x
 
     def embed(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding lookup (vocabulary-split rows under TP)."""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hai.model.regions import Split
+
 __all__ = ["SequenceSplit", "LOCAL_SEQ", "zigzag_runs", "DocumentSpec", "Documents", "documents"]
 
 Run = tuple[int, int, int]  # (first local index, length, global position of the first)
@@ -39,15 +41,8 @@ def zigzag_runs(S_local: int, size: int, rank: int) -> tuple[Run, ...]:
     return ((0, c, rank * c), (c, c, (2 * size - 1 - rank) * c))
 
 
-class SequenceSplit:
+class SequenceSplit(Split):
     """One device: the whole sequence here (size 1), every crossing the identity."""
-
-    size: int = 1
-    rank: int = 0
-
-    @property
-    def split(self) -> bool:
-        return self.size > 1
 
     def runs(self, S_local: int) -> tuple[Run, ...]:
         return zigzag_runs(S_local, self.size, self.rank)
@@ -74,14 +69,6 @@ class SequenceSplit:
     def reduce_scatter(self, g_BSC: torch.Tensor) -> torch.Tensor:
         """(B, S, C) partial gradients in global order -> (B, S_l, C) this rank's positions of their sum."""
         return g_BSC
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the CP ranks, gradient passed through (per-sequence statistics: the balance loss)."""
-        return x
-
-    def sum_(self, x: torch.Tensor) -> torch.Tensor:
-        """In-place sum over the CP ranks of a tensor outside autograd (counts)."""
-        return x
 
 
 LOCAL_SEQ = SequenceSplit()
