@@ -1,5 +1,41 @@
-"""The multi-rank tests' launcher: ``run_ranks(fn, world_size, *args)`` forks gloo ranks (tests/forked.py)."""
+"""The multi-rank tests' launcher: ``run_ranks(fn, world_size, *args)`` forks gloo ranks (tests/forked.py); and the
+collective-byte meter the plan's TP and CP byte counts are checked against."""
+
+import torch.distributed as dist
 
 from forked import run_ranks
 
-__all__ = ["run_ranks"]
+__all__ = ["run_ranks", "collective_bytes", "planned_bytes"]
+
+
+def collective_bytes(module, group, run) -> dict[str, int]:
+    """Tensor bytes per kind (all_gather: the output, reduce_scatter: the input, all_reduce) of the collectives
+    ``run()`` issues on ``group`` through ``module``'s ``_all_gather`` / ``_reduce_scatter`` and
+    ``dist.all_reduce``."""
+    got: dict[str, int] = {}
+    ag, rs, ar = module._all_gather, module._reduce_scatter, dist.all_reduce
+
+    def count(kind, t, g):
+        if g is group:
+            got[kind] = got.get(kind, 0) + t.numel() * t.element_size()
+
+    module._all_gather = lambda out, inp, group=None, **k: (count("all_gather", out, group),
+                                                             ag(out, inp, group=group, **k))[1]
+    module._reduce_scatter = lambda out, inp, group=None, **k: (count("reduce_scatter", inp, group),
+                                                                 rs(out, inp, group=group, **k))[1]
+    dist.all_reduce = lambda t, op=dist.ReduceOp.SUM, group=None, **k: (count("all_reduce", t, group),
+                                                                        ar(t, op=op, group=group, **k))[1]
+    try:
+        run()
+    finally:
+        module._all_gather, module._reduce_scatter, dist.all_reduce = ag, rs, ar
+    return got
+
+
+def planned_bytes(chunk_bytes: dict[str, dict[str, int]], n_micro: int) -> dict[str, int]:
+    """A plan's per-chunk bytes (phase -> kind -> bytes) summed over phases for ``n_micro`` micro-batches."""
+    want: dict[str, int] = {}
+    for phase in chunk_bytes.values():
+        for k, v in phase.items():
+            want[k] = want.get(k, 0) + v * n_micro
+    return want

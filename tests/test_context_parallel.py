@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from dist_utils import collective_bytes, planned_bytes, run_ranks
 from test_tensor_parallel import _compare
 from hai.config import ConfigError
 from hai.config.compose import compose
@@ -198,34 +198,13 @@ def test_checkpoint_moves_between_cp_sizes(tmp_path):
 
 
 def _count_rank(rank, world, overrides):
-    import torch.distributed as dist
-
     import hai.parallel.context_parallel as cpm
     from hai.plan.cp import cp_chunk_bytes
 
     tr = _trainer(overrides)
-    group, got = tr.model.cp.group, {}
-    ag, rs, ar = cpm._all_gather, cpm._reduce_scatter, dist.all_reduce
-
-    def count(kind, t, g):
-        if g is group:
-            got[kind] = got.get(kind, 0) + t.numel() * t.element_size()
-
-    cpm._all_gather = lambda out, inp, group=None, **k: (count("all_gather", out, group), ag(out, inp, group=group,
-                                                                                           **k))[1]
-    cpm._reduce_scatter = lambda out, inp, group=None, **k: (count("reduce_scatter", inp, group),
-                                                             rs(out, inp, group=group, **k))[1]
-    dist.all_reduce = lambda t, op=dist.ReduceOp.SUM, group=None, **k: (count("all_reduce", t, group),
-                                                                        ar(t, op=op, group=group, **k))[1]
-    try:
-        tr.forward_backward(tr.sampler.micro_batches(0, tr.coords["dp"], tr.topo.dp, tr.cfg.train.micro_batch_size))
-    finally:
-        cpm._all_gather, cpm._reduce_scatter, dist.all_reduce = ag, rs, ar
-    want = {}
-    for phase in cp_chunk_bytes(tr.cfg, 0).values():
-        for k, v in phase.items():
-            want[k] = want.get(k, 0) + v * tr.cfg.n_micro_batches
-    return got, want
+    got = collective_bytes(cpm, tr.model.cp.group, lambda: tr.forward_backward(
+        tr.sampler.micro_batches(0, tr.coords["dp"], tr.topo.dp, tr.cfg.train.micro_batch_size)))
+    return got, planned_bytes(cp_chunk_bytes(tr.cfg, 0), tr.cfg.n_micro_batches)
 
 
 @pytest.mark.multiproc

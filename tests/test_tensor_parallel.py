@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from dist_utils import collective_bytes, planned_bytes, run_ranks
 from test_parallel_train import _compare
 from hai.config import ConfigError
 from hai.config.compose import compose
@@ -190,34 +190,13 @@ def test_plan_static_bytes_equal_the_tp_rank_built_on_meta(overrides):
 
 
 def _count_rank(rank, world, overrides):
-    import torch.distributed as dist
-
     import hai.parallel.tensor_parallel as tpm
     from hai.plan.tp import tp_chunk_bytes
 
     tr = _trainer(overrides)
-    got = {}
-    ag, rs, ar = tpm._all_gather, tpm._reduce_scatter, dist.all_reduce
-
-    def count(kind, t, group):
-        if group is tr.tp_group:
-            got[kind] = got.get(kind, 0) + t.numel() * t.element_size()
-
-    tpm._all_gather = lambda out, inp, group=None, **k: (count("all_gather", out, group), ag(out, inp, group=group,
-                                                                                           **k))[1]
-    tpm._reduce_scatter = lambda out, inp, group=None, **k: (count("reduce_scatter", inp, group),
-                                                             rs(out, inp, group=group, **k))[1]
-    dist.all_reduce = lambda t, op=dist.ReduceOp.SUM, group=None, **k: (count("all_reduce", t, group),
-                                                                        ar(t, op=op, group=group, **k))[1]
-    try:
-        tr.forward_backward(tr.sampler.micro_batches(0, tr.coords["dp"], tr.topo.dp, tr.cfg.train.micro_batch_size))
-    finally:
-        tpm._all_gather, tpm._reduce_scatter, dist.all_reduce = ag, rs, ar
-    want = {}
-    for phase in tp_chunk_bytes(tr.cfg, 0).values():
-        for k, v in phase.items():
-            want[k] = want.get(k, 0) + v * tr.cfg.n_micro_batches
-    return got, want
+    got = collective_bytes(tpm, tr.tp_group, lambda: tr.forward_backward(
+        tr.sampler.micro_batches(0, tr.coords["dp"], tr.topo.dp, tr.cfg.train.micro_batch_size)))
+    return got, planned_bytes(tp_chunk_bytes(tr.cfg, 0), tr.cfg.n_micro_batches)
 
 
 @pytest.mark.multiproc
