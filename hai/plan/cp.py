@@ -29,11 +29,10 @@ ring of K/V (bytes) and with absorbed attention over the latents (FLOPs).
 
 from __future__ import annotations
 
-import dataclasses
-
 from hai.config import Config
 from hai.parallel.layout import PipelineLayout
 from hai.plan.memory import act_bytes, is_moe_layer, local_config
+from hai.plan.tp import add_bytes, ring_seconds
 
 __all__ = ["cp_chunk_bytes", "cp_layer_bytes", "cp_chunk_seconds",
            "cp_chunk_compute", "cp_alternatives", "attention_working_set", "cp_link"]
@@ -77,10 +76,6 @@ def _attention_layers(cfg: Config, stage: int) -> tuple[int, int]:
     return len(moe), sum(moe)
 
 
-def _add(acc: dict, phase: str, kind: str, n: float) -> None:
-    acc[phase][kind] = acc[phase].get(kind, 0.0) + n
-
-
 def cp_layer_bytes(cfg: Config, piece: str) -> dict:
     """{"fwd": {kind: bytes}, "bwd": {...}} of one attention layer or the balance loss of one MoE layer
     (``piece``: attention | moe), per micro-batch on one rank."""
@@ -91,16 +86,16 @@ def cp_layer_bytes(cfg: Config, piece: str) -> dict:
     B, mode = t.micro_batch_size, t.recompute
     if piece == "attention":
         n = B * t.seq_len * (m.kv_lora_rank + m.qk_rope_head_dim) * act_bytes(m)
-        _add(out, "fwd", "all_gather", n)
-        _add(out, "bwd", "reduce_scatter", n)
+        add_bytes(out, "fwd", "all_gather", n)
+        add_bytes(out, "bwd", "reduce_scatter", n)
         if mode in ("v3", "full"):  # the region (v3) or the checkpointed segment (full) gathers again
-            _add(out, "bwd", "all_gather", n)
+            add_bytes(out, "bwd", "all_gather", n)
     elif piece == "moe":
         if m.seq_aux_alpha > 0:
             n = 2 * B * m.n_routed_experts * 4
-            _add(out, "fwd", "all_reduce", n)
+            add_bytes(out, "fwd", "all_reduce", n)
             if mode == "full":
-                _add(out, "bwd", "all_reduce", n)
+                add_bytes(out, "bwd", "all_reduce", n)
     else:
         raise ValueError(f"unknown piece {piece!r}")
     return out
@@ -113,20 +108,17 @@ def cp_chunk_bytes(cfg: Config, stage: int) -> dict:
     for piece, count in (("attention", layers), ("moe", moe)):
         for phase, kinds in cp_layer_bytes(cfg, piece).items():
             for kind, n in kinds.items():
-                _add(out, phase, kind, n * count)
+                add_bytes(out, phase, kind, n * count)
     return out
 
 
 def cp_chunk_seconds(cfg: Config, stage: int) -> tuple[float, float]:
     """(forward, backward) seconds of a chunk's CP collectives (ring, on the CP group's link; not overlapped)."""
-    cp = cfg.parallel.cp
+    cp, c = cfg.parallel.cp, cfg.cluster
     if cp == 1:
         return 0.0, 0.0
-    ring = {"all_gather": (cp - 1) / cp, "reduce_scatter": (cp - 1) / cp, "all_reduce": 2 * (cp - 1) / cp}
-    c = cfg.cluster
     bw = (c.nvlink_gbps if cp_link(cfg) == "nvlink" else c.ib_gbps) * 1e9
-    by = cp_chunk_bytes(cfg, stage)
-    return tuple(sum(ring[k] * n for k, n in by[ph].items()) / bw for ph in ("fwd", "bwd"))
+    return ring_seconds(cp_chunk_bytes(cfg, stage), cp, bw)
 
 
 def cp_chunk_compute(cfg: Config, stage: int) -> dict:

@@ -29,11 +29,21 @@ from hai.config import Config
 from hai.parallel.layout import PipelineLayout
 from hai.plan.memory import act_bytes, is_moe_layer
 
-__all__ = ["tp_chunk_bytes", "tp_chunk_seconds", "tp_layer_bytes"]
+__all__ = ["tp_chunk_bytes", "tp_chunk_seconds", "tp_layer_bytes", "add_bytes", "ring_seconds"]
 
 
-def _add(acc: dict, phase: str, kind: str, n: float) -> None:
+def add_bytes(acc: dict, phase: str, kind: str, n: float) -> None:
+    """``acc[phase][kind] += n`` (per-chunk collective bytes: phase fwd|bwd, kind all_gather|reduce_scatter|...)."""
     acc[phase][kind] = acc[phase].get(kind, 0.0) + n
+
+
+def ring_seconds(by_phase: dict, size: int, bytes_per_s: float) -> tuple[float, float]:
+    """(forward, backward) seconds of per-chunk collective bytes over a ring of ``size`` ranks on one link class
+    (each rank moves (size-1)/size of an all-gather's or reduce-scatter's tensor, twice that of an all-reduce)."""
+    if size == 1:
+        return 0.0, 0.0
+    ring = {"all_gather": (size - 1) / size, "reduce_scatter": (size - 1) / size, "all_reduce": 2 * (size - 1) / size}
+    return tuple(sum(ring[k] * n for k, n in by_phase[ph].items()) / bytes_per_s for ph in ("fwd", "bwd"))
 
 
 def tp_layer_bytes(cfg: Config, piece: str) -> dict:
@@ -49,30 +59,30 @@ def tp_layer_bytes(cfg: Config, piece: str) -> dict:
         lat = (m.q_lora_rank if m.q_lora_rank else D) + m.kv_lora_rank + m.qk_rope_head_dim
         TL = T * lat * a
         if sp:
-            _add(out, "fwd", "all_gather", TL), _add(out, "fwd", "reduce_scatter", TD)
-            _add(out, "bwd", "reduce_scatter", TL), _add(out, "bwd", "all_gather", TD)
+            add_bytes(out, "fwd", "all_gather", TL), add_bytes(out, "fwd", "reduce_scatter", TD)
+            add_bytes(out, "bwd", "reduce_scatter", TL), add_bytes(out, "bwd", "all_gather", TD)
         else:
-            _add(out, "fwd", "all_reduce", TD), _add(out, "bwd", "all_reduce", TL)
+            add_bytes(out, "fwd", "all_reduce", TD), add_bytes(out, "bwd", "all_reduce", TL)
     elif piece in ("mlp", "moe"):
         if piece == "mlp" or m.n_shared_experts:
             if sp:
                 for phase in ("fwd", "bwd"):
-                    _add(out, phase, "all_gather", TD), _add(out, phase, "reduce_scatter", TD)
+                    add_bytes(out, phase, "all_gather", TD), add_bytes(out, phase, "reduce_scatter", TD)
             else:
-                _add(out, "fwd", "all_reduce", TD), _add(out, "bwd", "all_reduce", TD)
+                add_bytes(out, "fwd", "all_reduce", TD), add_bytes(out, "bwd", "all_reduce", TD)
         if piece == "moe" and m.seq_aux_alpha > 0 and sp:
-            _add(out, "fwd", "all_reduce", 2 * t.micro_batch_size * m.n_routed_experts * 4)
+            add_bytes(out, "fwd", "all_reduce", 2 * t.micro_batch_size * m.n_routed_experts * 4)
     elif piece == "embed":
         if sp:
-            _add(out, "fwd", "reduce_scatter", TD), _add(out, "bwd", "all_gather", TD)
+            add_bytes(out, "fwd", "reduce_scatter", TD), add_bytes(out, "bwd", "all_gather", TD)
         else:
-            _add(out, "fwd", "all_reduce", TD)
+            add_bytes(out, "fwd", "all_reduce", TD)
     elif piece == "head":
         if sp:
-            _add(out, "fwd", "all_gather", TD), _add(out, "bwd", "reduce_scatter", TD)
+            add_bytes(out, "fwd", "all_gather", TD), add_bytes(out, "bwd", "reduce_scatter", TD)
         else:
-            _add(out, "bwd", "all_reduce", TD)
-        _add(out, "fwd", "all_reduce", 3 * T * 4)
+            add_bytes(out, "bwd", "all_reduce", TD)
+        add_bytes(out, "fwd", "all_reduce", 3 * T * 4)
     else:
         raise ValueError(f"unknown piece {piece!r}")
     if cfg.train.recompute == "full" and piece in ("attention", "mlp", "moe") and sp:
@@ -82,7 +92,7 @@ def tp_layer_bytes(cfg: Config, piece: str) -> dict:
         everything = piece == "moe" and m.seq_aux_alpha > 0
         for kind, n in list(out["fwd"].items()):
             if kind == "all_gather" or everything:
-                _add(out, "bwd", kind, n)
+                add_bytes(out, "bwd", kind, n)
     return out
 
 
@@ -106,16 +116,12 @@ def tp_chunk_bytes(cfg: Config, stage: int) -> dict:
     for piece, frac in pieces:
         for phase, kinds in tp_layer_bytes(cfg, piece).items():
             for kind, n in kinds.items():
-                _add(out, phase, kind, n * frac)
+                add_bytes(out, phase, kind, n * frac)
     return out
 
 
 def tp_chunk_seconds(cfg: Config, stage: int) -> tuple[float, float]:
     """(forward, backward) seconds of a chunk's TP collectives over NVLink (ring; not overlapped in HAI)."""
-    tp = cfg.parallel.tp
-    if tp == 1:
+    if cfg.parallel.tp == 1:
         return 0.0, 0.0
-    ring = {"all_gather": (tp - 1) / tp, "reduce_scatter": (tp - 1) / tp, "all_reduce": 2 * (tp - 1) / tp}
-    by = tp_chunk_bytes(cfg, stage)
-    bw = cfg.cluster.nvlink_gbps * 1e9
-    return tuple(sum(ring[k] * n for k, n in by[ph].items()) / bw for ph in ("fwd", "bwd"))
+    return ring_seconds(tp_chunk_bytes(cfg, stage), cfg.parallel.tp, cfg.cluster.nvlink_gbps * 1e9)
