@@ -104,7 +104,7 @@ def _is_pinned(self: torch.Tensor, *args, **kwargs) -> bool:
 def _capturing(log: list, site: Callable[[], str], arch: int) -> Iterator[None]:
     """Every kernel of hai.kernels captured (compiled or interpreted), the dispatch forced onto the Triton launchers,
     the launch options those of sm_<arch>, and pinning emulated: pin_memory needs an accelerator, and host metadata
-    bound for meta tensors has nothing to copy (hai.parallel.host_syncs still sees which copies start pinned)."""
+    bound for meta tensors has nothing to copy (the tests' host-sync counter still sees which copies start pinned)."""
     from triton.runtime.jit import KernelInterface
 
     from . import gemm, quant

@@ -430,7 +430,7 @@ def test_launchers_copy_no_pageable_host_memory_and_wait_for_nothing():
     offsets and row maps reach the device from pinned memory, and no launcher reads device data on the host."""
     pytest.importorskip("triton")
     from hai.kernels import aot
-    from hai.parallel.host_syncs import count_host_syncs
+    from host_syncs import count_host_syncs
 
     with count_host_syncs() as syncs:
         launches = aot.record_launches()

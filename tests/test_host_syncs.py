@@ -1,4 +1,4 @@
-"""Host-sync budget of a training step (hai.parallel.host_syncs counts every op that makes the host wait for a device
+"""Host-sync budget of a training step (tests/host_syncs.py counts every op that makes the host wait for a device
 value: item, tolist, cpu, nonzero, bincount, bool(), ...).
 
 Budget per step and rank: one sync per MoE dispatch hop (the exchange of split sizes: 1 for the local and the flat
@@ -20,7 +20,7 @@ from hai.config.compose import compose
 from hai.data import TokenFile, ensure_token_file
 from hai.model.moe import MoE
 from hai.parallel import Topology
-from hai.parallel.host_syncs import count_host_syncs
+from host_syncs import count_host_syncs
 from hai.pipeline.schedules import Kind
 from hai.train.trainer import Trainer, init_distributed
 
