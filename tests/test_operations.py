@@ -8,6 +8,7 @@ with an uninterrupted run. (The same through a real Slurm job: tests/test_preemp
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,96 @@ def test_straggler_is_named_and_profile_writes_a_trace_per_rank(tmp_path):
     assert len(rows) == 10 and "Self CPU %" in prof["top_ops"]  # the 10 ops with the most self time
     text = format_summary(compose(ov), summary)
     assert f"profile     steps 2-3: {tmp_path}/profile/rank_K.trace.json" in text and "top 10 ops" in text
+
+
+def _die_during_async_write(ov: list[str], die_at: int, started) -> None:
+    """Forked child: one process with train.async_save=true. The background write of step ``die_at`` waits until the
+    training thread has finished the next step, half-writes its data file and SIGKILLs the process."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    import hai.checkpoint.state as ck
+
+    box = {}
+
+    class _Writer(ck.FileSystemWriter):
+        def write_data(self, plan, planner):
+            fut = super().write_data(plan, planner)
+            if f"step_{die_at:08d}" in str(self.path):
+                fut.wait()
+                deadline = time.time() + 60
+                while box["trainer"].step < die_at + 1 and time.time() < deadline:  # training goes on meanwhile
+                    time.sleep(0.01)
+                started.set()
+                for name in os.listdir(self.path):
+                    if name.endswith(".distcp"):
+                        p = os.path.join(self.path, name)
+                        os.truncate(p, os.path.getsize(p) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fut
+
+    ck.FileSystemWriter = _Writer
+    box["trainer"] = make_trainer(ov)
+    box["trainer"].fit()
+
+
+def test_kill9_during_async_write_keeps_the_previous_checkpoint(tmp_path):
+    """train.async_save=true: the step after a save runs while its write is in flight; SIGKILL during that write
+    leaves the previous checkpoint the newest complete one, and resume=auto from it reproduces the losses."""
+    import multiprocessing as mp
+
+    from test_checkpoint import overrides
+
+    out = tmp_path / "run"
+    ov = overrides(1, out, "train.save_every=2", "train.keep_last=1", "train.async_save=true")
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    child = ctx.Process(target=_die_during_async_write, args=(ov, 4, started))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL and started.is_set()
+    root = out / "checkpoints"
+    assert (root / ".tmp-step_00000004").is_dir()
+    assert latest_checkpoint(str(root)) == str(root / "step_00000002")
+    verify_checkpoint(str(root / "step_00000002"))
+    rows = _rows(out)
+    assert 5 in [r["step"] for r in rows if "event" not in r]  # step 5 finished while step 4 was being written
+    assert [r["step"] for r in rows if r.get("event") == "checkpoint"] == [2]  # reported once its write was done
+
+    run_ranks(fit_rank, 1, overrides(1, out, "train.save_every=2", "train.keep_last=1", "resume=auto"))
+    ref_dir = tmp_path / "reference"
+    run_ranks(fit_rank, 1, overrides(1, ref_dir))
+    ref, got = losses(ref_dir), losses(out)
+    assert [got[s] for s in range(3, 7)] == [ref[s] for s in range(3, 7)]
+    assert sorted(os.listdir(root)) == ["step_00000006"]
+
+
+def test_async_checkpoints_of_two_ranks_resume_exactly(tmp_path):
+    """dp=2 with train.async_save=true, a save every 2 steps: every write completes (one in flight at a time) into a
+    verified checkpoint, and resuming from step 4 gives steps 5-6 bit-exactly."""
+    from test_checkpoint import overrides
+
+    out = tmp_path / "run"
+    run_ranks(fit_rank, 2, overrides(2, out, "train.save_every=2", "train.async_save=true"))
+    rows = _rows(out)
+    staged = [r["step"] for r in rows if r.get("event") == "checkpoint_staged"]
+    written = [(r["step"], r["background"]) for r in rows if r.get("event") == "checkpoint"]
+    assert staged == [2, 4, 6] and written == [(2, True), (4, True), (6, True)]
+    root = out / "checkpoints"
+    assert sorted(os.listdir(root)) == ["step_00000004", "step_00000006"]
+    for name in os.listdir(root):
+        verify_checkpoint(str(root / name))
+    # hai plan's staging memory (a copy of the rank's weights and optimizer shard) against what rank 0 staged
+    from hai.config.compose import compose
+    from hai.plan.memory import checkpoint_staging, static_bytes
+
+    cfg = compose(overrides(2, out, "train.async_save=true"))
+    planned = checkpoint_staging(cfg, static_bytes(cfg, 0))
+    measured = [r["staging_bytes"] for r in rows if r.get("event") == "checkpoint_staged"][-1]
+    assert planned["async_save"] and abs(measured / planned["bytes"] - 1) < 0.01, (measured, planned)
+    first = losses(out)
+    shutil.rmtree(root / "step_00000006")
+    run_ranks(fit_rank, 2, overrides(2, out, "train.save_every=2", "resume=auto"))
+    again = losses(out)
+    assert [again[s] for s in (5, 6)] == [first[s] for s in (5, 6)]

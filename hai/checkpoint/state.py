@@ -51,8 +51,9 @@ from hai.checkpoint.files import (FORMAT, META_FILE, CheckpointError, check_mode
                                   read_meta, resolve_resume)
 
 __all__ = ["CheckpointError", "RunState", "Progress", "ShardLayout", "ModelState", "OptimizerState", "save_checkpoint",
-           "load_checkpoint", "load_model_weights", "latest_checkpoint", "list_checkpoints", "resolve_resume",
-           "resume_path", "verify_checkpoint", "checkpoint_root"]
+           "checkpoint_state", "checkpoint_meta", "write_checkpoint", "load_checkpoint", "load_model_weights",
+           "latest_checkpoint", "list_checkpoints", "resolve_resume", "resume_path", "verify_checkpoint",
+           "checkpoint_root"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ZeRO-1 state as per-parameter flat slices
@@ -314,15 +315,15 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _gather(obj: Any) -> list:
+def _gather(obj: Any, group=None) -> list:
     if dist.is_available() and dist.is_initialized():
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
+        out = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
         return out
     return [obj]
 
@@ -364,33 +365,51 @@ def _set_rng_state(state: dict[str, torch.Tensor], rank: int, device: torch.devi
 
 def save_checkpoint(run: RunState, out_dir: str, keep_last: int, config: dict[str, Any]) -> str:
     """Collective: every rank calls it. Writes ``OUT_DIR/checkpoints/step_N`` atomically (keeping the last
-    ``keep_last``); ``config`` (the model and train sections) goes into hai.json. Returns the directory."""
+    ``keep_last``); ``config`` (the model and train sections) goes into hai.json. Returns the directory.
+    (``hai.checkpoint.async_save`` runs the same write in the background from a staged copy.)"""
+    return write_checkpoint(checkpoint_state(run), checkpoint_meta(run, config), out_dir, keep_last)
+
+
+def checkpoint_state(run: RunState) -> dict[str, Any]:
+    """The flat DCP state dict this rank saves (live tensors and ``_Piece`` views, its RNG states)."""
+    rank, _ = _rank_world()
+    state = _flat(run.parts(saving=True))
+    state.update(_rng_state(rank, run.device))
+    return state
+
+
+def checkpoint_meta(run: RunState, config: dict[str, Any]) -> dict[str, Any]:
+    """hai.json's fields known when the save starts (the files' sizes and checksums are added by the write)."""
+    _, world = _rank_world()
+    topo = run.topo
+    return {"format": FORMAT, "step": run.progress.step, "optimizer_steps": run.optimizer.step_count,
+            "world_size": world, "pp": topo.pp, "dp": topo.dp, "ep": topo.ep, "tp": topo.tp, "time": time.time(),
+            **config, "run_id": run.progress.run_id}
+
+
+def write_checkpoint(state: dict[str, Any], meta: dict[str, Any], out_dir: str, keep_last: int,
+                     group=None) -> str:
+    """Collective over ``group`` (default: the world): the temp directory, DCP's write of ``state``, every file's
+    size and CRC-32, rank 0's atomic commit (hai.json, COMPLETE, rename, prune). Returns the final directory."""
     root = checkpoint_root(out_dir)
-    rank, world = _rank_world()
-    step = run.progress.step
-    name = f"step_{step:08d}"
+    rank, _ = _rank_world()
+    name = f"step_{meta['step']:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         clean_stale(root)
         os.makedirs(tmp)
-    _barrier()
-    state = _flat(run.parts(saving=True))
-    state.update(_rng_state(rank, run.device))
+    _barrier(group)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns when it runs without a process group (one process)
         dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
-                                                        thread_count=1), planner=_SavePlanner())
+                                                        thread_count=1), planner=_SavePlanner(), process_group=group)
     mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
-    files = {k: v for part in _gather(file_info(tmp, mine)) for k, v in part.items()}
+    files = {k: v for part in _gather(file_info(tmp, mine), group) for k, v in part.items()}
     if rank == 0:
         files.update(file_info(tmp, [".metadata"]))
-        topo = run.topo
-        meta = {"format": FORMAT, "step": step, "optimizer_steps": run.optimizer.step_count, "world_size": world,
-                "pp": topo.pp, "dp": topo.dp, "ep": topo.ep, "tp": topo.tp, "time": time.time(), **config,
-                "run_id": run.progress.run_id, "files": files}
-        commit_checkpoint(tmp, final, root, meta, keep_last)
-    _barrier()
+        commit_checkpoint(tmp, final, root, {**meta, "files": files}, keep_last)
+    _barrier(group)
     return final
 
 

@@ -77,6 +77,10 @@ def _memory(m: dict) -> str:
                  + f", activations {_gb(big['activations'])}"))
     rows.append((f"kept per token ({_MODE_NAMES[head]}, {m['precision']})", "; ".join(
         f"{i['tensor']} {i['bytes']:,.0f} B" for i in m["items_per_token"])))
+    stage = m.get("checkpoint_staging")
+    if stage:
+        rows.append(("checkpoint staging (host)", f"{_gb(stage['bytes'])} per rank: a copy of its weights and "
+                     f"optimizer shard for train.async_save ({'on' if stage['async_save'] else 'off in this config'})"))
     return _table(f"memory per GPU ({m['param_copies']}x parameter copies; a total is the largest over pipeline "
                   f"ranks of that rank's weights, gradients, optimizer shard and own activation peak)", rows)
 

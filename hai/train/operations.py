@@ -9,11 +9,13 @@ for the run summary). What each concern does lives in its own module: ``hai.trai
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import torch
 
+from hai.checkpoint.async_save import AsyncCheckpointer, resolve_async
 from hai.train import preempt
 from hai.train.profile import StepProfiler
 from hai.train.straggler import CommClock, StragglerStats, report
@@ -34,6 +36,8 @@ class RunOps:
                                          trainer.cfg.cluster.gpus_per_node)
         self.profiler = StepProfiler(list(t.profile.steps), t.profile.memory, trainer.cfg.out_dir, trainer.rank,
                                      trainer.device)
+        # train.async_save: a background writer (and its process group: built here, on every rank, collectively)
+        self.checkpointer = AsyncCheckpointer(trainer.device) if resolve_async(t.async_save, trainer.device) else None
 
     @property
     def distributed(self) -> bool:
@@ -56,6 +60,7 @@ class RunOps:
     def end_step(self, rec: dict, sink) -> dict:
         """After the step ran (``rec``: its record): straggler metrics every ``train.log_every`` steps (one
         all-gather; rank 0 gets them and names a persistent straggler)."""
+        self._report_saves(sink)
         comm = self.clock.take() if self.clock is not None else 0.0
         self.stragglers.add(rec["step_time_s"], comm, rec.get("data_wait_s", 0.0))
         out = {"comm_wait_s": comm}
@@ -94,6 +99,7 @@ class RunOps:
             p.stopping_step = self.tr.step
         t0 = time.perf_counter()
         path = None if saved else self.tr.save_checkpoint(sink)
+        self.finish(sink)  # an asynchronous write completes before the process exits
         since = p.elapsed_s() if p is not None and p.requested else None
         self.preempted = {"signal": p.signal_name if p is not None and p.requested else "a peer rank's signal",
                           "step": self.tr.step, "save_s": time.perf_counter() - t0, "since_signal_s": since}
@@ -105,6 +111,30 @@ class RunOps:
                   f"train.preempt_grace_s={grace:g}: the launcher may have killed other ranks; the newest complete "
                   f"checkpoint is what resume=auto takes", file=sys.stderr, flush=True)
         return True
+
+    # ------------------------------------------------------------------ asynchronous checkpoints
+    def save_async(self, run, config: dict, sink) -> str:
+        """Stage and start writing this step's checkpoint (collective); its "checkpoint" event comes when the write
+        is done. Returns the directory it will be committed to."""
+        from hai.checkpoint.files import checkpoint_root
+
+        t = self.tr.cfg.train
+        held = self.checkpointer.save(run, self.tr.cfg.out_dir, t.keep_last, config)
+        if sink is not None:
+            sink.event("checkpoint_staged", step=run.progress.step, seconds=held,
+                       staging_bytes=self.checkpointer.staging_bytes)
+        return os.path.join(checkpoint_root(self.tr.cfg.out_dir), f"step_{run.progress.step:08d}")
+
+    def _report_saves(self, sink, wait: bool = False) -> None:
+        if self.checkpointer is None:
+            return
+        for path, seconds, step in (self.checkpointer.wait() if wait else self.checkpointer.poll()):
+            if sink is not None:
+                sink.event("checkpoint", step=step, path=path, seconds=seconds, background=True)
+
+    def finish(self, sink) -> None:
+        """The run's loop is over (or stopping): wait for a write in flight and report it."""
+        self._report_saves(sink, wait=True)
 
     def close(self) -> dict:
         if self._installed:

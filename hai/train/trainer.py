@@ -330,6 +330,7 @@ class Trainer:
                     self.save_checkpoint(sink)  # every save_every steps and at the end
                 if self.ops.after_step(sink, saved):  # preempted: this step's checkpoint is saved, stop
                     break
+            self.ops.finish(sink)  # an asynchronous checkpoint write still in flight completes
             if self.pipeline is not None:  # the last step's executed schedule: trace.json + schedule.png
                 self.pipeline.write_timeline(cfg.out_dir if self.rank == 0 else None)
         finally:
@@ -392,13 +393,16 @@ class Trainer:
         return RunState(self.model, self.optimizer, Progress(self.step, self.run_id), layout, self.topo, self.device)
 
     def save_checkpoint(self, sink=None) -> str:
-        """Collective: write OUT_DIR/checkpoints/step_N atomically (keeps the last train.keep_last)."""
+        """Collective: write OUT_DIR/checkpoints/step_N atomically (keeps the last train.keep_last); with
+        train.async_save the step's state is staged and written in the background (hai.checkpoint.async_save)."""
         from hai.checkpoint.state import save_checkpoint
 
         t0 = time.perf_counter()
         t = self.cfg.train
-        path = save_checkpoint(self.run_state(), self.cfg.out_dir, t.keep_last,
-                               {"model": asdict(self.cfg.model), "train": asdict(t)})
+        config = {"model": asdict(self.cfg.model), "train": asdict(t)}
+        if self.ops.checkpointer is not None:
+            return self.ops.save_async(self.run_state(), config, sink)
+        path = save_checkpoint(self.run_state(), self.cfg.out_dir, t.keep_last, config)
         if sink is not None:
             sink.event("checkpoint", step=self.step, path=path, seconds=time.perf_counter() - t0)
         return path
