@@ -10,6 +10,10 @@
   written to ``OUT_DIR/hai.sbatch`` and submitted with sbatch.
 
 ``dry_run=true`` prints what would run (the torchrun command of every node, or the sbatch script) and starts nothing.
+
+torchrun runs behind ``hai.launch.agent``, which forwards SIGTERM/SIGINT/SIGUSR1 to the workers (they save a
+checkpoint and exit 0, ``hai.train.preempt``); `hai launch`/`hai train` forward those signals to it, and the Slurm
+script asks for SIGUSR1 ``launcher.signal_lead_s`` before the time limit and requeues itself after such a stop.
 """
 from __future__ import annotations
 

@@ -55,9 +55,10 @@ def _wait_for_steps(proc, out, n: int, timeout: float = 240) -> None:
 
 
 def _resume_signalled(rank: int, world: int, ov: list[str], victim: int, after: int):
-    """Resume, and ``after`` steps later send SIGUSR1 to rank ``victim`` only: every rank must stop at one step."""
+    """Resume, and ``after`` steps later send SIGUSR1 to rank ``victim`` only: every rank must stop at one step. The
+    victim gets a second signal (SIGTERM) in the middle of writing that checkpoint: it is ignored."""
     trainer = make_trainer(ov)
-    real, done = trainer.train_step, []
+    real, done, real_save = trainer.train_step, [], trainer.save_checkpoint
 
     def step():
         rec = real()
@@ -66,7 +67,13 @@ def _resume_signalled(rank: int, world: int, ov: list[str], victim: int, after: 
             os.kill(os.getpid(), signal.SIGUSR1)
         return rec
 
+    def save(sink=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once (main thread), inside the save
+        return real_save(sink)
+
     trainer.train_step = step
+    if rank == victim:
+        trainer.save_checkpoint = save
     summary = trainer.fit()
     return trainer.step, (summary["preempted"] or {}).get("signal")
 
@@ -108,6 +115,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [stop]
     assert latest_checkpoint(str(root)) == str(root / f"step_{end:08d}")
+    assert verify_checkpoint(str(root / f"step_{end:08d}"))["step"] == end  # the second signal changed nothing
     ref_dir = tmp_path / "reference"
     run_ranks(fit_rank, 4, [*DEFAULT, f"train.steps={end}", f"out_dir={ref_dir}"])
     ref, got_losses = losses(ref_dir), losses(out)
