@@ -129,7 +129,7 @@ class StragglerStats:
         self._sum, self._steps = [0.0, 0.0, 0.0, 0.0], 0
         if self.world == 1:
             return [mine]
-        src = torch.tensor(mine, dtype=torch.float64, pin_memory=self.device.type == "cuda")
+        src = torch.tensor(mine, dtype=torch.float64, device="cpu", pin_memory=self.device.type == "cuda")
         vec = src.to(self.device, non_blocking=True)
         out = vec.new_empty(self.world * 4)
         dist.all_gather_into_tensor(out, vec)
