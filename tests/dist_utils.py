@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from forked import run_ranks
 
-__all__ = ["run_ranks", "collective_bytes", "planned_bytes"]
+__all__ = ["run_ranks", "collective_bytes", "planned_bytes", "trainer_for", "train_and_save", "resume_and_train"]
 
 
 def collective_bytes(module, group, run) -> dict[str, int]:
@@ -39,3 +39,29 @@ def planned_bytes(chunk_bytes: dict[str, dict[str, int]], n_micro: int) -> dict[
         for k, v in phase.items():
             want[k] = want.get(k, 0) + v * n_micro
     return want
+
+
+def trainer_for(overrides: list[str]):
+    """A Trainer of the composed ``overrides`` in this process (a forked rank joins its gloo world)."""
+    from hai.config.compose import compose
+    from hai.data import TokenFile, ensure_token_file
+    from hai.parallel import Topology
+    from hai.train.trainer import Trainer, init_distributed
+
+    cfg = compose(overrides)
+    topo = Topology.from_config(cfg)
+    return Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+
+
+def train_and_save(rank, world, overrides: list[str], steps: int):
+    """(losses of ``steps`` training steps, the checkpoint saved after them)."""
+    tr = trainer_for(overrides)
+    losses = [tr.train_step()["loss"] for _ in range(steps)]
+    return losses, tr.save_checkpoint()
+
+
+def resume_and_train(rank, world, overrides: list[str], steps: int):
+    """(the step ``resume=`` restored, the losses of the next ``steps`` steps)."""
+    tr = trainer_for(overrides)
+    tr.resume()
+    return tr.step, [tr.train_step()["loss"] for _ in range(steps)]

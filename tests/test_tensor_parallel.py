@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from dist_utils import collective_bytes, planned_bytes, run_ranks
+from dist_utils import collective_bytes, planned_bytes, resume_and_train, run_ranks, train_and_save
 from test_parallel_train import _compare
 from hai.config import ConfigError
 from hai.config.compose import compose
@@ -138,15 +138,11 @@ def _trainer(overrides):
 
 
 def _save_rank(rank, world, overrides):
-    tr = _trainer(overrides)
-    losses = [tr.train_step()["loss"] for _ in range(STEPS)]
-    return losses, tr.save_checkpoint()
+    return train_and_save(rank, world, [*BASE, *overrides], STEPS)
 
 
 def _resume_rank(rank, world, overrides):
-    tr = _trainer(overrides)
-    tr.resume()
-    return tr.step, [tr.train_step()["loss"] for _ in range(STEPS)]
+    return resume_and_train(rank, world, [*BASE, *overrides], STEPS)
 
 
 @pytest.mark.multiproc
