@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from forked import run_ranks
 
-__all__ = ["run_ranks", "collective_bytes", "planned_bytes", "trainer_for", "train_and_save", "resume_and_train"]
+__all__ = ["run_ranks", "collective_bytes", "planned_bytes", "trainer_for", "train_and_save", "resume_and_train", "truncate_and_die"]
 
 
 def collective_bytes(module, group, run) -> dict[str, int]:
@@ -65,3 +65,16 @@ def resume_and_train(rank, world, overrides: list[str], steps: int):
     tr = trainer_for(overrides)
     tr.resume()
     return tr.step, [tr.train_step()["loss"] for _ in range(steps)]
+
+
+def truncate_and_die(directory: str) -> None:
+    """A crash in the middle of a checkpoint write: every DCP data file in ``directory`` cut to half its size,
+    then SIGKILL of this process (no .metadata, no commit)."""
+    import os
+    import signal
+
+    for name in os.listdir(directory):
+        if name.endswith(".distcp"):
+            path = os.path.join(directory, name)
+            os.truncate(path, os.path.getsize(path) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 __all__ = ["SlurmCluster", "unavailable_reason", "install_slurm"]
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun", "sinfo", "scancel")
@@ -235,3 +237,14 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A private Slurm cluster for the module's tests (skipped, with the reason, where Slurm cannot run)."""
+    install_slurm()
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c

@@ -19,7 +19,7 @@ import uuid
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from dist_utils import run_ranks, truncate_and_die
 from hai.checkpoint.state import latest_checkpoint, verify_checkpoint
 from hai.train.metrics import read_metrics
 from test_checkpoint import make_trainer, fit_rank, losses, overrides
@@ -118,11 +118,7 @@ def _die_during_save(ov: list[str], mode: str, die_at: int) -> None:
                 fut = super().write_data(plan, planner)
                 if "step_%08d" % die_at in str(self.path):
                     fut.wait()
-                    for name in os.listdir(self.path):
-                        if name.endswith(".distcp"):
-                            p = os.path.join(self.path, name)
-                            os.truncate(p, os.path.getsize(p) // 2)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    truncate_and_die(str(self.path))
                 return fut
 
         ck.FileSystemWriter = _Writer

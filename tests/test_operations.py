@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from dist_utils import run_ranks
+from dist_utils import run_ranks, truncate_and_die
 from hai.checkpoint.state import latest_checkpoint, verify_checkpoint
 from test_checkpoint import fit_rank, losses, make_trainer
 from test_faults import _rows
@@ -259,11 +259,7 @@ def _die_during_async_write(ov: list[str], die_at: int, started) -> None:
                 while box["trainer"].step < die_at + 1 and time.time() < deadline:  # training goes on meanwhile
                     time.sleep(0.01)
                 started.set()
-                for name in os.listdir(self.path):
-                    if name.endswith(".distcp"):
-                        p = os.path.join(self.path, name)
-                        os.truncate(p, os.path.getsize(p) // 2)
-                os.kill(os.getpid(), signal.SIGKILL)
+                truncate_and_die(str(self.path))
             return fut
 
     ck.FileSystemWriter = _Writer

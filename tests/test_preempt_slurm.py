@@ -18,20 +18,10 @@ import time
 
 import pytest
 
-from slurm_cluster import SlurmCluster, free_ports, install_slurm, unavailable_reason
+from slurm_cluster import cluster, free_ports  # noqa: F401  (cluster: the module fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
 STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    install_slurm()
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
-        yield c
 
 
 def _rows(out) -> list[dict]:

@@ -15,21 +15,11 @@ import sys
 
 import pytest
 
-from slurm_cluster import SlurmCluster, free_ports, install_slurm, unavailable_reason
+from slurm_cluster import cluster, free_ports  # noqa: F401  (cluster: the module fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
 
 JOB_NAME = "hai test $(touch PWNED) 'q'"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    install_slurm()
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
-        yield c
 
 
 def test_two_node_slurm_job_trains(cluster, tmp_path):
