@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from forked import run_ranks
 
-__all__ = ["run_ranks", "collective_bytes", "planned_bytes", "trainer_for", "train_and_save", "resume_and_train", "truncate_and_die"]
+__all__ = ["run_ranks", "collective_bytes", "planned_bytes", "trainer_for", "train_and_save", "resume_and_train", "truncate_and_die", "rank_params"]
 
 
 def collective_bytes(module, group, run) -> dict[str, int]:
@@ -78,3 +78,19 @@ def truncate_and_die(directory: str) -> None:
             path = os.path.join(directory, name)
             os.truncate(path, os.path.getsize(path) // 2)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rank_params(model) -> tuple[dict, dict]:
+    """(name -> a copy of each parameter this rank holds, and of each router's aux-loss-free bias; name -> its TP
+    shard (dim, first global index, global size)) for comparing a layout with the single-process run."""
+    params, shards = {}, {}
+    for mod_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            params[name] = p.detach().clone()
+            if pname in getattr(module, "tp_shard", {}):
+                shards[name] = module.tp_shard[pname]
+        for bname, b in module.named_buffers(recurse=False):  # the aux-loss-free biases, updated from loads
+            if bname == "bias":
+                params[f"{mod_name}.{bname}"] = b.detach().clone()
+    return params, shards

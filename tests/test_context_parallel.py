@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import collective_bytes, planned_bytes, resume_and_train, run_ranks, train_and_save
+from dist_utils import (collective_bytes, planned_bytes, rank_params, resume_and_train, run_ranks,
+                        train_and_save)
 from test_tensor_parallel import _compare
 from hai.config import ConfigError
 from hai.config.compose import compose
@@ -57,16 +58,7 @@ def _trainer(overrides):
 def _run(overrides):
     tr = _trainer(overrides)
     losses = [tr.train_step()["loss"] for _ in range(STEPS)]
-    params, shards = {}, {}
-    for mod_name, module in tr.model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{pname}" if mod_name else pname
-            params[name] = p.detach().clone()
-            if pname in getattr(module, "tp_shard", {}):
-                shards[name] = module.tp_shard[pname]
-        for bname, b in module.named_buffers(recurse=False):  # the aux-loss-free biases, updated from loads
-            if bname == "bias":
-                params[f"{mod_name}.{bname}"] = b.detach().clone()
+    params, shards = rank_params(tr.model)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     overlap = tr.pipeline is not None and tr.pipeline.overlap
     return losses, params, tr.topo.coords(rank), tr.topo.ep, shards, overlap

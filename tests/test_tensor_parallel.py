@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from dist_utils import collective_bytes, planned_bytes, resume_and_train, run_ranks, train_and_save
+from dist_utils import (collective_bytes, planned_bytes, rank_params, resume_and_train, run_ranks,
+                        train_and_save)
 from test_parallel_train import _compare
 from hai.config import ConfigError
 from hai.config.compose import compose
@@ -32,16 +33,7 @@ def _run(overrides):
     topo = Topology.from_config(cfg)
     trainer = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
     losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
-    params, shards = {}, {}
-    for mod_name, module in trainer.model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{pname}" if mod_name else pname
-            params[name] = p.detach().clone()
-            if pname in getattr(module, "tp_shard", {}):
-                shards[name] = module.tp_shard[pname]
-        for bname, b in module.named_buffers(recurse=False):  # the aux-loss-free biases, updated from loads
-            if bname == "bias":
-                params[f"{mod_name}.{bname}"] = b.detach().clone()
+    params, shards = rank_params(trainer.model)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return losses, params, topo.coords(rank), topo.ep, shards
 
