@@ -80,9 +80,10 @@ def _table(args) -> None:
     print(f"model={args.model}, V3 recompute, model.attention=sdpa, fp32, 1 sequence per step, ranks forked on this "
           f"machine ({os.cpu_count()} cores); MB = 1e6 bytes; kept/plan = measured / hai plan; step = median of "
           f"steps 2..{steps} (slowest rank)")
-    head = (f"{'seq':>6} {'cp':>3} {'act kept MB':>11} {'plan MB':>9} {'kept/plan':>9} {'static MB':>9} "
-            f"{'attn ws MB':>10} {'peak RSS MB':>11} {'step s':>8} {'tok/s':>8} {'work max/min':>12}")
-    print(head + "\n" + "-" * len(head))
+    columns = [("seq", 6), ("cp", 3), ("act kept MB", 11), ("plan MB", 9), ("kept/plan", 9), ("static MB", 9),
+               ("attn ws MB", 10), ("peak RSS MB", 11), ("step s", 8), ("tok/s", 8), ("work max/min", 12)]
+    head = " ".join(name.rjust(width) for name, width in columns)
+    print(f"{head}\n{'-' * len(head)}")
     with tempfile.TemporaryDirectory() as out_dir:
         for seq in args.seq:
             for cp in args.cp:

@@ -159,14 +159,6 @@ def test_cp_misconfigurations_name_value_and_fix(overrides, message):
         Topology.from_config(compose([*BASE, *overrides]))
 
 
-def _save_rank(rank, world, overrides):
-    return train_and_save(rank, world, [*BASE, *overrides], STEPS)
-
-
-def _resume_rank(rank, world, overrides):
-    return resume_and_train(rank, world, [*BASE, *overrides], STEPS)
-
-
 @pytest.mark.multiproc
 def test_checkpoint_moves_between_cp_sizes(tmp_path):
     """Saved at cp=2 (x ep=2) after 3 steps, resumed at cp=1 (one process) and at cp=4: the next 3 losses are those
@@ -174,14 +166,14 @@ def test_checkpoint_moves_between_cp_sizes(tmp_path):
     six = f"train.steps={2 * STEPS}"
     ref = _trainer([six, f"out_dir={tmp_path / 'ref'}"])
     want = [ref.train_step()["loss"] for _ in range(2 * STEPS)]
-    saved = run_ranks(_save_rank, 2, ["cluster.gpus_per_node=2", "parallel.cp=2", "parallel.ep=2",
-                                      f"out_dir={tmp_path / 'cp2'}", six])
+    saved = run_ranks(train_and_save, 2, [*BASE, "cluster.gpus_per_node=2", "parallel.cp=2", "parallel.ep=2",
+                                          f"out_dir={tmp_path / 'cp2'}", six], STEPS)
     assert saved[0][0] == pytest.approx(want[:STEPS], rel=1e-5)
     path = saved[0][1]
-    step, got = _resume_rank(0, 1, [f"resume={path}", f"out_dir={tmp_path / 'cp1'}", six])
+    step, got = resume_and_train(0, 1, [*BASE, f"resume={path}", f"out_dir={tmp_path / 'cp1'}", six], STEPS)
     assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
-    for step, got in run_ranks(_resume_rank, 4, ["cluster.gpus_per_node=4", "parallel.cp=4", f"resume={path}",
-                                                 f"out_dir={tmp_path / 'cp4'}", six]):
+    for step, got in run_ranks(resume_and_train, 4, [*BASE, "cluster.gpus_per_node=4", "parallel.cp=4",
+                                                     f"resume={path}", f"out_dir={tmp_path / 'cp4'}", six], STEPS):
         assert step == STEPS and got == pytest.approx(want[STEPS:], rel=1e-5)
 
 
