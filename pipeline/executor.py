@@ -10,8 +10,8 @@ DeepSeek-V3; every stage then exists on two ranks, and the copies' gradients are
 Actions: F runs a stage forward and keeps (input, output) for the backward; B runs the input-gradient backward with
 the stage's linear layers recording their weight-gradient GEMMs in a :class:`WeightGradStore`, which the later W
 action runs (zero-bubble split); BW is a full backward; FB is the forward of one micro-batch and the full backward of
-another (its weight gradients deferred, then run before the next action). Consecutive SEND/RECV actions are issued as one ``batch_isend_irecv`` and waited before the next compute
-action. Every action is recorded in ``timeline``.
+another (its weight gradients deferred, then run before the next action). Consecutive SEND/RECV actions are issued
+as one ``batch_isend_irecv`` and waited before the next compute action. Every action is recorded in ``timeline``.
 
 With ``overlap=True`` (the default), when the schedule has FB actions and the stages hold expert-parallel MoE blocks,
 every stage forward is recorded on a :class:`~hai.pipeline.overlap.Tape` cut at the MoE all-to-all seams, and an FB

@@ -119,3 +119,9 @@ def test_model_has_no_communication():
         bad = sorted(n for n in names if n.startswith(("torch.distributed", "hai.parallel", "hai.pipeline")))
         assert not bad, f"{mod} imports {bad}"
         assert "dist." not in path.read_text().replace("_dist.", ""), f"{mod} calls torch.distributed"
+
+
+def test_library_lines_fit_in_120_columns():
+    long = [f"{path.relative_to(ROOT)}:{i} ({len(line)})" for path in _modules().values()
+            for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, "lines over 120 characters: " + ", ".join(long)

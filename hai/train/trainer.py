@@ -57,9 +57,8 @@ def init_distributed(topo: Topology, timeout_s: float = 600.0):
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world != topo.world_size:
         raise ConfigError(f"this process runs in a world of {env_world} rank(s) (WORLD_SIZE) but the topology needs "
-                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp} x cp={topo.cp} x tp={topo.tp}): start it with "
-                          f"`hai train` or "
-                          f"`hai launch`, which run torchrun with the right --nproc-per-node")
+                          f"{topo.world_size} (pp={topo.pp} x dp={topo.dp} x cp={topo.cp} x tp={topo.tp}): start it "
+                          f"with `hai train` or `hai launch`, which run torchrun with the right --nproc-per-node")
     if not dist.is_initialized():
         bind = {}
         if topo.device == "cuda":  # bound to this GPU: NCCL creates its communicators now, not inside the first P2P
@@ -215,8 +214,8 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
-        mbs = [_on_device(mb, self.device) for mb in self.sampler.micro_batches(self.step, self.coords["dp"], self.topo.dp,
-                                                                       self.cfg.train.micro_batch_size)]
+        mbs = [_on_device(mb, self.device) for mb in self.sampler.micro_batches(
+            self.step, self.coords["dp"], self.topo.dp, self.cfg.train.micro_batch_size)]
         t_data = time.perf_counter() - t0
         targets = self.set_target_norm(mbs)  # chat data: the global batch's target count (one all-reduce)
         sums = self.forward_backward(mbs)
