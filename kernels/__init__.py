@@ -10,7 +10,7 @@ if __name__ != "hai.kernels":  # imported as a bare `kernels` from the checkout 
 
     step_aside(__name__, __file__)  # the lines below then only import hai.kernels
 
-from hai.kernels._common import check_fp8_device
+from hai.kernels._common import check_fp8_device, to_device
 from hai.kernels.gemm import fp8_gemm, fp8_grouped_gemm, fp8_k_grouped_gemm
 from hai.kernels.linear import (Fp8Rows, expert_counts, fp8_dgrad, fp8_fprop, fp8_grouped_dgrad, fp8_grouped_fprop,
                                 fp8_grouped_linear, fp8_grouped_wgrad, fp8_linear, fp8_wgrad, quantize_rows)
@@ -20,5 +20,5 @@ __all__ = [
     "quant_1x128", "quant_128x1", "quant_128x128",
     "fp8_gemm", "fp8_grouped_gemm", "fp8_k_grouped_gemm",
     "fp8_linear", "fp8_grouped_linear", "Fp8Rows", "quantize_rows", "fp8_fprop", "fp8_dgrad", "fp8_wgrad",
-    "fp8_grouped_fprop", "fp8_grouped_dgrad", "fp8_grouped_wgrad", "expert_counts", "check_fp8_device",
+    "fp8_grouped_fprop", "fp8_grouped_dgrad", "fp8_grouped_wgrad", "expert_counts", "check_fp8_device", "to_device",
 ]

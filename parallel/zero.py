@@ -200,6 +200,7 @@ class ZeroAdamW:
         dp_group, edp_group, tp_group = groups.dp, groups.edp, groups.tp
         self.step_count = 0
         self.fused_update: bool | None = None  # None: fused where the device has it (see fused())
+        self._step_t: torch.Tensor | None = None  # the fused kernel's step count, on the device
         self.buckets: list[_Bucket] = []
         groups: dict[tuple, _Bucket] = {}
         order: dict[object, int] = {}
@@ -285,7 +286,9 @@ class ZeroAdamW:
         ~1.6x slower than torch's per-parameter loop; on a GPU one pass per op (each chunk would be a launch)."""
         if self.fused(b):
             beta1, beta2 = self.betas
-            step = torch.tensor(float(self.step_count), device=g.device)
+            if self._step_t is None or self._step_t.device != g.device:  # one device scalar, filled each step
+                self._step_t = torch.zeros((), dtype=torch.float32, device=g.device)
+            step = self._step_t.fill_(self.step_count)  # a kernel, not a host-to-device copy
             torch._fused_adamw_([b.master], [g], [b.exp_avg], [b.exp_avg_sq], [], [step], lr=lr, beta1=beta1,
                                 beta2=beta2, weight_decay=self.weight_decay if b.decay else 0.0, eps=self.eps,
                                 amsgrad=False, maximize=False)

@@ -51,8 +51,9 @@ def compile_elementwise(enabled: bool) -> None:
     CP and MTP shapes share one kernel), or eagerly. Process-wide, like the compiled kernels themselves. The GEMMs,
     attention core, collectives and the autograd Functions around the math stay eager, so the zero-bubble weight
     split, the overlap tape and the recompute regions see the same tensors either way."""
-    _COMPILED.clear()
-    torch._dynamo.reset()  # drop compiled code of an earlier setting (or inherited by a forked rank)
+    if _COMPILED:  # drop compiled code of an earlier setting (or inherited by a forked rank)
+        _COMPILED.clear()
+        torch._dynamo.reset()
     if enabled:
         for fn in ELEMENTWISE:
             _COMPILED[fn.__name__] = torch.compile(fn, fullgraph=True, dynamic=True)

@@ -26,6 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from hai.kernels import to_device
+
 __all__ = ["CommClock", "StragglerStats", "PERSIST_WINDOWS", "split_of"]
 
 PERSIST_WINDOWS = 3  # consecutive windows a rank must be the slow one (above the ratio) to be named
@@ -129,8 +131,7 @@ class StragglerStats:
         self._sum, self._steps = [0.0, 0.0, 0.0, 0.0], 0
         if self.world == 1:
             return [mine]
-        src = torch.tensor(mine, dtype=torch.float64, device="cpu", pin_memory=self.device.type == "cuda")
-        vec = src.to(self.device, non_blocking=True)
+        vec = to_device(torch.tensor(mine, dtype=torch.float64, device="cpu"), self.device)
         out = vec.new_empty(self.world * 4)
         dist.all_gather_into_tensor(out, vec)
         return out.view(self.world, 4).tolist() if self.rank == 0 else None

@@ -32,7 +32,7 @@ from hai.model.sequence import DocumentSpec
 from hai.parallel.parallelize import parallelize
 from hai.parallel.topology import Topology
 from hai.parallel.zero import ZeroAdamW, ZeroGroups
-from hai.kernels import check_fp8_device
+from hai.kernels import check_fp8_device, to_device
 from hai.model.layers import compile_elementwise
 from hai.train import hang, preempt
 from hai.train.operations import RunOps
@@ -70,15 +70,6 @@ def init_distributed(topo: Topology, timeout_s: float = 600.0):
 
 def _group(mesh, axis: str):
     return None if mesh is None else mesh[axis].get_group()
-
-
-def _on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch the sampler read into host memory, onto ``device`` without a host sync: staged in pinned memory and
-    copied with ``non_blocking`` (torch's caching host allocator keeps the pinned block until the copy has run);
-    on the CPU the tensor itself."""
-    if device.type == "cpu":
-        return tokens
-    return tokens.pin_memory().to(device, non_blocking=True)
 
 
 class Trainer:
@@ -214,7 +205,7 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
-        mbs = [_on_device(mb, self.device) for mb in self.sampler.micro_batches(
+        mbs = [to_device(mb, self.device) for mb in self.sampler.micro_batches(
             self.step, self.coords["dp"], self.topo.dp, self.cfg.train.micro_batch_size)]
         t_data = time.perf_counter() - t0
         targets = self.set_target_norm(mbs)  # chat data: the global batch's target count (one all-reduce)
@@ -253,7 +244,7 @@ class Trainer:
         masked loss, the mean over the target tokens of all ``train.eval_batches`` batches (as in training)."""
         t = self.cfg.train
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batches = [_on_device(mb, self.device) for i in range(t.eval_batches)
+        batches = [to_device(mb, self.device) for i in range(t.eval_batches)
                    for mb in self.val_sampler.micro_batches(i, self.coords["dp"], self.topo.dp, t.micro_batch_size)]
         self.set_target_norm(batches, t.eval_batches)
         self.model.eval()  # routers do not count eval tokens; no sequence-wise aux loss
