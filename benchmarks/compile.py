@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from hai.config.compose import compose  # noqa: E402
 from hai.data import TokenFile, ensure_token_file  # noqa: E402
