@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hai.config import ModelConfig
+from hai.model.grouped import expert_offsets, grouped_linear
 from hai.model.layers import SwiGLU, swiglu
 from hai.model.recompute import LinearOp, expert_ffn, norm_linears, swiglu_down
 from hai.model.regions import LOCAL, Region
@@ -282,30 +283,18 @@ class GroupedExperts(nn.Module):
 
             h = swiglu(gl(x_RD, self.w1, tokens_per_expert), gl(x_RD, self.w3, tokens_per_expert))
             return gl(h, self.w2, tokens_per_expert)
-        outs = []
-        if self.wgrad_store is None:
-            # one unbind per weight: its backward stacks the experts' gradients once, where indexing w[e] per expert
-            # would zero-fill a full-size gradient for every expert
-            w1, w3, w2 = (w.to(x_RD.dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
-            for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
-                outs.append(F.linear(swiglu(F.linear(x, w1[e]), F.linear(x, w3[e])), w2[e]))
-        else:
-            for e, x in enumerate(torch.split(x_RD, tokens_per_expert)):
-                h = swiglu(self._linear(x, self.w1, e), self._linear(x, self.w3, e))
-                outs.append(self._linear(h, self.w2, e))
-        return torch.cat(outs) if outs else x_RD.new_zeros(0, self.w2.shape[1])
+        offs = expert_offsets(tokens_per_expert, x_RD.device)  # one host-to-device copy for the three GEMMs
+        store = self.wgrad_store
+
+        def linear(x, w):
+            return grouped_linear(x, w, tokens_per_expert, offs, store)
+
+        return linear(swiglu(linear(x_RD, self.w1), linear(x_RD, self.w3)), self.w2)
 
     def gated(self, x_RD: torch.Tensor, w_R: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Gated expert outputs under V3's recipe (``hai.model.recompute.expert_ffn``): keeps x, the SwiGLU inputs
         and the gates; the gate gradient comes from <W2ᵀ·dy, s>, not from kept output rows."""
         return expert_ffn(self, x_RD, w_R, tokens_per_expert)
-
-    def _linear(self, x: torch.Tensor, w_EOI: torch.Tensor, e: int) -> torch.Tensor:
-        if self.wgrad_store is not None:
-            from hai.model.wgrad import deferred_linear
-
-            return deferred_linear(x, w_EOI, self.wgrad_store, e)
-        return F.linear(x, w_EOI[e].to(x.dtype))
 
 
 class _InjectAuxLoss(torch.autograd.Function):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from hai.model.grouped import expert_offsets, expert_wgrad, grouped_dgrad, grouped_fprop
 from hai.model.layers import rms_norm_backward, rms_norm_forward, swiglu_backward, swiglu_forward
 from hai.model.wgrad import accumulate_wgrad, defer_or_run
 
@@ -154,26 +154,6 @@ def swiglu_down(h1: torch.Tensor, h3: torch.Tensor, op: LinearOp, fp8: bool = Fa
 
 
 # --------------------------------------------------------------------------------------------- routed experts
-def _expert_gemm(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """Rows of x grouped per expert (contiguous, ``counts``) times w[e]ᵀ, in x's dtype (plain GEMMs)."""
-    outs = [F.linear(x, w_ENK[e].to(x.dtype)) for e, x in enumerate(torch.split(x_RK, list(counts))) if x.shape[0]]
-    return torch.cat(outs) if outs else x_RK.new_zeros(0, w_ENK.shape[1])
-
-
-def _expert_dgrad(dy_RN, w_ENK, counts) -> torch.Tensor:
-    outs = [dy @ w_ENK[e].to(dy.dtype) for e, dy in enumerate(torch.split(dy_RN, list(counts))) if dy.shape[0]]
-    return torch.cat(outs) if outs else dy_RN.new_zeros(0, w_ENK.shape[2])
-
-
-def _expert_wgrad(dy_RN, x_RK, counts, w_ENK) -> Callable[[], None]:
-    """The closure accumulating dW[e] = dy_eᵀ x_e (fp32) into w's gradient."""
-    def run():
-        for e, (dy, x) in enumerate(zip(torch.split(dy_RN, list(counts)), torch.split(x_RK, list(counts)))):
-            if dy.shape[0]:
-                accumulate_wgrad(w_ENK, dy.t().float() @ x.float(), e)
-    return run
-
-
 class _ExpertFFN(torch.autograd.Function):
     """y_r = g_r * W2[e](silu(W1[e] x_r) * W3[e] x_r) for the rows r of expert e; keeps x, the SwiGLU inputs and the
     gates. Backward: u = dy·W2 (the down-projection's dgrad of the *ungated* output gradient), dg = <u, s>, ds = g·u,
@@ -189,9 +169,10 @@ class _ExpertFFN(torch.autograd.Function):
             h1, h3 = (fp8_grouped_fprop(xc, w, counts, dt) for w in (w1, w3))
             y = fp8_grouped_fprop(quantize_rows(swiglu_forward(h1, h3)), w2, counts, dt)
         else:
-            xc = x_RD
-            h1, h3 = _expert_gemm(x_RD, w1, counts), _expert_gemm(x_RD, w3, counts)
-            y = _expert_gemm(swiglu_forward(h1, h3), w2, counts)
+            xc, offs = x_RD, expert_offsets(counts, x_RD.device)
+            h1, h3 = grouped_fprop(x_RD, w1, counts, offs), grouped_fprop(x_RD, w3, counts, offs)
+            y = grouped_fprop(swiglu_forward(h1, h3), w2, counts, offs)
+            ctx.offs = offs
         pack(ctx, xc, _cache(h1, experts.fp8), _cache(h3, experts.fp8), g_R)
         ctx.experts, ctx.counts, ctx.shapes = experts, counts, (x_RD.shape, h1.shape, h1.shape)
         return y * g_R.unsqueeze(-1).to(dt)
@@ -211,8 +192,8 @@ class _ExpertFFN(torch.autograd.Function):
                 u = fp8_grouped_dgrad(dy_RD, w2, counts, x.dtype)
             defer_or_run(store, lambda: accumulate_wgrad(w2, fp8_grouped_wgrad(gdy, s, counts)))
         else:
-            u = _expert_dgrad(dy_RD, w2, counts)
-            defer_or_run(store, _expert_wgrad(gdy, s, counts, w2))
+            u = grouped_dgrad(dy_RD, w2, counts, ctx.offs)
+            expert_wgrad(store, gdy, s, counts, w2, ctx.offs)
         dg = (u.float() * s.float()).sum(-1)
         dh1, dh3 = swiglu_backward(h1, h3, (u.float() * g.unsqueeze(-1)).to(h1.dtype))
         if experts.fp8:
@@ -221,9 +202,9 @@ class _ExpertFFN(torch.autograd.Function):
             defer_or_run(store, lambda: (accumulate_wgrad(w1, fp8_grouped_wgrad(dh1, x, counts)),
                                          accumulate_wgrad(w3, fp8_grouped_wgrad(dh3, x, counts))))
         else:
-            dx = _expert_dgrad(dh1, w1, counts) + _expert_dgrad(dh3, w3, counts)
-            w1_run, w3_run = _expert_wgrad(dh1, x, counts, w1), _expert_wgrad(dh3, x, counts, w3)
-            defer_or_run(store, lambda: (w1_run(), w3_run()))
+            dx = grouped_dgrad(dh1, w1, counts, ctx.offs) + grouped_dgrad(dh3, w3, counts, ctx.offs)
+            expert_wgrad(store, dh1, x, counts, w1, ctx.offs)
+            expert_wgrad(store, dh3, x, counts, w3, ctx.offs)
         return dx.to(x.dtype), dg.to(g.dtype), None, None, None, None, None
 
 
