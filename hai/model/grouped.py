@@ -41,7 +41,7 @@ def expert_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
     for c in counts:
         total += int(c)
         ends.append(total)
-    return to_device(torch.tensor(ends, dtype=torch.int32), device)
+    return to_device(torch.tensor(ends, dtype=torch.int32, device="cpu"), device)  # built on the host, then moved
 
 
 def uses_grouped_mm(x: torch.Tensor, w_ENK: torch.Tensor) -> bool:
