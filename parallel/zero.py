@@ -17,7 +17,13 @@ Each step:
    last stage) all-reduce their bucket's gradient buffer over their copy group, in place; replicated parameters whose
    gradient is a TP rank's part (``tp_partial``: hai.parallel.tensor_parallel) all-reduce theirs over the TP group;
 2. each bucket's gradient buffer is reduce-scattered in place (sum) into this rank's shard of it and divided by dp —
-   for experts too, since the all-to-all already summed the ep ranks' contributions into the expert's owner;
+   for experts too, since the all-to-all already summed the ep ranks' contributions into the expert's owner. With
+   ``train.overlap_grad_reduce`` (Megatron's ``overlap_grad_reduce``, DeepSpeed's ``overlap_comm``) this starts
+   during the backward of the step's last micro-batch: buckets of at most ``train.grad_bucket_elements`` elements
+   (split at parameter boundaries, each padded to its own ``shard * world``) are launched asynchronously, in one fixed
+   order on every rank (the reverse of the parameters' order: the order the backward finishes them), each as soon as
+   the gradients of all its parameters are final and every bucket before it has been launched; the step waits for
+   them (:meth:`ZeroAdamW.arm_grad_sync`);
 3. the global gradient norm is the square root of the sum of every shard's squares over ``norm_groups`` (dp, then
    pp, and tp; copies and TP replicas counted once), gradients are clipped by it (torch's ``clip_grad_norm_``
    rule) and a non-finite norm skips the step;
@@ -37,7 +43,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ZeroAdamW", "ZeroGroups", "StepResult", "ParamShard", "is_expert_param", "bucket_layout"]
+__all__ = ["ZeroAdamW", "ZeroGroups", "StepResult", "ParamShard", "is_expert_param", "bucket_layout", "split_sizes",
+           "DEFAULT_BUCKET_ELEMENTS"]
+
+DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron-Core's default DDP bucket (40M elements)
 
 # torch 2.13 renamed the flat collectives (*_single); older versions only have the *_tensor names
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -46,6 +55,21 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 def is_expert_param(name: str) -> bool:
     return ".experts." in name
+
+
+def split_sizes(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive parameters (by element count) grouped into buckets of at least ``limit`` elements each (the last
+    may be smaller; a parameter is never split): a bucket closes once it reaches ``limit``. ``limit <= 0``: one
+    bucket. Returns the parameter indices of each bucket."""
+    out: list[list[int]] = [[]]
+    filled = 0
+    for i, n in enumerate(sizes):
+        if limit > 0 and filled >= limit:
+            out.append([])
+            filled = 0
+        out[-1].append(i)
+        filled += n
+    return out if out[0] else []
 
 
 def bucket_layout(numel: int, world: int) -> tuple[int, int]:
@@ -95,6 +119,22 @@ class _Bucket:
     master: torch.Tensor = field(default=None)
     exp_avg: torch.Tensor = field(default=None)
     exp_avg_sq: torch.Tensor = field(default=None)
+    first: int = 0  # index (in named_parameters order) of this bucket's first parameter: the launch order
+    pending: set = field(default_factory=set)  # armed: ids of parameters whose final gradient has not arrived yet
+    work: object = None  # the in-flight reduce-scatter
+    on_ready: object = None  # armed: called when the last pending parameter's gradient arrives
+
+    def early(self) -> bool:
+        """Whether the gradient sync may start inside the backward: a single reduce-scatter over the data-parallel
+        group (buckets also summed over pipeline copies or TP ranks sync at the step)."""
+        return self.world > 1 and self.copy_group is None and self.tp_sum is None
+
+    def _hook(self, p: torch.Tensor) -> None:
+        _to_main_grad(p)
+        if self.on_ready is not None and id(p) in self.pending:
+            self.pending.discard(id(p))
+            if not self.pending:
+                self.on_ready()
 
     def setup(self, moment_dtype: torch.dtype) -> None:
         self.world, self.rank = _world_rank(self.group)
@@ -117,26 +157,39 @@ class _Bucket:
             p.main_grad = self.grad[offset:offset + p.numel()].view_as(p)
             if getattr(p, "main_grad_hook", None) is not None:  # adopted again (a new optimizer): one hook only
                 p.main_grad_hook.remove()
-            p.main_grad_hook = p.register_post_accumulate_grad_hook(_to_main_grad)
+            p.main_grad_hook = p.register_post_accumulate_grad_hook(self._hook)
             offset += p.numel()
         self.master = self.param_shard().float().clone()
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
 
     def param_shard(self) -> torch.Tensor:
-        return self.param_buffer[self.rank * self.shard:(self.rank + 1) * self.shard]
+        return self._shard_of(self.param_buffer)
 
-    def grad_shard(self) -> torch.Tensor:
-        """Sum this bucket's gradients over its copies and its data-parallel group; returns this rank's shard (a
-        view of the gradient buffer)."""
+    def start_sync(self) -> None:
+        """Sum this bucket's gradients over its copies and TP ranks (in place) and start the reduce-scatter over
+        its data-parallel group into this rank's shard (asynchronous: :meth:`grad_shard` waits)."""
+        if self.work is not None:
+            return
         if self.copy_group is not None:
             dist.all_reduce(self.grad, group=self.copy_group)
         if self.tp_sum is not None:
             dist.all_reduce(self.grad, group=self.tp_sum)
-        out = self.grad[self.rank * self.shard:(self.rank + 1) * self.shard]
+        self.work = True
         if self.world > 1:
-            _reduce_scatter(out, self.grad, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+            self.work = _reduce_scatter(self._shard_of(self.grad), self.grad, op=dist.ReduceOp.SUM, group=self.group,
+                                        async_op=True)
+
+    def grad_shard(self) -> torch.Tensor:
+        """This rank's shard of the summed gradients (a view of the gradient buffer), once its sync has ended."""
+        self.start_sync()
+        if self.work is not True:
+            self.work.wait()
+        self.work = None
+        return self._shard_of(self.grad)
+
+    def _shard_of(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.rank * self.shard:(self.rank + 1) * self.shard]
 
     @torch.no_grad()
     def gather_into_params(self) -> None:
@@ -204,7 +257,8 @@ class ZeroAdamW:
         self.buckets: list[_Bucket] = []
         groups: dict[tuple, _Bucket] = {}
         order: dict[object, int] = {}
-        for name, p in named_params:
+        first: dict[tuple, list[int]] = {}
+        for index, (name, p) in enumerate(named_params):
             if not p.requires_grad:
                 continue
             expert, decay = is_expert_param(name), p.dim() >= 2
@@ -218,10 +272,61 @@ class ZeroAdamW:
                                       tp_group if partial else None, tp_size if whole else 1)
             groups[key].names.append(name)
             groups[key].params.append(p)
+            first.setdefault(key, []).append(index)
         moment_dtype = torch.bfloat16 if train.bf16_moments else torch.float32
+        limit = getattr(train, "grad_bucket_elements", DEFAULT_BUCKET_ELEMENTS)
+        self.overlap = bool(getattr(train, "overlap_grad_reduce", True))
         for key in sorted(groups):
-            groups[key].setup(moment_dtype)
-            self.buckets.append(groups[key])
+            g = groups[key]
+            for part in split_sizes([p.numel() for p in g.params], limit):
+                b = _Bucket([g.names[i] for i in part], [g.params[i] for i in part], g.group, g.decay, g.copies,
+                            g.copy_group, g.tp_sum, g.tp_copies, first=first[key][part[0]])
+                b.setup(moment_dtype)
+                self.buckets.append(b)
+        # the launch order of the overlapped gradient sync: buckets of later parameters first (the backward
+        # finishes them first); the same on every rank, as the collectives of a group must be
+        self._launch = sorted((b for b in self.buckets if b.early()), key=lambda b: -b.first)
+        self._bucket_of = {id(p): b for b in self._launch for p in b.params}
+        self._next, self._armed = 0, False
+        self.launched_in_backward = 0  # buckets whose sync started before the step (the last armed backward)
+
+    # ------------------------------------------------------------------ overlapped gradient sync
+    def arm_grad_sync(self, by_hooks: bool = True) -> None:
+        """Start tracking which gradients are final (no-op without ``overlap_grad_reduce``); each bucket's
+        reduce-scatter starts as soon as all its parameters' gradients are, in the launch order; :meth:`step` starts
+        the rest and waits for all. ``by_hooks`` (no pipeline): call before the backward of the step's last
+        micro-batch; a gradient is final when its post-accumulate hook runs in that backward (a parameter it does
+        not reach holds its bucket, and those after it, until the step). Otherwise (the pipeline, whose zero-bubble
+        split adds weight gradients after the hooks): call before the schedule; the executor says when a stage's
+        last backward and weight-gradient work have run (:meth:`grads_final`)."""
+        if not self.overlap:
+            return
+        self._next, self.launched_in_backward, self._armed = 0, 0, True
+        for b in self._launch:
+            b.pending = {id(p) for p in b.params}
+            b.on_ready = self._launch_ready if by_hooks else None
+
+    def grads_final(self, params) -> None:
+        """These parameters' gradients are final for this step (the pipeline executor, after their stages' last
+        gradient work): start every bucket this completes, in the launch order."""
+        if not self._armed:
+            return
+        for p in params:
+            b = self._bucket_of.get(id(p))
+            if b is not None:
+                b.pending.discard(id(p))
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._armed and self._next < len(self._launch) and not self._launch[self._next].pending:
+            self._launch[self._next].start_sync()
+            self._next += 1
+            self.launched_in_backward += 1
+
+    def _disarm(self) -> None:
+        self._armed = False
+        for b in self._launch:
+            b.pending, b.on_ready = set(), None
 
     def zero_grad(self) -> None:
         for b in self.buckets:
@@ -245,6 +350,9 @@ class ZeroAdamW:
     @torch.no_grad()
     def step(self, lr: float | None = None) -> StepResult:
         lr = self.lr if lr is None else lr
+        self._disarm()
+        for b in self._launch:  # what the backward did not start, in the launch order
+            b.start_sync()
         grads = [b.grad_shard().div_(self.grad_divisor) for b in self.buckets]
         sq = None
         for b, g in zip(self.buckets, grads):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from hai.model.init import param_dtype
 from hai.model.transformer import Transformer
 from hai.model.wgrad import WeightGradStore
 from hai.model.moe import LocalDispatcher
+from hai.parallel.layout import module_of
 from hai.pipeline.overlap import PlainTape, Tape, block_forward, run_fb, supports_seams
 from hai.pipeline.schedules import Action, Kind, build_schedule
 from hai.pipeline.simulate import add_send_recv
@@ -89,11 +91,31 @@ class PipelineExecutor:
         for m in model.modules():
             if hasattr(m, "wgrad_store"):
                 m.wgrad_store = self.store if self.defers_w else None
+        # gradients final for the step: after the action at index i, the parameters in _final[i] (their stages' last
+        # backward and weight-gradient work on this rank) are handed to on_grads_final (the optimizer starts their
+        # reduce-scatter while the schedule goes on: hai.parallel.zero.ZeroAdamW.grads_final)
+        self.on_grads_final: Callable[[list], None] | None = None
+        self._final = self._final_params(model, layout)
         self.timeline: list[Event] = []  # the last step's executed actions, seconds from the step's start
         self.p2p_sent: list[int] = []  # bytes of every activation / gradient this rank sent in the last step
         self._recvs: dict[tuple, tuple] = {}  # posted receives not yet consumed: (kind, stage, mb) -> (work, buffer)
         self._sends: list[tuple] = []  # posted sends not yet waited for
         self._t_base = 0.0
+
+    def _final_params(self, model, layout) -> dict[int, list]:
+        """Action index -> parameters whose gradients no later action of this rank's schedule touches."""
+        last: dict[int, int] = {}  # stage -> index of its last action with gradient work (B, BW, W, FB's backward)
+        for i, a in enumerate(self.actions):
+            if a.kind in (Kind.B, Kind.BW, Kind.W):
+                last[a.stage] = i
+            elif a.kind is Kind.FB:
+                last[a.b_stage] = i
+        final: dict[int, list] = {}
+        for name, p in model.named_parameters():
+            uses = [last[s] for s in self.stages if s in last and module_of(name) in layout.stage_modules(s)]
+            if uses and p.requires_grad:
+                final.setdefault(max(uses), []).append(p)
+        return final
 
     @staticmethod
     def _stage_owners(schedules) -> dict[tuple[int, int], int]:
@@ -280,7 +302,7 @@ class PipelineExecutor:
         self.timeline, self.seam_log, self.p2p_sent, t_base = [], [], [], time.perf_counter()
         self._t_base = t_base
         self._recvs, self._sends = {}, []
-        for a in self.actions:
+        for i, a in enumerate(self.actions):
             if a.is_comm:
                 pending.append(a)
                 continue
@@ -290,6 +312,8 @@ class PipelineExecutor:
             t0 = time.perf_counter()
             self._arrive(a, slots)
             self._compute(a, slots, micro_batches)
+            if self.on_grads_final is not None and i in self._final:
+                self.on_grads_final(self._final[i])
             self.timeline.append(Event(self.pp_rank, t0 - t_base, time.perf_counter() - t_base, a))
         if pending:
             self._p2p(pending, slots)

@@ -148,15 +148,17 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, mode):
 
 def _poison_gradient(trainer, step: int, value: float, rank: int) -> None:
     """Test-side fault injection: on ``step`` (1-based, as logged) rank ``rank`` turns one gradient element into
-    ``value`` right before the optimizer step, whatever produced the gradients."""
-    opt, real_step = trainer.optimizer, trainer.optimizer.step
+    ``value`` right before its bucket's reduction starts (inside the backward with overlap_grad_reduce, else in the
+    optimizer step), whatever produced the gradients."""
+    bucket = trainer.optimizer.buckets[0]
+    real_start = bucket.start_sync
 
-    def step_fn(*args, **kwargs):
-        if trainer.step + 1 == step and trainer.rank == rank:
-            opt.buckets[0].grad[0] = value  # the flat fp32 gradient buffer the step reduces
-        return real_step(*args, **kwargs)
+    def start_sync():
+        if trainer.step + 1 == step and trainer.rank == rank and bucket.work is None:
+            bucket.grad[0] = value  # the flat fp32 gradient buffer the step reduces
+        return real_start()
 
-    opt.step = step_fn
+    bucket.start_sync = start_sync
 
 
 def fit_counting(rank: int, world: int, ov: list[str], poison: tuple):

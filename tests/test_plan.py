@@ -176,6 +176,25 @@ def test_v3_ranks_built_on_meta_allocate_exactly_the_plans_bytes():
         assert built["params"] == {"dense": prm.dense, "expert": prm.expert, "total": prm.total}
 
 
+def test_plan_bytes_follow_the_gradient_buckets():
+    """ZeRO-1 gradient buckets (train.grad_bucket_elements) are each padded to shard x dp: with dp=3 the padding
+    of 1-parameter and ~100k-element buckets differs from one bucket per kind, and the plan's formula equals what
+    the construction path allocates on meta in every case."""
+    from hai.plan.construct import constructed_bytes
+    from hai.plan.memory import static_bytes
+
+    base = ["model=small", "cluster=h100_node", "cluster.gpus_per_node=3", "parallel=single", "parallel.dp=3",
+            "train.global_batch_size=12"]
+    seen = set()
+    for limit in (0, 100_000, 1):
+        cfg = compose(base + [f"train.grad_bucket_elements={limit}"])
+        want = static_bytes(cfg, 0)
+        built = constructed_bytes(cfg, 0)
+        assert {k: built[k] for k in want} == want, (limit, built, want)
+        seen.add(want["gradients"])
+    assert len(seen) == 3  # the three splits pad differently: the per-bucket padding is what is compared
+
+
 def _measured_rank(rank, world, out_dir):
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology

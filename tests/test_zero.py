@@ -105,6 +105,57 @@ def test_bf16_moments_stay_close(tmp_path):
         assert math.isclose(a, b, rel_tol=0.02)
 
 
+def _overlap_rank(rank, world, tmp, overlap, pp=1, schedule="1f1b"):
+    cfg = _cfg(world // pp, tmp, ("train.grad_bucket_elements=3000", f"train.overlap_grad_reduce={overlap}",
+                                  f"cluster.gpus_per_node={world}", f"parallel.pp={pp}",
+                                  f"parallel.schedule={schedule}"))
+    topo = Topology.from_config(cfg)
+    trainer = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
+    opt, losses, early = trainer.optimizer, [], []
+    for _ in range(cfg.train.steps):
+        losses.append(trainer.train_step()["loss"])
+        early.append(opt.launched_in_backward if overlap else 0)
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return losses, params, early, len(opt.buckets), len(opt._launch)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+def test_overlapped_gradient_reduce_scatter_in_the_pipeline(reference, schedule, tmp_path):
+    """pp=2 x dp=2: a stage's buckets start their reduce-scatter when the schedule has run the stage's last backward
+    and weight-gradient work (ZB1P defers W past the last B), before the schedule ends; every bucket synced over
+    dp alone (not a pipeline copy, such as the embedding MTP shares with the first stage) starts inside the
+    schedule; bit-for-bit the non-overlapped run; the single-process run within fp32 reduction order."""
+    on = run_ranks(_overlap_rank, 4, str(tmp_path), True, 2, schedule)
+    off = run_ranks(_overlap_rank, 4, str(tmp_path), False, 2, schedule)
+    ref_losses, ref_params = reference[:2]
+    for (l_on, p_on, early, n_buckets, n_launch), (l_off, p_off, *_) in zip(on, off):
+        assert n_launch >= 5 and early == [n_launch] * STEPS, (early, n_launch, n_buckets)
+        assert l_on == l_off
+        for n, p in p_on.items():
+            assert torch.equal(p, p_off[n]), n
+            torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=1e-5, msg=n)
+        assert l_on == pytest.approx(ref_losses, rel=1e-5)
+
+
+@pytest.mark.multiproc
+def test_overlapped_gradient_reduce_scatter(reference, tmp_path):
+    """train.overlap_grad_reduce: with ~3k-element buckets, the reduce-scatters start during the last backward
+    (every bucket, in launch order, before the step), the result is bit-for-bit the non-overlapped step's with the
+    same buckets, and both equal the single-process run within fp32 reduction-order tolerance."""
+    on = run_ranks(_overlap_rank, 2, str(tmp_path), True)
+    off = run_ranks(_overlap_rank, 2, str(tmp_path), False)
+    ref_losses, ref_params = reference[:2]
+    for (l_on, p_on, early, n_buckets, n_launch), (l_off, p_off, *_) in zip(on, off):
+        assert n_buckets > 10 and n_launch == n_buckets  # small buckets, every one a single dp reduce-scatter
+        assert early == [n_launch] * STEPS  # all started inside the backward, none left for the step to start
+        assert l_on == l_off
+        for n, p in p_on.items():
+            assert torch.equal(p, p_off[n]), n
+            torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=1e-5, msg=n)
+        assert l_on == pytest.approx(ref_losses, rel=1e-5)
+
+
 def _adamw_run(fused: bool, steps: int = 4) -> list[torch.Tensor]:
     """Four steps of ZeroAdamW (one rank, clipping and weight decay on) on fixed gradients; the master weights."""
     from types import SimpleNamespace

@@ -243,6 +243,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW moments in bf16 (as V3 did)
+    overlap_grad_reduce: bool = True  # reduce-scatter gradient buckets during the last backward (hai.parallel.zero)
+    grad_bucket_elements: int = 40_000_000  # elements per ZeRO-1 gradient bucket (Megatron's 40M); 0: one per kind
     recompute: str = "none"  # none | v3 (DeepSeek-V3's activation recipe) | full (every block segment recomputed)
     compile: bool = False  # torch.compile the block's elementwise math (norms, SwiGLU, RoPE; hai.model.layers)
     collective_timeout_s: float = 600.0  # a collective stuck this long: every rank dumps OUT_DIR/hang/, the job ends
@@ -266,6 +268,8 @@ class TrainConfig:
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must lie in [0, train.lr={self.lr}]")
         _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _require(self.epochs >= 0, f"train.epochs={self.epochs} must be >= 0 (0: train.steps decides)")
+        _require(self.grad_bucket_elements >= 0, f"train.grad_bucket_elements={self.grad_bucket_elements} must be "
+                 f">= 0 (0: one bucket per parameter kind)")
         _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _require(self.save_every >= 0, f"train.save_every={self.save_every} must be >= 0 (0 disables)")
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")

@@ -4,9 +4,10 @@ Static bytes. Placement follows :class:`hai.parallel.layout.PipelineLayout` (the
 path's): a rank holds the modules of its stages; routed-expert weights are its 1/ep share, the weights tensor
 parallelism splits (heads, MLP columns, vocabulary rows) its 1/tp share. ZeRO-1
 (:mod:`hai.parallel.zero`) packs a rank's parameters into buckets keyed by (routed expert or not, matrix or vector,
-pipeline holders) and allocates per bucket a flat weight buffer (the model's dtype) and a flat fp32 gradient
-buffer, both padded to ``shard * world`` (:func:`hai.parallel.zero.bucket_layout`; dense buckets over dp, experts
-over edp), plus the shard's fp32 master weights and two AdamW moments (fp32, or bf16 with ``train.bf16_moments``).
+pipeline holders), splits each kind into gradient buckets of ``train.grad_bucket_elements`` and allocates per
+bucket a flat weight buffer (the model's dtype) and a flat fp32 gradient buffer, both padded to ``shard * world``
+(:func:`hai.parallel.zero.bucket_layout`; dense buckets over dp, experts over edp), plus the shard's fp32 master
+weights and two AdamW moments (fp32, or bf16 with ``train.bf16_moments``).
 :func:`static_bytes` computes that from the config alone (parameter counts per placement unit, written out
 independently of the model code); ``hai plan`` also builds the rank on the meta device through the real
 construction path (:mod:`hai.plan.construct`) and reports both, which agree exactly (tests).
@@ -30,7 +31,7 @@ from functools import lru_cache
 
 from hai.config import Config, ModelConfig
 from hai.parallel.layout import PipelineLayout
-from hai.parallel.zero import bucket_layout
+from hai.parallel.zero import bucket_layout, split_sizes
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies
 
 __all__ = ["RECOMPUTE_MODES", "GRAD_BYTES", "GB", "StageParams", "UnitParams", "unit_params", "rank_units",
@@ -156,9 +157,10 @@ def unit_tensors(m: ModelConfig, unit: str, ep: int) -> list[tuple[str, int]]:
     raise ValueError(f"unknown placement unit {unit!r}")
 
 
-def rank_buckets(cfg: Config, rank: int) -> dict[tuple, int]:
-    """ZeRO-1 buckets of pipeline rank ``rank`` (``hai.parallel.zero``'s keys): (expert, matrix, holders, summed
-    over tp, whole on every TP rank) -> elements of this rank (TP-split weights: their 1/tp)."""
+def rank_buckets(cfg: Config, rank: int) -> dict[tuple, list[int]]:
+    """ZeRO-1 parameter kinds of pipeline rank ``rank`` (``hai.parallel.zero``'s keys): (expert, matrix, holders,
+    summed over tp, whole on every TP rank) -> elements of each of its parameters on this rank, in the model's
+    order (TP-split weights: their 1/tp)."""
     from hai.parallel.tensor_parallel import tp_partial, tp_replicated, tp_split_dim
 
     lay, buckets, p = _layout(cfg), {}, cfg.parallel
@@ -171,7 +173,7 @@ def rank_buckets(cfg: Config, rank: int) -> dict[tuple, int]:
             partial = tp > 1 and tp_partial(name, sp, cfg.train.recompute)
             whole = tp > 1 and tp_replicated(name)
             key = (expert, matrix, h, partial, whole)
-            buckets[key] = buckets.get(key, 0) + (n // tp if split else n)
+            buckets.setdefault(key, []).append(n // tp if split else n)
     return buckets
 
 
@@ -182,11 +184,13 @@ def static_bytes(cfg: Config, rank: int) -> dict[str, int]:
     wbytes = act_bytes(cfg.model)
     state = 4 + 2 * (2 if t.bf16_moments else 4)
     out = {"parameters": 0, "gradients": 0, "optimizer": 0}
-    for (expert, *_), n in rank_buckets(cfg, rank).items():
-        shard, padded = bucket_layout(n, p.edp if expert else p.dp * p.cp)  # ZeRO-1 over edp / dp x cp
-        out["parameters"] += padded * wbytes
-        out["gradients"] += padded * GRAD_BYTES
-        out["optimizer"] += shard * state
+    for (expert, *_), sizes in rank_buckets(cfg, rank).items():
+        for part in split_sizes(sizes, t.grad_bucket_elements):  # gradient buckets, each padded
+            n = sum(sizes[i] for i in part)
+            shard, padded = bucket_layout(n, p.edp if expert else p.dp * p.cp)  # ZeRO-1 over edp / dp x cp
+            out["parameters"] += padded * wbytes
+            out["gradients"] += padded * GRAD_BYTES
+            out["optimizer"] += shard * state
     return out
 
 

@@ -138,14 +138,19 @@ class Trainer:
         """Accumulate gradients of the mean loss over micro-batches; returns [main_sum, mtp_sum] (detached, float64,
         on the device: read with the step's other metrics in one transfer)."""
         if self.pipeline is not None:
+            # each stage's gradient reduce-scatter starts once the schedule has run its last gradient work
+            self.optimizer.arm_grad_sync(by_hooks=False)
+            self.pipeline.on_grads_final = self.optimizer.grads_final
             with self._autocast():
                 sums = self.pipeline.run([mb.to(self.device) for mb in micro_batches])
             dist.all_reduce(sums, group=self.pp_group)  # the losses were computed at the last stage(s)
             return sums
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for tokens in micro_batches:
+        for i, tokens in enumerate(micro_batches):
             with self._autocast():
                 out = self.model(tokens.to(self.device))
+            if i == len(micro_batches) - 1:  # the gradient reduce-scatter overlaps this backward, bucket by bucket
+                self.optimizer.arm_grad_sync()
             (out.loss / self.n_micro).backward()
             sums += torch.stack([out.main_loss.double(), out.mtp_loss.double()])
         return sums
