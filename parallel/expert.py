@@ -116,8 +116,12 @@ class EPHandle:
 class EPDispatcher:
     """Expert-parallel ``Dispatcher`` over ``ep_group`` (a ProcessGroup or a 1-D DeviceMesh)."""
 
-    def __init__(self, ep_group, num_experts: int, *, gpus_per_node: int, mode: str = "flat", fp8: bool = False):
+    def __init__(self, ep_group, num_experts: int, *, gpus_per_node: int, mode: str = "flat", fp8: bool = False,
+                 meta_group=None):
         self.group = ep_group.get_group() if hasattr(ep_group, "get_group") else ep_group
+        # the count tables and routing rows of each hop travel on their own communicator over the same ranks (see
+        # "Host syncs" below); None: on the payload's
+        self.meta_group = self.group if meta_group is None else meta_group
         self.ep, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         check_ep_config(num_experts, self.ep, gpus_per_node, mode)
         self.num_experts, self.num_local_experts = num_experts, num_experts // self.ep
@@ -201,6 +205,11 @@ class EPDispatcher:
     # rows per destination's local expert) with one all-to-all and reads it, with this rank's own send counts, in one
     # device-to-host transfer: the split sizes the payload all-to-alls and the grouped GEMMs need on the host. Every
     # other index (rows to send, local rows in (expert, source, token) order) is built by sorting on the device.
+    # The count tables and routing rows go over ``meta_group``, a second communicator over the same ranks: on NCCL
+    # a communicator runs its collectives in issue order on its own stream, so on the payload's communicator a hop's
+    # count exchange would queue behind the other F&B chunk's payload all-to-all (megabytes) before its host read.
+    # On its own it waits only for the compute already enqueued (the routing it reads), while the other chunk's
+    # payload stays on the wire; the host read then costs the GPU one launch gap, as in DeepEP's normal kernels.
     def _plan(self, topk_idx_TK: torch.Tensor) -> EPHandle:
         """Route the metadata rows [rank, token, expert ids] hop by hop; the last hop's rows define the layout."""
         T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
@@ -235,7 +244,7 @@ class EPDispatcher:
             table_PC = torch.cat([table_PC, per_expert.view(P, El)], dim=1)
         C = table_PC.shape[1]
         with self.links.blocking():
-            recv_PC, _ = a2a(table_PC, [1] * P, [1] * P, self.group)
+            recv_PC, _ = a2a(table_PC, [1] * P, [1] * P, self.meta_group)
         self.links.count(route.traffics, "meta", [1] * P, C * table_PC.element_size())
         host = torch.cat([send_P, recv_PC.reshape(-1)]).tolist()  # the hop's one host sync
         send_splits, recv_table = host[:P], [host[P + p * C:P + (p + 1) * C] for p in range(P)]
@@ -244,7 +253,8 @@ class EPDispatcher:
         # rows grouped by destination rank, ascending within each: the first sum(send) entries of a stable sort
         order = torch.argsort((~mask_NP.t()).reshape(-1).to(torch.uint8), stable=True)[:sum(send_splits)]
         hop = Hop(order % N, send_splits, recv_splits, N)
-        recv_meta, _ = route.send(meta_NM.index_select(0, hop.send_idx), hop.send_splits, hop.recv_splits, "meta")
+        recv_meta, _ = route.send(meta_NM.index_select(0, hop.send_idx), hop.send_splits, hop.recv_splits, "meta",
+                                  group=self.meta_group)
         return hop, recv_meta, counts
 
     def _dest_ranks(self, meta_NM: torch.Tensor) -> torch.Tensor:

@@ -157,13 +157,15 @@ class Route:
         self.hops, self.group, self.links, self.traffics = hops, group, links, traffics
         self.host_blocking = host_blocking  # gloo waits block the host; NCCL waits are stream dependencies
 
-    def send(self, buf: torch.Tensor, send: list[int], recv: list[int], phase: str, async_op: bool = False):
-        """One all-to-all of rows, counted under ``phase``."""
+    def send(self, buf: torch.Tensor, send: list[int], recv: list[int], phase: str, async_op: bool = False,
+             group=None):
+        """One all-to-all of rows, counted under ``phase`` (over ``group``, default the route's)."""
         self.links.count(self.traffics, phase, send, _row_bytes(buf) if buf.shape[0] else 0)
+        group = self.group if group is None else group
         if async_op:
-            return a2a(buf, send, recv, self.group, True)
+            return a2a(buf, send, recv, group, True)
         with self.links.blocking():
-            return a2a(buf, send, recv, self.group, False)
+            return a2a(buf, send, recv, group, False)
 
     def gather(self, x_ND: torch.Tensor, codec, phase: str, async_op: bool = False) -> Callable[[], torch.Tensor]:
         """Copy rows forward; the first hop is issued now (async if asked), the returned call finishes the rest."""

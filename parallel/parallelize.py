@@ -99,6 +99,17 @@ def _copy_groups(layout: PipelineLayout, topo: Topology, coords: dict[str, int])
     return mine
 
 
+def _ep_meta_group(mesh):
+    """Collective over the world: a second communicator over every EP group's ranks (the dispatch's count tables
+    and routing rows, ``hai.parallel.expert``); this rank's."""
+    import torch.distributed as dist
+
+    ranks = mesh["ep"].mesh  # this rank's EP group; every group: the expert mesh's last axis
+    groups = getattr(mesh, "root", mesh).mesh.reshape(-1, ranks.numel()).tolist()
+    mine, _ = dist.new_subgroups_by_enumeration(groups)
+    return mine
+
+
 def parallelize(model: nn.Module, topo: Topology, cfg: Config, mesh=None, rank: int = 0) -> Placement:
     """Apply the layout of ``topo`` for global ``rank`` to ``model`` (normally still on ``meta``). With ``mesh``
     (the process groups exist), also swap in the expert-parallel dispatcher and create the copy groups (a
@@ -110,11 +121,13 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, mesh=None, rank: 
         from hai.parallel.expert import EPDispatcher, shard_experts
 
         group = mesh["ep"].get_group() if mesh is not None else None
+        meta_group = _ep_meta_group(mesh) if mesh is not None else None
         for moe in model.moe_layers():
             shard_experts(moe, coords["ep"], topo.ep)
             if group is not None:
                 moe.dispatcher = EPDispatcher(group, cfg.model.n_routed_experts, gpus_per_node=topo.gpus_per_node,
-                                              mode=cfg.parallel.dispatch, fp8=cfg.parallel.fp8_dispatch)
+                                              mode=cfg.parallel.dispatch, fp8=cfg.parallel.fp8_dispatch,
+                                              meta_group=meta_group)
     if topo.tp > 1:
         from hai.parallel.tensor_parallel import TPGroup, shard_tensor_parallel
 

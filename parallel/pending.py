@@ -11,8 +11,13 @@ gather, the experts) are enqueued after that dependency, and meanwhile the host 
 kernels, which the GPU runs while the collective is on the wire; NCCL keeps the tensors of an in-flight collective
 alive. ``ready()`` answers "would ``step()`` / ``wait()`` block the host?": never on NCCL (``host_blocking=False``),
 and on gloo, whose waits block the calling thread, only once the work has completed (``Work.is_completed()``, which
-on CUDA would report GPU progress instead). So the F&B's fill of waits with deferred weight gradients happens where
-the host would otherwise sit idle (gloo); on CUDA those GEMMs are simply enqueued after the pair.
+on CUDA would report GPU progress instead).
+
+Filling the waits (``hai.pipeline.overlap.run_fb``'s ``fill``: DualPipe's deferred weight gradients). On gloo the
+host would sit idle in ``wait()``, so deferred weight-gradient GEMMs run until the work has completed. On NCCL the
+host never waits, so "until it completes" cannot be asked; instead one deferred GEMM is enqueued right after each
+collective is issued, ahead of the other chunk's compute and of the kernels that consume the collective's result:
+the compute stream runs it while the collective is on the wire (the consumer's stream dependency comes after it).
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ class Joint(Pending):
 
     def ready(self) -> bool:
         return all(p.ready() for p in self.parts)
+
+    @property
+    def host_blocking(self) -> bool:
+        return any(p.host_blocking for p in self.parts)
 
     def wait(self) -> tuple:
         return tuple(p.wait() for p in self.parts)

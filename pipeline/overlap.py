@@ -298,8 +298,11 @@ def run_fb(forward: Iterator, backward: Iterator, *, sequential: bool = False, l
     with ``sequential``, the forward to its end and then the backward). The chunks yield (seam name, Pending).
     ``log`` receives (chunk, seam, time).
 
-    ``fill`` runs one unit of other work (DualPipe's deferred weight gradients) and says whether there was any: before
-    a chunk resumes, it is called while that chunk's collective is still in flight, so the wait is spent computing.
+    ``fill`` runs one unit of other work (DualPipe's deferred weight gradients) and says whether there was any. Where a
+    wait blocks the host (gloo), it is called before a chunk resumes, for as long as that chunk's collective is still
+    in flight, so the wait is spent computing. Where it does not (NCCL: ``wait()`` is a stream dependency and the host
+    cannot tell when the transfer ends), one unit is enqueued right after each collective is issued, so the GPU runs
+    it, and the other chunk's compute, while the transfer is on the wire (``hai.parallel.pending``).
     """
     chunks = [("F", forward), ("B", backward)]
     if sequential:
@@ -323,3 +326,5 @@ def run_fb(forward: Iterator, backward: Iterator, *, sequential: bool = False, l
             seam, waiting[name] = got
             if log is not None:
                 log.append((name, seam, time.perf_counter()))
+            if fill is not None and not waiting[name].host_blocking:
+                fill()  # NCCL: enqueued behind the collective just issued, ahead of its consumer

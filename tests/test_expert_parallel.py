@@ -391,3 +391,48 @@ def test_expert_parallel_matches_references(world, ep, gpn, M):
         for m, b in r["bytes"]:
             if m:
                 assert b["hier"]["dispatch_inter"] <= m * D * 4 * b["T"]
+
+
+def _meta_group_rank(rank, world, out_dir):
+    from dist_utils import trainer_for
+    from hai.parallel import expert, expert_comm
+
+    trainer = trainer_for(["model=tiny", "train=test", "cluster=cpu1", "parallel=single", "wandb.mode=disabled",
+                           "cluster.gpus_per_node=4", "parallel.dp=4", "parallel.ep=2", "parallel.dispatch=flat",
+                           f"out_dir={out_dir}"])
+    disp = trainer.model.moe_layers()[0].dispatcher
+    ranks = sorted(dist.get_process_group_ranks(disp.group))
+    assert disp.meta_group is not disp.group and sorted(dist.get_process_group_ranks(disp.meta_group)) == ranks
+    seen, real_a2a, real_send = [], expert.a2a, expert_comm.Route.send
+
+    def a2a(buf, send, recv, group, async_op=False):  # the count table of each hop
+        seen.append(("counts", buf.dtype, group))
+        return real_a2a(buf, send, recv, group, async_op)
+
+    def send(self, buf, s, r, phase, async_op=False, group=None):
+        seen.append((phase, buf.dtype, self.group if group is None else group))
+        return real_send(self, buf, s, r, phase, async_op, group)
+
+    expert.a2a, expert_comm.Route.send = a2a, send
+    try:
+        trainer.train_step()
+    finally:
+        expert.a2a, expert_comm.Route.send = real_a2a, real_send
+    groups = {m.dispatcher.group for m in trainer.model.moe_layers()}
+    metas = {m.dispatcher.meta_group for m in trainer.model.moe_layers()}
+    # count tables and routing rows (int64) on the metadata communicator; every payload (rows, gates, gradients)
+    # on the EP communicator
+    routing = [g for phase, dt, g in seen if phase == "counts" or (phase == "meta" and dt == torch.long)]
+    payload = [g for phase, dt, g in seen if not (phase == "counts" or (phase == "meta" and dt == torch.long))]
+    assert routing and payload
+    assert all(g in metas for g in routing) and all(g in groups for g in payload)
+    return len(routing), len(payload)
+
+
+@pytest.mark.multiproc
+def test_routing_metadata_travels_on_its_own_communicator(tmp_path):
+    """Each hop's count table and routing rows go over a second communicator of the same EP ranks (on NCCL a
+    communicator runs in issue order: on the payload's, the count exchange would queue behind the other F&B chunk's
+    payload before its host read); payloads stay on the EP group. Training results are the layout tests'."""
+    results = run_ranks(_meta_group_rank, 4, str(tmp_path))
+    assert len(set(results)) == 1  # every rank exchanged the same number of each

@@ -145,12 +145,19 @@ def test_interleaved_fb_is_bitwise_sequential_under_expert_parallelism():
     assert [s for c, s in log if c == "B"] == (["combine_bwd"] * hops + ["dispatch_bwd"] * hops) * n_moe
 
 
-def _train_rank(rank, world, overrides, sequential):
+def _train_rank(rank, world, overrides, sequential, nccl_order=False):
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)
     trainer = Trainer(cfg, topo, init_distributed(topo), TokenFile.open(ensure_token_file(cfg.data)))
     trainer.pipeline.fb_sequential = sequential
+    if nccl_order:  # run_fb's NCCL rule (waits do not block the host): one deferred W enqueued per issued collective
+        for m in trainer.model.moe_layers():
+            m.dispatcher.host_blocking = False
+    store = trainer.pipeline.store
     recs = [trainer.train_step() for _ in range(2)]
+    if nccl_order and not sequential:  # the weight gradients ran inside the F&B pairs, one per issued collective
+        issued = sum(len(fb) for fb in trainer.pipeline.seam_log)
+        assert 0 < store.filled <= issued, (store.filled, issued)
     # the exposed (host-blocked) EP communication is logged and is part of the forward/backward time
     assert all(0 < r["ep_comm_blocked_s"] < r["forward_backward_s"] for r in recs), recs
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -158,13 +165,17 @@ def _train_rank(rank, world, overrides, sequential):
     return [r["loss"] for r in recs], params, [[c for c, _, _ in fb] for fb in trainer.pipeline.seam_log]
 
 
-@pytest.mark.parametrize("extra", [[], ["parallel.fp8_dispatch=true"]], ids=["bf16_wire", "fp8_dispatch"])
-def test_trainer_interleaved_fb_equals_sequential(extra, tmp_path):
+@pytest.mark.parametrize("extra,nccl_order", [([], False), (["parallel.fp8_dispatch=true"], False), ([], True)],
+                         ids=["bf16_wire", "fp8_dispatch", "nccl_order"])
+def test_trainer_interleaved_fb_equals_sequential(extra, nccl_order, tmp_path):
+    """nccl_order: the dispatchers say their waits do not block the host (NCCL's stream dependencies), so the F&B
+    enqueues a deferred weight gradient right after each collective instead of polling for completion; the result
+    is still bitwise the sequential pair's."""
     overrides = ["model=tiny", "train=test", "cluster=cpu1", "parallel=single", "wandb.mode=disabled",
                  "cluster.gpus_per_node=4", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
                  "parallel.schedule=dualpipe", "train.global_batch_size=16", f"out_dir={tmp_path}", *extra]
-    inter = run_ranks(_train_rank, 4, overrides, False)
-    seq = run_ranks(_train_rank, 4, overrides, True)
+    inter = run_ranks(_train_rank, 4, overrides, False, nccl_order)
+    seq = run_ranks(_train_rank, 4, overrides, True, nccl_order)
     for (l1, p1, fbs), (l2, p2, _) in zip(inter, seq):
         assert l1 == l2
         assert all(torch.equal(p1[n], p2[n]) for n in p1)
@@ -207,3 +218,38 @@ def test_ready_means_the_host_would_not_block():
         assert chain.ready() is (not blocking)
         work.done = True
         assert chain.ready() and chain.wait() == "rows"
+
+
+def test_nccl_order_enqueues_one_weight_gradient_behind_each_collective():
+    """run_fb with waits that do not block the host (NCCL): right after a chunk issues a collective, one deferred
+    weight-gradient unit is enqueued, before the other chunk runs and before the collective's consumer; with
+    host-blocking waits (gloo) nothing is filled once the work has completed."""
+    from hai.model.moe import Pending
+
+    class InFlight(Pending):
+        def __init__(self, blocking):
+            super().__init__(None)
+            self.host_blocking = blocking
+
+    def chunk(name, seams, events, blocking):
+        for seam in seams:
+            events.append(f"{name} issue {seam}")
+            yield seam, InFlight(blocking)
+            events.append(f"{name} consume {seam}")
+
+    for blocking in (False, True):
+        events, units = [], iter(range(100))
+
+        def fill():
+            events.append(f"W{next(units)}")
+            return True
+
+        run_fb(chunk("F", ["dispatch", "combine"], events, blocking),
+               chunk("B", ["combine_bwd", "dispatch_bwd"], events, blocking), fill=fill)
+        if blocking:  # gloo: the works report completion (ready), so there is no wait to fill
+            assert not [e for e in events if e.startswith("W")]
+            continue
+        assert events == ["F issue dispatch", "W0", "B issue combine_bwd", "W1",
+                          "F consume dispatch", "F issue combine", "W2",
+                          "B consume combine_bwd", "B issue dispatch_bwd", "W3",
+                          "F consume combine", "B consume dispatch_bwd"]

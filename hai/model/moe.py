@@ -158,6 +158,8 @@ class Pending:
     the host; ``wait()`` runs the remaining steps (its subclasses ``Chain`` and ``Joint`` live with the collectives).
     """
 
+    host_blocking = True  # whether wait() blocks the host (gloo) or is only a stream dependency (NCCL)
+
     def __init__(self, finish: Callable[[], Any]):
         self._finish, self._result = finish, None
 

@@ -21,6 +21,7 @@ class WeightGradStore:
         self.recording = False
         self._pending: list[Callable[[], None]] = []
         self._queued: dict[Hashable, list[Callable[[], None]]] = {}
+        self.filled = 0  # closures run by run_one (inside an overlapped F&B pair) since construction
 
     def put(self, fn: Callable[[], None]) -> bool:
         """Queue ``fn`` if recording (returns True), else let the caller run it now (returns False)."""
@@ -44,6 +45,7 @@ class WeightGradStore:
         if not self._pending:
             return False
         self._pending.pop(0)()
+        self.filled += 1
         return True
 
     def empty(self) -> bool:
