@@ -195,6 +195,32 @@ def test_plan_bytes_follow_the_gradient_buckets():
     assert len(seen) == 3  # the three splits pad differently: the per-bucket padding is what is compared
 
 
+def test_plan_hides_the_overlapped_reduce_scatter_under_the_last_backward():
+    """pp=1 with train.overlap_grad_reduce: the reduce-scatter of all but the last of the rank's n gradient buckets
+    hides under the last micro-batch's backward, up to its length; the step is that much shorter than with the
+    sync at the step; with a pipeline nothing hides (the rank finishing last starts its buckets at the end)."""
+    from hai.plan.cost import zero1_bytes
+    from hai.plan.memory import n_grad_buckets
+    from hai.plan.step import predict
+
+    base = ["model=small", "cluster=h100_node", "parallel=single", "parallel.dp=8", "parallel.ep=8",
+            "train.global_batch_size=64"]
+    for limit in (0, 2_000_000):
+        on = compose(base + [f"train.grad_bucket_elements={limit}"])
+        off = compose(base + [f"train.grad_bucket_elements={limit}", "train.overlap_grad_reduce=false"])
+        p_on, p_off = predict(on, with_comm=False), predict(off, with_comm=False)
+        rs_s = zero1_bytes(on, 0)["reduce_scatter"] / (on.cluster.nvlink_gbps * 1e9)  # one node: NVLink
+        n = n_grad_buckets(on, 0)
+        backward = p_on["pipeline"]["costs"]["B"]
+        want = min(rs_s * (1 - 1 / n), backward)
+        assert n >= 3 and p_off["step"]["zero1_hidden_s"] == 0
+        assert p_on["step"]["zero1_hidden_s"] == pytest.approx(want, rel=1e-9) and want > 0
+        assert p_off["step"]["step_time_s"] - p_on["step"]["step_time_s"] == pytest.approx(want, rel=1e-6)
+    piped = predict(compose(base + ["parallel.pp=2", "parallel.dp=4", "parallel.ep=4", "cluster.gpus_per_node=8"]),
+                    with_comm=False)
+    assert piped["step"]["zero1_hidden_s"] == 0
+
+
 def _measured_rank(rank, world, out_dir):
     from hai.data import TokenFile, ensure_token_file
     from hai.parallel import Topology

@@ -165,7 +165,9 @@ def _step(r: dict) -> str:
          + f"  (busiest / mean {s['busiest_over_mean_compute']:.3f})"),
         (f"step on busiest rank {s['busiest_rank']}",
          f"compute {_t(s['compute_s'])} + exposed EP comm {_t(s['exposed_comm_s'])} + "
-         f"idle {_t(s['bubble_s'])} + ZeRO-1/copy sync {_t(s['zero1_s'])}"),
+         f"idle {_t(s['bubble_s'])} + ZeRO-1/copy sync {_t(s['zero1_s'])}"
+         + (f" (+ {_t(s['zero1_hidden_s'])} of reduce-scatter under the last backward)"
+            if s.get("zero1_hidden_s") else "")),
         ("predicted step time", _t(s['step_time_s'])),
         ("tokens/s per GPU", f"{t['tokens_per_s_per_gpu']:,.0f}"),
         ("TFLOP/s per GPU", f"{t['tflops_per_gpu']:,.1f}  ({t['flops_per_token'] / 1e9:.1f} GFLOPs/token)"),

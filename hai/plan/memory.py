@@ -35,7 +35,7 @@ from hai.parallel.zero import bucket_layout, split_sizes
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies
 
 __all__ = ["RECOMPUTE_MODES", "GRAD_BYTES", "GB", "StageParams", "UnitParams", "unit_params", "rank_units",
-           "rank_params", "worst_rank_params", "rank_buckets", "static_bytes", "checkpoint_staging", "act_items",
+           "rank_params", "worst_rank_params", "rank_buckets", "n_grad_buckets", "static_bytes", "checkpoint_staging", "act_items",
            "layer_act_bytes",
            "stage_act_bytes", "local_config", "rank_act_peaks", "memory_report", "is_moe_layer", "fp8_bytes",
            "act_bytes", "check_fits"]
@@ -192,6 +192,11 @@ def static_bytes(cfg: Config, rank: int) -> dict[str, int]:
             out["gradients"] += padded * GRAD_BYTES
             out["optimizer"] += shard * state
     return out
+
+
+def n_grad_buckets(cfg: Config, rank: int) -> int:
+    """ZeRO-1 gradient buckets of pipeline rank ``rank`` (``train.grad_bucket_elements`` per bucket)."""
+    return sum(len(split_sizes(sizes, cfg.train.grad_bucket_elements)) for sizes in rank_buckets(cfg, rank).values())
 
 
 def worst_rank_params(cfg: Config) -> tuple[int, StageParams]:

@@ -14,7 +14,7 @@ from hai.plan.accounting import train_flops_per_token
 from hai.plan.cost import chunk_comm, chunk_compute, chunk_flops, p2p_bytes_per_chunk, zero1_bytes
 from hai.plan.cp import (attention_working_set, cp_alternatives, cp_chunk_bytes, cp_chunk_compute, cp_chunk_seconds,
                          cp_link)
-from hai.plan.memory import local_config, memory_report
+from hai.plan.memory import local_config, memory_report, n_grad_buckets
 from hai.plan.tp import tp_chunk_bytes, tp_chunk_seconds, tp_layer_bytes
 
 __all__ = ["predict", "predict_step_time"]
@@ -74,6 +74,17 @@ def _zero_seconds(cfg: Config, zero: dict) -> float:
     return sum(zero.values()) / (bw * 1e9)
 
 
+def _hidden_reduce_scatter(cfg: Config, zero: dict, costs: Costs, rank: int) -> float:
+    """Seconds of the gradient reduce-scatter hidden under the last micro-batch's backward without a pipeline
+    (``train.overlap_grad_reduce``, ``hai.parallel.zero``): each bucket starts as the backward finishes its
+    gradients, so all but the last bucket can hide, up to the backward's length. With a pipeline a stage's buckets
+    start after its last gradient work, which on the rank that finishes last ends the schedule: nothing hides."""
+    if cfg.parallel.pp > 1 or not cfg.train.overlap_grad_reduce or not zero["reduce_scatter"]:
+        return 0.0
+    n = n_grad_buckets(cfg, rank)
+    return min(_zero_seconds(cfg, {"rs": zero["reduce_scatter"]}) * (1 - 1 / n), costs.B)
+
+
 def _no_pipeline(n_micro: int, costs: Costs) -> SimResult:
     """pp=1: micro-batches run back to back (gradient accumulation), one micro-batch's activations live at a time."""
     busy = n_micro * (costs.F + costs.B)
@@ -112,7 +123,8 @@ def predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, st
            else _no_pipeline(n_micro, costs))
     mem = memory_report(cfg, n_micro, recompute)
     zero = zero1_bytes(cfg, mem["worst_param_rank"])
-    zero_s = _zero_seconds(cfg, zero)
+    zero_hidden = _hidden_reduce_scatter(cfg, zero, costs, mem["worst_param_rank"])
+    zero_s = _zero_seconds(cfg, zero) - zero_hidden
     step = res.step_time + zero_s
     # the busiest rank's busy time, and how much of it is compute (the rest: EP comm that overlap did not hide)
     co = parts["compute_only"]
@@ -131,6 +143,7 @@ def predict(cfg: Config, with_timeline: bool = False, with_comm: bool = True, st
         "memory": mem,
         "step": {"step_time_s": step, "pipeline_s": res.step_time, "compute_s": compute,
                  "exposed_comm_s": busy - compute, "bubble_s": res.step_time - busy, "zero1_s": zero_s,
+                 "zero1_hidden_s": zero_hidden,
                  "busiest_rank": r_busy, "rank_compute_s": compute_r, "rank_busy_s": list(res.busy),
                  "busiest_over_mean_compute": max(compute_r) / mean_compute if mean_compute else 1.0,
                  "chunk_F_compute_s": parts["F_compute"], "stage_F_compute_s": parts["stage_F_compute"],
