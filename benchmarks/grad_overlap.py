@@ -44,10 +44,8 @@ def _rank(rank: int, world: int, overrides: list[str], warmup: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--bucket", type=int, default=2_000_000, help="train.grad_bucket_elements")
+    for flag, default in (("--ranks", 2), ("--steps", 8), ("--warmup", 2), ("--bucket", 2_000_000)):
+        ap.add_argument(flag, type=int, default=default)  # --bucket: train.grad_bucket_elements
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
