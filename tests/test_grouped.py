@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from hai.model import grouped
-from hai.model.grouped import grouped_dgrad, grouped_fprop, grouped_linear, grouped_wgrad, uses_grouped_mm
+from hai.model.grouped import (cuda_wgrad_mm, grouped_dgrad, grouped_fprop, grouped_linear, grouped_wgrad,
+                               uses_grouped_mm)
 from hai.model.moe import GroupedExperts
 from hai.model.wgrad import WeightGradStore
 
@@ -35,7 +36,23 @@ def _reference(x, w, dy):
 def test_grouped_mm_is_what_runs_on_cpu():
     x, w, _ = _operands()
     assert grouped._GROUPED_MM is not None, "torch.nn.functional.grouped_mm is missing from this torch"
-    assert uses_grouped_mm(x, w) and uses_grouped_mm(x.bfloat16(), w.bfloat16())
+    assert uses_grouped_mm(x, N, K) and uses_grouped_mm(x.bfloat16(), N, K)
+
+
+def test_the_cuda_calls_pass_torchs_cuda_checks_at_v3_sizes():
+    """The three calls the CUDA branch makes, at V3's expert sizes (K=7168, N=2048, 8 local experts), on the meta
+    device, whose grouped_mm checks are the CUDA kernel's (bf16 operands, 16-byte strides, output dtype): fprop with
+    the transposed weight view, dgrad with the weight, wgrad (bf16 result; an fp32 output is refused there)."""
+    E, N_, K_, R = 8, 2048, 7168, 4096
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    x, w, dy = torch.empty(R, K_, **meta), torch.empty(E, N_, K_, **meta), torch.empty(R, N_, **meta)
+    offs = torch.empty(E, dtype=torch.int32, device="meta")
+    assert grouped._GROUPED_MM(x, w.transpose(-2, -1), offs=offs).shape == (R, N_)
+    assert grouped._GROUPED_MM(dy, w, offs=offs).shape == (R, K_)
+    dw = cuda_wgrad_mm(dy, x, offs)
+    assert dw.shape == (E, N_, K_) and dw.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        grouped._GROUPED_MM(dy.t(), x, offs=offs, out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -57,7 +74,7 @@ def test_same_bits_as_the_per_expert_loop_on_cpu(monkeypatch):
         fast = (grouped_fprop(x, w, COUNTS), grouped_dgrad(dy, w, COUNTS), grouped_wgrad(dy, x, COUNTS))
         with monkeypatch.context() as m:
             m.setattr(grouped, "_GROUPED_MM", None)
-            assert not uses_grouped_mm(x, w)
+            assert not uses_grouped_mm(x, N, K)
             loop = (grouped_fprop(x, w, COUNTS), grouped_dgrad(dy, w, COUNTS), grouped_wgrad(dy, x, COUNTS))
         for a, b in zip(fast, loop):
             assert torch.equal(a, b)

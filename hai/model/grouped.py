@@ -6,8 +6,9 @@ Linear are
 - fprop ``y_e = x_e · W[e]ᵀ``: ``grouped_mm(x, Wᵀ, offs)`` (W is (E, N, K); its transposed view is the column-major
   operand the CUDA kernel wants),
 - dgrad ``dx_e = dy_e · W[e]``: ``grouped_mm(dy, W, offs)``,
-- wgrad ``dW[e] = dy_eᵀ · x_e`` in fp32: ``grouped_mm(dyᵀ, x, offs)`` (both operands 2-D, grouped along K; an expert
-  with no rows gets a zero gradient), accumulated into the fp32 ``main_grad`` (or deferred to the pipeline's W
+- wgrad ``dW[e] = dy_eᵀ · x_e``: ``grouped_mm(dyᵀ, x, offs)`` (both operands 2-D, grouped along K; an expert with
+  no rows gets a zero gradient), fp32 on the CPU, fp32-accumulated with a bf16 result on CUDA (torch's kernel
+  writes no fp32 output for bf16 inputs), added to the fp32 ``main_grad`` (or deferred to the pipeline's W
   action, ``hai.model.wgrad``),
 
 through ``torch.nn.functional.grouped_mm`` (``offs``: the int32 running row counts, on the device, built once per
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from hai.model.wgrad import WeightGradStore, accumulate_wgrad, defer_or_run, weight_grad_output
 
 __all__ = ["expert_offsets", "grouped_fprop", "grouped_dgrad", "grouped_wgrad", "grouped_linear", "expert_wgrad",
-           "uses_grouped_mm"]
+           "uses_grouped_mm", "cuda_wgrad_mm"]
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 
@@ -44,14 +45,21 @@ def expert_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(ends, dtype=torch.int32, device="cpu"), device)  # built on the host, then moved
 
 
-def uses_grouped_mm(x: torch.Tensor, w_ENK: torch.Tensor) -> bool:
-    """Whether these operands go through ``grouped_mm`` (the module docstring) rather than the per-expert loop."""
+def uses_grouped_mm(x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether a GEMM of ``x``'s device and dtype with per-expert (n, k) weights goes through ``grouped_mm`` (the
+    module docstring) rather than the per-expert loop."""
     if _GROUPED_MM is None:
         return False
     if x.device.type == "cuda":
-        n, k = w_ENK.shape[1:]
         return x.dtype == torch.bfloat16 and n % 8 == 0 and k % 8 == 0
     return x.device.type == "cpu"
+
+
+def cuda_wgrad_mm(dy_RN: torch.Tensor, x_RK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The CUDA wgrad call: bf16 operands, fp32 accumulation inside the kernel, a bf16 (E, N, K) result (torch 2.13's
+    kernel refuses an fp32 output for bf16 inputs), widened exactly when added to the fp32 ``main_grad``. Checked
+    against the CUDA rules on the meta device (``tests/test_grouped.py``)."""
+    return _GROUPED_MM(dy_RN.t(), x_RK, offs=offs)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -65,7 +73,9 @@ def grouped_fprop(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int]
     """Rows of x grouped per expert times W[e]ᵀ: (R, N), in the dtype F.linear would use (autocast's when on)."""
     dt = _compute_dtype(x_RK)
     x, w = x_RK.to(dt), w_ENK.to(dt)
-    if uses_grouped_mm(x, w):
+    if x.shape[0] == 0:  # no rows on this rank: no kernel (CUDA's grouped GEMM is not exercised with M = 0)
+        return x.new_zeros(0, w.shape[1])
+    if uses_grouped_mm(x, *w.shape[1:]):
         offs = expert_offsets(counts, x.device) if offs is None else offs
         with torch.autocast(x.device.type, enabled=False):
             return _GROUPED_MM(x, w.transpose(-2, -1), offs=offs)
@@ -77,7 +87,9 @@ def grouped_dgrad(dy_RN: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int
                   offs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dy grouped per expert times W[e]: (R, K), in dy's dtype."""
     w = w_ENK.to(dy_RN.dtype)
-    if uses_grouped_mm(dy_RN, w):
+    if dy_RN.shape[0] == 0:
+        return dy_RN.new_zeros(0, w.shape[2])
+    if uses_grouped_mm(dy_RN, *w.shape[1:]):
         offs = expert_offsets(counts, dy_RN.device) if offs is None else offs
         with torch.autocast(dy_RN.device.type, enabled=False):
             return _GROUPED_MM(dy_RN, w, offs=offs)
@@ -87,17 +99,25 @@ def grouped_dgrad(dy_RN: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int
 
 def grouped_wgrad(dy_RN: torch.Tensor, x_RK: torch.Tensor, counts: Sequence[int],
                   offs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dW[e] = dy_eᵀ·x_e for every expert, fp32 (E, N, K): bf16 operands with fp32 accumulation on CUDA, fp32
-    operands elsewhere (the arithmetic of the per-expert ``dy.t().float() @ x.float()``)."""
+    """dW[e] = dy_eᵀ·x_e for every expert (E, N, K), for an fp32 gradient: fp32 operands and result on the CPU (the
+    arithmetic of the per-expert ``dy.t().float() @ x.float()``), bf16 operands with fp32 accumulation and a bf16
+    result on CUDA (:func:`cuda_wgrad_mm`). An expert without rows gets zeros (written here, not left to the kernel)."""
     E, N, K = len(counts), dy_RN.shape[1], x_RK.shape[1]
     if x_RK.dtype != dy_RN.dtype:
         x_RK = x_RK.to(dy_RN.dtype)
+    if dy_RN.shape[0] == 0:
+        return torch.zeros(E, N, K, dtype=torch.float32, device=dy_RN.device)
     with torch.autocast(dy_RN.device.type, enabled=False):
-        if uses_grouped_mm(dy_RN, dy_RN.new_empty(E, N, K)):
+        if uses_grouped_mm(dy_RN, N, K):
             offs = expert_offsets(counts, dy_RN.device) if offs is None else offs
             if dy_RN.device.type == "cuda":
-                return _GROUPED_MM(dy_RN.t(), x_RK, offs=offs, out_dtype=torch.float32)
-            return _GROUPED_MM(dy_RN.t().float(), x_RK.float(), offs=offs)
+                out = cuda_wgrad_mm(dy_RN, x_RK, offs)
+            else:
+                out = _GROUPED_MM(dy_RN.t().float(), x_RK.float(), offs=offs)
+            for e, c in enumerate(counts):
+                if not c:
+                    out[e].zero_()
+            return out
         out = torch.zeros(E, N, K, dtype=torch.float32, device=dy_RN.device)
         for e, (dy, x) in enumerate(zip(torch.split(dy_RN, list(counts)), torch.split(x_RK, list(counts)))):
             if dy.shape[0]:

@@ -9,11 +9,35 @@ into the parameter's ``main_grad`` (the optimizer's flat buffer) or, without an 
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Optional
+import threading
+from contextlib import contextmanager
+from typing import Callable, Hashable, Iterator, Optional
 
 import torch
 
-__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad", "defer_or_run", "weight_grad_output"]
+__all__ = ["WeightGradStore", "deferred_linear", "accumulate_wgrad", "defer_or_run", "weight_grad_output",
+           "inner_backward", "in_inner_backward"]
+
+_INNER = threading.local()
+
+
+@contextmanager
+def inner_backward() -> Iterator[None]:
+    """Around a backward that a region runs inside its own backward (``hai.model.attention`` differentiates its
+    recomputed graph, head range by head range): the gradients it accumulates into parameters are partial. The
+    region lists those parameters among its inputs, so each one's own node in the outer graph runs after the region,
+    once its gradient is whole; what watches for final gradients (the overlapped reduce-scatter of
+    ``hai.parallel.zero``) ignores the accumulations made in here (:func:`in_inner_backward`)."""
+    depth = getattr(_INNER, "depth", 0)
+    _INNER.depth = depth + 1
+    try:
+        yield
+    finally:
+        _INNER.depth = depth
+
+
+def in_inner_backward() -> bool:
+    return getattr(_INNER, "depth", 0) > 0
 
 
 class WeightGradStore:
@@ -63,7 +87,9 @@ def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int]
         target = weight.grad
     if index is not None:
         target = target[index]
-    target.add_(g.to(target.dtype))
+    # a bf16 gradient into fp32: add_ widens it exactly, without a full-size fp32 copy first
+    widen = target.dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16)
+    target.add_(g if widen else g.to(target.dtype))
 
 
 def weight_grad_output(weight: torch.Tensor, g: torch.Tensor) -> Optional[torch.Tensor]:
