@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hai.model.wgrad import in_inner_backward
+
 __all__ = ["ZeroAdamW", "ZeroGroups", "StepResult", "ParamShard", "is_expert_param", "bucket_layout", "split_sizes",
            "DEFAULT_BUCKET_ELEMENTS"]
 
@@ -130,9 +132,14 @@ class _Bucket:
         return self.world > 1 and self.copy_group is None and self.tp_sum is None
 
     def _hook(self, p: torch.Tensor) -> None:
+        if self.work is not None and p.grad is not None:
+            name = next(n for n, q in zip(self.names, self.params) if q is p)
+            raise RuntimeError(f"a gradient of {name} arrived after its bucket's "
+                               f"reduce-scatter started: a backward it was not armed for added to it (set "
+                               f"train.overlap_grad_reduce=false, and report it)")
         _to_main_grad(p)
-        if self.on_ready is not None and id(p) in self.pending:
-            self.pending.discard(id(p))
+        if self.on_ready is not None and id(p) in self.pending and not in_inner_backward():
+            self.pending.discard(id(p))  # (an inner backward's accumulations are partial: hai.model.wgrad)
             if not self.pending:
                 self.on_ready()
 
@@ -301,6 +308,7 @@ class ZeroAdamW:
         last backward and weight-gradient work have run (:meth:`grads_final`)."""
         if not self.overlap:
             return
+        self._settle()
         self._next, self.launched_in_backward, self._armed = 0, 0, True
         for b in self._launch:
             b.pending = {id(p) for p in b.params}
@@ -323,12 +331,22 @@ class ZeroAdamW:
             self._next += 1
             self.launched_in_backward += 1
 
+    def _settle(self) -> None:
+        """No reduce-scatter left in flight and nothing armed (a backward that no step followed: its in-flight
+        reduce-scatters end before their buffers are zeroed or summed into again)."""
+        for b in self._launch:
+            if b.work not in (None, True):
+                b.work.wait()
+            b.work = None
+        self._disarm()
+
     def _disarm(self) -> None:
         self._armed = False
         for b in self._launch:
             b.pending, b.on_ready = set(), None
 
     def zero_grad(self) -> None:
+        self._settle()
         for b in self.buckets:
             b.grad.zero_()
             for p in b.params:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_utils import run_ranks
 from hai.config.compose import compose
@@ -106,6 +107,10 @@ def test_bf16_moments_stay_close(tmp_path):
 
 
 def _overlap_rank(rank, world, tmp, overlap, pp=1, schedule="1f1b", recompute="none"):
+    if recompute == "v3":  # the attention backward a head at a time: nested backwards add partial gradients
+        import hai.model.attention
+
+        hai.model.attention.HEAD_CHUNK_BYTES = 1
     cfg = _cfg(world // pp, tmp, ("train.grad_bucket_elements=3000", f"train.overlap_grad_reduce={overlap}",
                                   f"cluster.gpus_per_node={world}", f"parallel.pp={pp}",
                                   f"parallel.schedule={schedule}", f"train.recompute={recompute}"))
@@ -117,6 +122,70 @@ def _overlap_rank(rank, world, tmp, overlap, pp=1, schedule="1f1b", recompute="n
         early.append(opt.launched_in_backward if overlap else 0)
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     return losses, params, early, len(opt.buckets), len(opt._launch)
+
+
+class _Chunked(torch.autograd.Function):
+    """y = x Wᵀ whose backward recomputes the product and back-propagates it in two nested backwards (halves of
+    the output features), as the attention region does per head range; W is an input, so its own node runs last."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        ctx.w = w
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        from hai.model.wgrad import inner_backward
+
+        (x,) = ctx.saved_tensors
+        w, half = ctx.w, dy.shape[1] // 2
+        with torch.enable_grad(), inner_backward():
+            for lo, hi in ((0, half), (half, dy.shape[1])):
+                torch.autograd.backward(x @ w[lo:hi].t(), dy[:, lo:hi])
+        return dy @ w, None
+
+
+def _nested_rank(rank, world):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    b = torch.nn.Parameter(torch.randn(6))
+    train = SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=0.0,
+                            bf16_moments=False, grad_bucket_elements=1, overlap_grad_reduce=True)
+    from hai.parallel.zero import ZeroGroups
+
+    opt = ZeroAdamW([("w", w), ("b", b)], train, ZeroGroups(dp=dist.group.WORLD, grad_divisor=world))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+    opt.arm_grad_sync()
+    (_Chunked.apply(x, w) + b).square().sum().backward()
+    launched = opt.launched_in_backward
+    shards = [bk.grad_shard().clone() for bk in opt.buckets]
+    return launched, [(bk.names, s.tolist()) for bk, s in zip(opt.buckets, shards)], x.tolist()
+
+
+@pytest.mark.multiproc
+def test_nested_backward_accumulations_are_not_final():
+    """A region that back-propagates its recomputed graph in nested backwards (hai.model.wgrad.inner_backward) adds
+    partial gradients to its weight: the weight's bucket starts its reduce-scatter only when the weight's own node
+    runs after the region (without the guard the first nested accumulation would start it, and the second would
+    raise), and the reduced gradient is the sum of every rank's whole gradient (float64 reference)."""
+    results = run_ranks(_nested_rank, 2)
+    torch.manual_seed(0)
+    w, b = torch.randn(6, 4).double(), torch.randn(6).double()  # the ranks' parameters
+    total_w, total_b = torch.zeros_like(w), torch.zeros_like(b)
+    for _, _, x in results:
+        y = torch.tensor(x, dtype=torch.float64) @ w.t() + b
+        total_w += 2 * (y.t() @ torch.tensor(x, dtype=torch.float64))
+        total_b += 2 * y.sum(0)
+    full = {"w": total_w.flatten(), "b": total_b}  # one bucket each (matrices decay, vectors do not)
+    for rank, (launched, shards, _) in enumerate(results):
+        assert launched == 2  # both buckets started inside the backward
+        for (names, shard), ref in ((x, full[x[0][0]]) for x in shards):
+            n = len(shard)
+            want = torch.cat([ref, ref.new_zeros(2 * n - ref.numel())])[rank * n:(rank + 1) * n]
+            torch.testing.assert_close(torch.tensor(shard, dtype=torch.float64), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.multiproc
@@ -144,7 +213,9 @@ def test_overlapped_gradient_reduce_scatter(reference, recompute, tmp_path):
     """train.overlap_grad_reduce: with ~3k-element buckets, the reduce-scatters start during the last backward
     (every bucket, in launch order, before the step), the result is bit-for-bit the non-overlapped step's with the
     same buckets, and both equal the single-process run within fp32 reduction-order tolerance. Under V3's recompute
-    the regions write weight gradients into main_grad inside their backward, before the weight's hook runs."""
+    the regions write weight gradients into main_grad inside their backward, before the weight's hook runs, and the
+    attention region (one head range at a time here) back-propagates its recomputed graph in nested backwards whose
+    partial accumulations must not count as final."""
     on = run_ranks(_overlap_rank, 2, str(tmp_path), True, 1, "1f1b", recompute)
     off = run_ranks(_overlap_rank, 2, str(tmp_path), False, 1, "1f1b", recompute)
     ref_losses, ref_params = reference[:2]

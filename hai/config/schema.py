@@ -244,7 +244,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW moments in bf16 (as V3 did)
     overlap_grad_reduce: bool = True  # reduce-scatter gradient buckets during the last backward (hai.parallel.zero)
-    grad_bucket_elements: int = 40_000_000  # elements per ZeRO-1 gradient bucket (Megatron's 40M); 0: one per kind
+    grad_bucket_elements: int = 40_000_000  # a ZeRO-1 gradient bucket closes once it holds this many elements
+    # (whole parameters: it may exceed it by one parameter's size; Megatron's 40M); 0: one bucket per kind
     recompute: str = "none"  # none | v3 (DeepSeek-V3's activation recipe) | full (every block segment recomputed)
     compile: bool = False  # torch.compile the block's elementwise math (norms, SwiGLU, RoPE; hai.model.layers)
     collective_timeout_s: float = 600.0  # a collective stuck this long: every rank dumps OUT_DIR/hang/, the job ends

@@ -28,6 +28,7 @@ from hai.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, softmax_
 from hai.model.recompute import LinearOp, norm_linears
 from hai.model.regions import LOCAL, Region
 from hai.model.sequence import LOCAL_SEQ, Documents, SequenceSplit
+from hai.model.wgrad import inner_backward
 
 __all__ = ["MLA", "KVCache", "AttnMask", "attention", "attention_forward", "attention_backward", "head_chunks",
            "HEAD_CHUNK_BYTES"]
@@ -218,7 +219,7 @@ class _MLACore(torch.autograd.Function):
         do = mla.wo.backward(o.flatten(2), dy).view_as(o)
         kv_all = mla.cp.all_gather(kv)  # outside grad mode: the collective writes views of its output in place
         _, bwd = _core(mla.cfg.attention)
-        with torch.enable_grad():
+        with torch.enable_grad(), inner_backward():  # the weights' gradients here are partial (hai.model.wgrad)
             q_leaf, kv_leaf = q_in.detach().requires_grad_(), kv_all.detach().requires_grad_()
             if ctx.chunks is None:
                 q, k, v = mla._qkv(q_leaf, kv_leaf, ctx.docs)
