@@ -35,7 +35,7 @@ from hai.parallel.zero import bucket_layout, split_sizes
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies
 
 __all__ = ["RECOMPUTE_MODES", "GRAD_BYTES", "GB", "StageParams", "UnitParams", "unit_params", "rank_units",
-           "rank_params", "worst_rank_params", "rank_buckets", "n_grad_buckets", "static_bytes", "checkpoint_staging", "act_items",
+           "rank_params", "worst_rank_params", "rank_buckets", "early_grad_buckets", "static_bytes", "checkpoint_staging", "act_items",
            "layer_act_bytes",
            "stage_act_bytes", "local_config", "rank_act_peaks", "memory_report", "is_moe_layer", "fp8_bytes",
            "act_bytes", "check_fits"]
@@ -194,9 +194,17 @@ def static_bytes(cfg: Config, rank: int) -> dict[str, int]:
     return out
 
 
-def n_grad_buckets(cfg: Config, rank: int) -> int:
-    """ZeRO-1 gradient buckets of pipeline rank ``rank`` (``train.grad_bucket_elements`` per bucket)."""
-    return sum(len(split_sizes(sizes, cfg.train.grad_bucket_elements)) for sizes in rank_buckets(cfg, rank).values())
+def early_grad_buckets(cfg: Config, rank: int) -> list[tuple[int, int]]:
+    """(elements, ranks) of each ZeRO-1 gradient bucket of pipeline rank ``rank`` whose reduce-scatter may start
+    before the step (``hai.parallel.zero``'s ``early``: summed over dp x cp or edp alone, more than one rank; not
+    a pipeline copy, not summed over TP)."""
+    p, out = cfg.parallel, []
+    for (expert, _, holders, partial, _), sizes in rank_buckets(cfg, rank).items():
+        world = p.edp if expert else p.dp * p.cp
+        if world > 1 and not partial and len(holders) == 1:
+            out += [(sum(sizes[i] for i in part), world)
+                    for part in split_sizes(sizes, cfg.train.grad_bucket_elements)]
+    return out
 
 
 def worst_rank_params(cfg: Config) -> tuple[int, StageParams]:

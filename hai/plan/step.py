@@ -14,7 +14,7 @@ from hai.plan.accounting import train_flops_per_token
 from hai.plan.cost import chunk_comm, chunk_compute, chunk_flops, p2p_bytes_per_chunk, zero1_bytes
 from hai.plan.cp import (attention_working_set, cp_alternatives, cp_chunk_bytes, cp_chunk_compute, cp_chunk_seconds,
                          cp_link)
-from hai.plan.memory import local_config, memory_report, n_grad_buckets
+from hai.plan.memory import GRAD_BYTES, early_grad_buckets, local_config, memory_report
 from hai.plan.tp import tp_chunk_bytes, tp_chunk_seconds, tp_layer_bytes
 
 __all__ = ["predict", "predict_step_time"]
@@ -79,10 +79,11 @@ def _hidden_reduce_scatter(cfg: Config, zero: dict, costs: Costs, rank: int) -> 
     (``train.overlap_grad_reduce``, ``hai.parallel.zero``): each bucket starts as the backward finishes its
     gradients, so all but the last bucket can hide, up to the backward's length. With a pipeline a stage's buckets
     start after its last gradient work, which on the rank that finishes last ends the schedule: nothing hides."""
-    if cfg.parallel.pp > 1 or not cfg.train.overlap_grad_reduce or not zero["reduce_scatter"]:
+    buckets = early_grad_buckets(cfg, rank) if cfg.parallel.pp == 1 and cfg.train.overlap_grad_reduce else []
+    if not buckets:
         return 0.0
-    n = n_grad_buckets(cfg, rank)
-    return min(_zero_seconds(cfg, {"rs": zero["reduce_scatter"]}) * (1 - 1 / n), costs.B)
+    rs = sum(GRAD_BYTES * n * (w - 1) / w for n, w in buckets)  # ring reduce-scatter of the fp32 gradients
+    return min(_zero_seconds(cfg, {"rs": rs}) * (1 - 1 / len(buckets)), costs.B)
 
 
 def _no_pipeline(n_micro: int, costs: Costs) -> SimResult:
