@@ -42,16 +42,17 @@ def test_grouped_mm_is_what_runs_on_cpu():
 def test_the_cuda_calls_pass_torchs_cuda_checks_at_v3_sizes():
     """The three calls the CUDA branch makes, at V3's expert sizes (K=7168, N=2048, 8 local experts), on the meta
     device, whose grouped_mm checks are the CUDA kernel's (bf16 operands, 16-byte strides, output dtype): fprop with
-    the transposed weight view, dgrad with the weight, wgrad (bf16 result; an fp32 output is refused there)."""
+    the transposed weight view, dgrad with the weight, and the wgrad's fp32-output mm per expert (the grouped kernel
+    refuses an fp32 output)."""
     E, N_, K_, R = 8, 2048, 7168, 4096
     meta = dict(dtype=torch.bfloat16, device="meta")
     x, w, dy = torch.empty(R, K_, **meta), torch.empty(E, N_, K_, **meta), torch.empty(R, N_, **meta)
     offs = torch.empty(E, dtype=torch.int32, device="meta")
     assert grouped._GROUPED_MM(x, w.transpose(-2, -1), offs=offs).shape == (R, N_)
     assert grouped._GROUPED_MM(dy, w, offs=offs).shape == (R, K_)
-    dw = cuda_wgrad_mm(dy, x, offs)
-    assert dw.shape == (E, N_, K_) and dw.dtype == torch.bfloat16
-    with pytest.raises(RuntimeError, match="bfloat16"):
+    dw = cuda_wgrad_mm(dy, x, [R // E] * E, offs)
+    assert dw.shape == (E, N_, K_) and dw.dtype == torch.float32  # one fp32-output mm per expert
+    with pytest.raises(RuntimeError, match="bfloat16"):  # why not the grouped kernel: no fp32 output
         grouped._GROUPED_MM(dy.t(), x, offs=offs, out_dtype=torch.float32)
 
 

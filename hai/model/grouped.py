@@ -6,10 +6,10 @@ Linear are
 - fprop ``y_e = x_e · W[e]ᵀ``: ``grouped_mm(x, Wᵀ, offs)`` (W is (E, N, K); its transposed view is the column-major
   operand the CUDA kernel wants),
 - dgrad ``dx_e = dy_e · W[e]``: ``grouped_mm(dy, W, offs)``,
-- wgrad ``dW[e] = dy_eᵀ · x_e``: ``grouped_mm(dyᵀ, x, offs)`` (both operands 2-D, grouped along K; an expert with
-  no rows gets a zero gradient), fp32 on the CPU, fp32-accumulated with a bf16 result on CUDA (torch's kernel
-  writes no fp32 output for bf16 inputs), added to the fp32 ``main_grad`` (or deferred to the pipeline's W
-  action, ``hai.model.wgrad``),
+- wgrad ``dW[e] = dy_eᵀ · x_e`` in fp32: ``grouped_mm(dyᵀ, x, offs)`` on the CPU (both operands 2-D, grouped along
+  K; an expert with no rows gets a zero gradient); on CUDA one fp32-output ``mm`` per expert (torch's grouped
+  kernel writes no fp32 output for bf16 inputs: :func:`cuda_wgrad_mm`); added to the fp32 ``main_grad`` (or
+  deferred to the pipeline's W action, ``hai.model.wgrad``),
 
 through ``torch.nn.functional.grouped_mm`` (``offs``: the int32 running row counts, on the device, built once per
 layer call from the host counts with a pinned non-blocking copy). Where it runs: the CPU (any float dtype; the same
@@ -55,11 +55,26 @@ def uses_grouped_mm(x: torch.Tensor, n: int, k: int) -> bool:
     return x.device.type == "cpu"
 
 
-def cuda_wgrad_mm(dy_RN: torch.Tensor, x_RK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """The CUDA wgrad call: bf16 operands, fp32 accumulation inside the kernel, a bf16 (E, N, K) result (torch 2.13's
-    kernel refuses an fp32 output for bf16 inputs), widened exactly when added to the fp32 ``main_grad``. Checked
-    against the CUDA rules on the meta device (``tests/test_grouped.py``)."""
-    return _GROUPED_MM(dy_RN.t(), x_RK, offs=offs)
+def cuda_wgrad_mm(dy_RN: torch.Tensor, x_RK: torch.Tensor, counts: Sequence[int], offs: torch.Tensor) -> torch.Tensor:
+    """The CUDA wgrad: fp32 (E, N, K) from bf16 operands, as Megatron's fused wgrad accumulation keeps it. torch
+    2.13's grouped kernel writes no fp32 output for bf16 inputs, and rounding each micro-batch's dW to bf16 costs
+    measurable loss (``docs/gpu.md``), so each expert with rows is one ``mm`` with an fp32 output (``aten::mm.dtype``,
+    a CUDA kernel; E_l large GEMMs); a torch without it gets the grouped kernel's bf16 result. Checked against the
+    CUDA rules on the meta device (``tests/test_grouped.py``)."""
+    E, N, K = len(counts), dy_RN.shape[1], x_RK.shape[1]
+    if not hasattr(torch.ops.aten.mm, "dtype"):
+        out = _GROUPED_MM(dy_RN.t(), x_RK, offs=offs)
+        for e, c in enumerate(counts):
+            if not c:
+                out[e].zero_()
+        return out
+    out = torch.empty(E, N, K, dtype=torch.float32, device=dy_RN.device)
+    for e, (dy, x) in enumerate(zip(torch.split(dy_RN, list(counts)), torch.split(x_RK, list(counts)))):
+        if dy.shape[0]:
+            out[e] = torch.mm(dy.t(), x, out_dtype=torch.float32)
+        else:
+            out[e].zero_()
+    return out
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -99,9 +114,9 @@ def grouped_dgrad(dy_RN: torch.Tensor, w_ENK: torch.Tensor, counts: Sequence[int
 
 def grouped_wgrad(dy_RN: torch.Tensor, x_RK: torch.Tensor, counts: Sequence[int],
                   offs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dW[e] = dy_eᵀ·x_e for every expert (E, N, K), for an fp32 gradient: fp32 operands and result on the CPU (the
-    arithmetic of the per-expert ``dy.t().float() @ x.float()``), bf16 operands with fp32 accumulation and a bf16
-    result on CUDA (:func:`cuda_wgrad_mm`). An expert without rows gets zeros (written here, not left to the kernel)."""
+    """dW[e] = dy_eᵀ·x_e for every expert, fp32 (E, N, K): fp32 operands on the CPU (the arithmetic of the
+    per-expert ``dy.t().float() @ x.float()``), bf16 operands with an fp32 output on CUDA (:func:`cuda_wgrad_mm`).
+    An expert without rows gets zeros (written here, not left to the kernel)."""
     E, N, K = len(counts), dy_RN.shape[1], x_RK.shape[1]
     if x_RK.dtype != dy_RN.dtype:
         x_RK = x_RK.to(dy_RN.dtype)
@@ -111,10 +126,9 @@ def grouped_wgrad(dy_RN: torch.Tensor, x_RK: torch.Tensor, counts: Sequence[int]
         if uses_grouped_mm(dy_RN, N, K):
             offs = expert_offsets(counts, dy_RN.device) if offs is None else offs
             if dy_RN.device.type == "cuda":
-                out = cuda_wgrad_mm(dy_RN, x_RK, offs)
-            else:
-                out = _GROUPED_MM(dy_RN.t().float(), x_RK.float(), offs=offs)
-            for e, c in enumerate(counts):
+                return cuda_wgrad_mm(dy_RN, x_RK, counts, offs)
+            out = _GROUPED_MM(dy_RN.t().float(), x_RK.float(), offs=offs)
+            for e, c in enumerate(counts):  # written here, not left to the kernel
                 if not c:
                     out[e].zero_()
             return out
