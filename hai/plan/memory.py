@@ -35,8 +35,8 @@ from hai.parallel.zero import bucket_layout, split_sizes
 from hai.pipeline.schedules import Kind, build_schedule, num_stages, param_copies
 
 __all__ = ["RECOMPUTE_MODES", "GRAD_BYTES", "GB", "StageParams", "UnitParams", "unit_params", "rank_units",
-           "rank_params", "worst_rank_params", "rank_buckets", "early_grad_buckets", "static_bytes", "checkpoint_staging", "act_items",
-           "layer_act_bytes",
+           "rank_params", "worst_rank_params", "rank_buckets", "early_grad_buckets", "static_bytes",
+           "checkpoint_staging", "act_items", "layer_act_bytes",
            "stage_act_bytes", "local_config", "rank_act_peaks", "memory_report", "is_moe_layer", "fp8_bytes",
            "act_bytes", "check_fits"]
 
