@@ -61,7 +61,8 @@ ASSUMPTIONS = {
             "(F&B = max(F+B compute, fwd+bwd comm)); 1F1B/ZB1P expose it; ZeRO-1 / copy-sync collectives exposed "
             "at the step end, except, without a pipeline and with train.overlap_grad_reduce, the reduce-scatter of "
             "all but the last gradient bucket, hidden under the last micro-batch's backward up to its length; "
-            "pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and B); non-GEMM ops (norms, RoPE, routing, permutes) cost nothing; routing perfectly balanced",
+            "pipeline costs per stage (an F&B pair splits each stage's F&B in proportion to F and B); non-GEMM "
+            "ops (norms, RoPE, routing, permutes) cost nothing; routing perfectly balanced",
 }
 
 
