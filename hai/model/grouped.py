@@ -61,19 +61,25 @@ def cuda_wgrad_mm(dy_RN: torch.Tensor, x_RK: torch.Tensor, counts: Sequence[int]
     measurable loss (``docs/gpu.md``), so each expert with rows is one ``mm`` with an fp32 output (``aten::mm.dtype``,
     a CUDA kernel; E_l large GEMMs); a torch without it gets the grouped kernel's bf16 result. Checked against the
     CUDA rules on the meta device (``tests/test_grouped.py``)."""
-    E, N, K = len(counts), dy_RN.shape[1], x_RK.shape[1]
     if not hasattr(torch.ops.aten.mm, "dtype"):
-        out = _GROUPED_MM(dy_RN.t(), x_RK, offs=offs)
-        for e, c in enumerate(counts):
-            if not c:
-                out[e].zero_()
-        return out
-    out = torch.empty(E, N, K, dtype=torch.float32, device=dy_RN.device)
+        return _zero_empty(_GROUPED_MM(dy_RN.t(), x_RK, offs=offs), counts)
+    return _per_expert_wgrad(dy_RN, x_RK, counts, lambda dy, x: torch.mm(dy.t(), x, out_dtype=torch.float32))
+
+
+def _zero_empty(out_ENK: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Zeros for the experts without rows, written here rather than left to a grouped kernel."""
+    for e, c in enumerate(counts):
+        if not c:
+            out_ENK[e].zero_()
+    return out_ENK
+
+
+def _per_expert_wgrad(dy_RN, x_RK, counts: Sequence[int], mm) -> torch.Tensor:
+    """fp32 (E, N, K) with ``mm(dy_e, x_e)`` for every expert with rows, zeros for the others."""
+    out = torch.zeros(len(counts), dy_RN.shape[1], x_RK.shape[1], dtype=torch.float32, device=dy_RN.device)
     for e, (dy, x) in enumerate(zip(torch.split(dy_RN, list(counts)), torch.split(x_RK, list(counts)))):
         if dy.shape[0]:
-            out[e] = torch.mm(dy.t(), x, out_dtype=torch.float32)
-        else:
-            out[e].zero_()
+            out[e] = mm(dy, x)
     return out
 
 
@@ -127,16 +133,8 @@ def grouped_wgrad(dy_RN: torch.Tensor, x_RK: torch.Tensor, counts: Sequence[int]
             offs = expert_offsets(counts, dy_RN.device) if offs is None else offs
             if dy_RN.device.type == "cuda":
                 return cuda_wgrad_mm(dy_RN, x_RK, counts, offs)
-            out = _GROUPED_MM(dy_RN.t().float(), x_RK.float(), offs=offs)
-            for e, c in enumerate(counts):  # written here, not left to the kernel
-                if not c:
-                    out[e].zero_()
-            return out
-        out = torch.zeros(E, N, K, dtype=torch.float32, device=dy_RN.device)
-        for e, (dy, x) in enumerate(zip(torch.split(dy_RN, list(counts)), torch.split(x_RK, list(counts)))):
-            if dy.shape[0]:
-                out[e] = dy.t().float() @ x.float()
-        return out
+            return _zero_empty(_GROUPED_MM(dy_RN.t().float(), x_RK.float(), offs=offs), counts)
+        return _per_expert_wgrad(dy_RN, x_RK, counts, lambda dy, x: dy.t().float() @ x.float())
 
 
 class _GroupedLinear(torch.autograd.Function):
