@@ -19,7 +19,7 @@ Each step:
 2. each bucket's gradient buffer is reduce-scattered in place (sum) into this rank's shard of it and divided by dp —
    for experts too, since the all-to-all already summed the ep ranks' contributions into the expert's owner. With
    ``train.overlap_grad_reduce`` (Megatron's ``overlap_grad_reduce``, DeepSpeed's ``overlap_comm``) this starts
-   during the backward of the step's last micro-batch: buckets of at most ``train.grad_bucket_elements`` elements
+   during the backward of the step's last micro-batch: buckets closing at ``train.grad_bucket_elements`` elements
    (split at parameter boundaries, each padded to its own ``shard * world``) are launched asynchronously, in one fixed
    order on every rank (the reverse of the parameters' order: the order the backward finishes them), each as soon as
    the gradients of all its parameters are final and every bucket before it has been launched; the step waits for
