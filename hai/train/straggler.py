@@ -133,7 +133,8 @@ class StragglerStats:
             return [mine]
         vec = to_device(torch.tensor(mine, dtype=torch.float64, device="cpu"), self.device)
         out = vec.new_empty(self.world * 4)
-        dist.all_gather_into_tensor(out, vec)
+        # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (a FutureWarning per call otherwise)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, vec)
         return out.view(self.world, 4).tolist() if self.rank == 0 else None
 
     def metrics(self, rows: list[list[float]]) -> dict:
