@@ -100,7 +100,10 @@ def format_summary(cfg, s: dict) -> str:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = [f"hai train: {s['steps']} steps in {s['wall_time_s']:.1f} s; train loss {num(s['first_loss'], '.3f')} "
+    run = s.get("steps_run", s["steps"])
+    steps = f"{run} step{'' if run == 1 else 's'}" + ("" if run == s["steps"] else f" (resumed: now at step "
+                                                                                  f"{s['steps']})")
+    lines = [f"hai train: {steps} in {s['wall_time_s']:.1f} s; train loss {num(s['first_loss'], '.3f')} "
              f"-> {num(s['final_loss'], '.3f')}" + ("" if s.get("val_loss") is None else
                                                   f"; val loss {s['val_loss']:.3f} (ppl {s['val_ppl']:.2f})"),
              f"  throughput  {num(s.get('tokens_per_s'), ',.0f')} tokens/s, MFU {num(s.get('mfu'), '.2%')} "

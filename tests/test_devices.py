@@ -65,7 +65,10 @@ def _rank(rank, world, overrides):
         out = resumed.fit()  # loads the step-2 checkpoint, runs step 3
     finally:
         torch.set_default_device(None)
-    return first["steps"], out["steps"], out["final_loss"]
+    from hai.cli import format_summary
+
+    line = format_summary(resumed_cfg, out).splitlines()[0]
+    return first["steps"], out["steps"], out["final_loss"], (first["steps_run"], out["steps_run"]), line
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -73,8 +76,10 @@ def test_training_step_creates_nothing_on_the_default_device(layout, tmp_path, m
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # FP8 GEMMs: torch reference (the kernels have their own tests)
     results = run_ranks(_rank, 4, [*LAYOUTS[layout], "train.steps=2", f"out_dir={tmp_path}"],
                         env={"TRITON_INTERPRET": "0"})
-    for first, resumed, loss in results:
+    for first, resumed, loss, run, line in results:
         assert (first, resumed) == (2, 3) and loss == loss  # finite
+        # the resumed run ran one step (3), and its summary says so rather than counting from step 0
+        assert run == (2, 1) and line.startswith("hai train: 1 step (resumed: now at step 3) in "), line
 
 
 def test_cuda_ranks_bind_their_gpu_when_joining(monkeypatch):

@@ -330,7 +330,7 @@ class Trainer:
                 self.pipeline.write_timeline(cfg.out_dir if self.rank == 0 else None)
         finally:
             steady = speed[1:] or speed  # the first step pays start-up (allocations, Triton/autotune, P2P setup)
-            summary = {"first_loss": first, "final_loss": last, "steps": self.step,
+            summary = {"first_loss": first, "final_loss": last, "steps": self.step, "steps_run": len(speed),
                        "wall_time_s": time.perf_counter() - t_start,
                        "val_loss": None if val is None else val["val_loss"],
                        "val_ppl": None if val is None else val["val_ppl"],
