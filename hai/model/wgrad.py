@@ -77,7 +77,7 @@ class WeightGradStore:
 
 
 @torch.no_grad()
-def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int] = None) -> None:
+def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor) -> None:
     """Add a weight gradient computed outside autograd: into the optimizer's fp32 ``main_grad`` when the parameter
     has one (the ZeRO-1 optimizer's flat buffer), else into ``weight.grad``."""
     target = getattr(weight, "main_grad", None)
@@ -85,8 +85,6 @@ def accumulate_wgrad(weight: torch.Tensor, g: torch.Tensor, index: Optional[int]
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         target = weight.grad
-    if index is not None:
-        target = target[index]
     # a bf16 gradient into fp32: add_ widens it exactly, without a full-size fp32 copy first
     widen = target.dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16)
     target.add_(g if widen else g.to(target.dtype))
@@ -111,30 +109,28 @@ def defer_or_run(store: Optional[WeightGradStore], fn: Callable[[], None]) -> No
 
 class _DeferredLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, store, index):
-        w = weight if index is None else weight[index]
+    def forward(ctx, x, weight, store):
         ctx.save_for_backward(x)
         # the Parameter itself, whose main_grad receives the gradient (a saved tensor may come back as another
         # object, e.g. when the forward is recomputed)
-        ctx.weight, ctx.store, ctx.index = weight, store, index
-        return torch.nn.functional.linear(x, w.to(x.dtype))
+        ctx.weight, ctx.store = weight, store
+        return torch.nn.functional.linear(x, weight.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        weight, index = ctx.weight, ctx.index
-        w = weight if index is None else weight[index]
-        dx = dy @ w.to(dy.dtype)
+        weight = ctx.weight
+        dx = dy @ weight.to(dy.dtype)
 
         def wgrad(dy=dy, x=x):
             dy_TO, x_TI = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-            accumulate_wgrad(weight, dy_TO.t().float() @ x_TI.float(), index)
+            accumulate_wgrad(weight, dy_TO.t().float() @ x_TI.float())
 
         defer_or_run(ctx.store, wgrad)
-        return dx, None, None, None
+        return dx, None, None
 
 
-def deferred_linear(x: torch.Tensor, weight: torch.Tensor, store: WeightGradStore,
-                    index: Optional[int] = None) -> torch.Tensor:
-    """y = x · weight[index]ᵀ (or x · weightᵀ) whose weight gradient goes through ``store``."""
-    return _DeferredLinear.apply(x, weight, store, index)
+def deferred_linear(x: torch.Tensor, weight: torch.Tensor, store: WeightGradStore) -> torch.Tensor:
+    """y = x · weightᵀ whose weight gradient goes through ``store`` (the routed experts' grouped GEMMs:
+    ``hai.model.grouped``)."""
+    return _DeferredLinear.apply(x, weight, store)
