@@ -43,12 +43,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hai.config import TrainConfig
 from hai.model.wgrad import in_inner_backward
 
-__all__ = ["ZeroAdamW", "ZeroGroups", "StepResult", "ParamShard", "is_expert_param", "bucket_layout", "split_sizes",
-           "DEFAULT_BUCKET_ELEMENTS"]
-
-DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron-Core's default DDP bucket (40M elements)
+__all__ = ["ZeroAdamW", "ZeroGroups", "StepResult", "ParamShard", "is_expert_param", "bucket_layout", "split_sizes"]
 
 # torch 2.13 renamed the flat collectives (*_single); older versions only have the *_tensor names
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -123,7 +121,8 @@ class _Bucket:
     exp_avg_sq: torch.Tensor = field(default=None)
     first: int = 0  # index (in named_parameters order) of this bucket's first parameter: the launch order
     pending: set = field(default_factory=set)  # armed: ids of parameters whose final gradient has not arrived yet
-    work: object = None  # the in-flight reduce-scatter
+    started: bool = False  # this step's sync has started (the copy / TP sums done, the reduce-scatter issued)
+    work: object = None  # the in-flight reduce-scatter (None: nothing to wait for)
     on_ready: object = None  # armed: called when the last pending parameter's gradient arrives
 
     def early(self) -> bool:
@@ -132,7 +131,7 @@ class _Bucket:
         return self.world > 1 and self.copy_group is None and self.tp_sum is None
 
     def _hook(self, p: torch.Tensor) -> None:
-        if self.work is not None and p.grad is not None:
+        if self.started and p.grad is not None:
             name = next(n for n, q in zip(self.names, self.params) if q is p)
             raise RuntimeError(f"a gradient of {name} arrived after its bucket's "
                                f"reduce-scatter started: a backward it was not armed for added to it (set "
@@ -176,13 +175,13 @@ class _Bucket:
     def start_sync(self) -> None:
         """Sum this bucket's gradients over its copies and TP ranks (in place) and start the reduce-scatter over
         its data-parallel group into this rank's shard (asynchronous: :meth:`grad_shard` waits)."""
-        if self.work is not None:
+        if self.started:
             return
+        self.started = True
         if self.copy_group is not None:
             dist.all_reduce(self.grad, group=self.copy_group)
         if self.tp_sum is not None:
             dist.all_reduce(self.grad, group=self.tp_sum)
-        self.work = True
         if self.world > 1:
             self.work = _reduce_scatter(self._shard_of(self.grad), self.grad, op=dist.ReduceOp.SUM, group=self.group,
                                         async_op=True)
@@ -190,10 +189,14 @@ class _Bucket:
     def grad_shard(self) -> torch.Tensor:
         """This rank's shard of the summed gradients (a view of the gradient buffer), once its sync has ended."""
         self.start_sync()
-        if self.work is not True:
-            self.work.wait()
-        self.work = None
+        self.settle()
         return self._shard_of(self.grad)
+
+    def settle(self) -> None:
+        """Wait for the reduce-scatter in flight, if any; the next step's sync may start again."""
+        if self.work is not None:
+            self.work.wait()
+        self.work, self.started = None, False
 
     def _shard_of(self, flat: torch.Tensor) -> torch.Tensor:
         return flat[self.rank * self.shard:(self.rank + 1) * self.shard]
@@ -281,7 +284,7 @@ class ZeroAdamW:
             groups[key].params.append(p)
             first.setdefault(key, []).append(index)
         moment_dtype = torch.bfloat16 if train.bf16_moments else torch.float32
-        limit = getattr(train, "grad_bucket_elements", DEFAULT_BUCKET_ELEMENTS)
+        limit = getattr(train, "grad_bucket_elements", TrainConfig.grad_bucket_elements)
         self.overlap = bool(getattr(train, "overlap_grad_reduce", True))
         for key in sorted(groups):
             g = groups[key]
@@ -335,9 +338,7 @@ class ZeroAdamW:
         """No reduce-scatter left in flight and nothing armed (a backward that no step followed: its in-flight
         reduce-scatters end before their buffers are zeroed or summed into again)."""
         for b in self._launch:
-            if b.work not in (None, True):
-                b.work.wait()
-            b.work = None
+            b.settle()
         self._disarm()
 
     def _disarm(self) -> None:

@@ -154,7 +154,7 @@ def _poison_gradient(trainer, step: int, value: float, rank: int) -> None:
     real_start = bucket.start_sync
 
     def start_sync():
-        if trainer.step + 1 == step and trainer.rank == rank and bucket.work is None:
+        if trainer.step + 1 == step and trainer.rank == rank and not bucket.started:
             bucket.grad[0] = value  # the flat fp32 gradient buffer the step reduces
         return real_start()
 
